@@ -1,0 +1,38 @@
+# The two commands of the README:  `make demo` (the main job) and `make test` (the test suite).
+# Both create the virtual environment and fetch the default model on first use.
+
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: setup model demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "edgellm needs Python 3.11, found " + sys.version'
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	$(BIN)/edgellm models pull
+
+demo: model
+	$(BIN)/edgellm generate --chat --cuts 10,20 --head device --max-new-tokens 48 "$(DEMO_PROMPT)"
+
+test: model
+	$(BIN)/pytest -q
+
+bench: model
+	$(BIN)/python bench/decode.py
+
+lint: setup
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

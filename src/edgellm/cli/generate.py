@@ -1,0 +1,113 @@
+"""`edgellm generate`: split generation with every stage in this process (in-process transport)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgellm.model.sampling import SamplingConfig
+from edgellm.model.stage import HEAD_PLACEMENTS, parse_cuts
+from edgellm.serve.generate import DTYPES, LocalSplitConfig, PromptConfig, generate_text, load_split
+from edgellm.store import DEFAULT_MODEL
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text with the model cut into stages, all in this process",
+        description="Generate text with the model cut into stages at --cuts, all stages in this process. "
+        "Decoding is greedy unless --temperature, --top-k or --top-p is given.",
+    )
+    parser.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    add_model_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.set_defaults(run=run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="registered name, Hugging Face model directory, or .gguf file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cuts",
+        nargs="?",
+        const="",
+        default="",
+        metavar="C1,C2,...",
+        help="cut before these layer indices, e.g. 10,20 (1..L-1, increasing); empty or omitted: no split",
+    )
+    parser.add_argument(
+        "--head",
+        choices=HEAD_PLACEMENTS,
+        default="server",
+        help="where the final norm + LM head run: the last server stage, or the device (U-shaped) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision (default: fp32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--greedy", action="store_true", help="always take the most likely token (the default)")
+    group.add_argument("--temperature", type=float, default=None, metavar="T", help="sample with temperature T")
+    group.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
+    group.add_argument("--top-p", type=float, default=None, metavar="P", help="sample from the top-P probability mass")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingConfig:
+    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    if args.greedy and sampled:
+        raise argparse.ArgumentTypeError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    return SamplingConfig(
+        greedy=not sampled,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sampling = sampling_from(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"edgellm generate: error: {exc}", file=sys.stderr)
+        return 2
+    split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads)
+    options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    loaded = load_split(split)
+    if args.json:
+        print(json.dumps(generate_text(loaded, args.prompt, options)))
+        return 0
+    report = generate_text(loaded, args.prompt, options, on_text=_echo)
+    print()
+    print_summary(report)
+    return 0
+
+
+def _echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def print_summary(report: dict) -> None:
+    """The stage table printed after the streamed text."""
+    tokens = len(report["new_tokens"])
+    print(
+        f"\n{report['model']} ({report['dtype']}, {report['threads']} threads), cuts {report['cuts'] or 'none'}, "
+        f"head on {report['head']}: {tokens} tokens, TTFT {report['ttft_ms']:.0f} ms, "
+        f"{report['decode_tok_per_s']:.1f} tok/s decode"
+    )
+    print(f"{'stage':<28} {'layers':>9} {'compute ms':>11} {'ms/call':>8} {'weights MB':>11}")
+    for s in report["stages"]:
+        per_call = s["compute_ms"] / max(s["calls"], 1)
+        layers = f"{s['layers'][0]}-{s['layers'][1]}"
+        print(f"{s['name']:<28} {layers:>9} {s['compute_ms']:>11.1f} {per_call:>8.2f} {s['weight_bytes'] / 1e6:>11.1f}")

@@ -1,0 +1,122 @@
+"""Build a `Stage` from a Hugging Face config and a source of named weight tensors.
+
+Only the stage's own modules are materialized and only their tensors are read, so a node holding layers
+[10, 20) of a model never allocates the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgellm.errors import ModelError
+from edgellm.model.arch import Arch, arch_for, get_module, max_positions, sliding_window
+from edgellm.model.stage import Stage, StageSpec
+
+# Full-model parameter name (e.g. "model.layers.3.mlp.up_proj.weight") -> tensor. Raises KeyError if absent.
+TensorSource = Callable[[str], torch.Tensor]
+
+
+def build_stage(config: Any, spec: StageSpec, tensors: TensorSource, dtype: torch.dtype = torch.float32) -> Stage:
+    """Materialize the modules of `spec` and load their weights.
+
+    Raises:
+        ModelError: unsupported architecture, layers out of range, or weights missing from the source.
+    """
+    arch = arch_for(config)
+    num_layers = int(config.num_hidden_layers)
+    if spec.end > num_layers:
+        raise ModelError(f"stage layers [{spec.start}, {spec.end}) exceed the model's {num_layers} layers")
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    skeleton = _skeleton(config, dtype)
+    named = _select(skeleton, arch, spec)  # full-model prefix -> module, still on the meta device
+    parts: dict[str, nn.Module] = {key: module for key, (_, module) in named.items()}
+    if spec.num_layers:
+        parts["blocks"] = nn.ModuleList(
+            get_module(skeleton, arch.layers)[i] for i in range(spec.start, spec.end)  # type: ignore[index]
+        )
+    limit = max_positions(config)
+    window = sliding_window(config)
+    stage = Stage(spec, arch.call, parts, max_length=min(limit, window) if window else limit)
+    stage.to_empty(device="cpu")
+    for prefix, module in _loadable(named, arch, spec, stage):
+        _load(module, prefix, tensors, config, arch)
+    if spec.num_layers and arch.rotary is not None:
+        # Rotary frequencies are non-persistent buffers (not in checkpoints): rebuild them for real.
+        stage.rotary = type(get_module(skeleton, arch.rotary))(config=config)
+    if spec.embed and spec.head and getattr(config, "tie_word_embeddings", False):
+        stage.head.weight = stage.embed.weight  # type: ignore[union-attr]  # one matrix, as in the checkpoint
+    return stage.eval()
+
+
+def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(dtype)
+
+
+def _select(skeleton: nn.Module, arch: Arch, spec: StageSpec) -> dict[str, tuple[str, nn.Module]]:
+    wanted: dict[str, str | None] = {}
+    if spec.embed:
+        wanted["embed"] = arch.embed
+        wanted["pos_embed"] = arch.pos_embed
+    if spec.head:
+        wanted["norm"] = arch.norm
+        wanted["head"] = arch.head
+    if spec.num_layers and arch.rotary:
+        wanted["rotary"] = arch.rotary
+    return {key: (path, get_module(skeleton, path)) for key, path in wanted.items() if path}
+
+
+def _loadable(
+    named: dict[str, tuple[str, nn.Module]], arch: Arch, spec: StageSpec, stage: Stage
+) -> list[tuple[str, nn.Module]]:
+    """(full-model prefix, module) for every module whose weights come from the checkpoint."""
+    out = [(path, module) for key, (path, module) in named.items() if key != "rotary"]
+    for i, block in zip(range(spec.start, spec.end), stage.blocks):
+        for mod_name, mod in block.named_modules():
+            if mod._non_persistent_buffers_set:
+                # Such a buffer is computed at construction, which the meta-device skeleton skipped.
+                raise ModelError(f"unsupported: block module {mod_name or type(mod).__name__} has computed buffers")
+        out.append((f"{arch.layers}.{i}", block))
+    return out
+
+
+def _load(module: nn.Module, prefix: str, tensors: TensorSource, config: Any, arch: Arch) -> None:
+    for name, param in list(module.named_parameters()) + list(_persistent_buffers(module)):
+        full = f"{prefix}.{name}"
+        value = _fetch(full, tensors, config, arch)
+        if value.shape != param.shape:
+            raise ModelError(f"weight {full} has shape {tuple(value.shape)}, the config implies {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value)
+
+
+def _fetch(name: str, tensors: TensorSource, config: Any, arch: Arch) -> torch.Tensor:
+    candidates = [name]
+    if name == f"{arch.head}.weight" and getattr(config, "tie_word_embeddings", False):
+        candidates.append(f"{arch.embed}.weight")
+    base = arch.layers.split(".")[0]  # older checkpoints omit the base model's prefix ("transformer." in GPT-2)
+    candidates += [c.removeprefix(f"{base}.") for c in list(candidates) if c.startswith(f"{base}.")]
+    for candidate in candidates:
+        try:
+            return tensors(candidate)
+        except KeyError:
+            continue
+    raise ModelError(f"weight {name} is missing from the model files")
+
+
+def _persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for mod_name, mod in module.named_modules():
+        for buf_name, buf in mod.named_buffers(recurse=False):
+            if buf_name not in mod._non_persistent_buffers_set:
+                out.append((f"{mod_name}.{buf_name}" if mod_name else buf_name, buf))
+    return out

@@ -1,0 +1,207 @@
+"""A stage: a contiguous slice of a decoder-only LM, run with its own KV cache, positions and masks.
+
+The first stage holds the token embedding and layers `[0, c1)`, middle stages `[ci, ci+1)`, the last stage
+`[ck, L)`. The final norm and LM head ("the head") go either on the last server stage, or on a head-only stage
+that runs on the device (U-shaped split), so neither the raw text nor the output distribution leaves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from edgellm.errors import ConfigError
+from edgellm.model.arch import BlockCall
+from edgellm.model.kv import KVCache
+
+HeadPlacement = Literal["device", "server"]
+HEAD_PLACEMENTS: tuple[HeadPlacement, ...] = ("device", "server")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the model a stage holds: layers `[start, end)`, plus the embedding and/or the head."""
+
+    start: int
+    end: int
+    embed: bool = False
+    head: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end:
+            raise ConfigError(f"stage layers [{self.start}, {self.end}) are not a valid range")
+        if self.start == self.end and not (self.embed or self.head):
+            raise ConfigError(f"stage at layer {self.start} holds nothing")
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+
+def parse_cuts(text: str | None) -> tuple[int, ...]:
+    """`"10,20"` -> `(10, 20)`; None or an empty string -> `()` (no split).
+
+    Raises:
+        ConfigError: a part is not an integer.
+    """
+    if text is None or not text.strip():
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--cuts must be comma-separated layer indices, got {text!r}")
+
+
+def stage_specs(num_layers: int, cuts: Sequence[int], head: HeadPlacement = "server") -> list[StageSpec]:
+    """Cut a model of `num_layers` decoder layers at `cuts` into stage specs, in execution order.
+
+    With `head="device"` and at least one cut, the head becomes a separate final head-only stage that the
+    device runs. With no cuts there is one stage holding everything.
+
+    Raises:
+        ConfigError: cuts out of `(0, num_layers)`, unsorted or duplicated; unknown head placement.
+    """
+    if head not in HEAD_PLACEMENTS:
+        raise ConfigError(f"unknown head placement {head!r}; choose from {list(HEAD_PLACEMENTS)}")
+    for c in cuts:
+        if not 0 < c < num_layers:
+            raise ConfigError(f"cut {c} is out of range: cuts must lie in 1..{num_layers - 1} for {num_layers} layers")
+    if list(cuts) != sorted(set(cuts)):
+        raise ConfigError(f"cuts must be strictly increasing without duplicates, got {list(cuts)}")
+    if not cuts:
+        return [StageSpec(0, num_layers, embed=True, head=True)]
+    bounds = [0, *cuts, num_layers]
+    specs = [StageSpec(a, b, embed=(a == 0)) for a, b in zip(bounds, bounds[1:])]
+    if head == "server":
+        last = specs[-1]
+        specs[-1] = StageSpec(last.start, last.end, head=True)
+    else:
+        specs.append(StageSpec(num_layers, num_layers, head=True))
+    return specs
+
+
+def attention_mask(key_valid: torch.Tensor, past: int) -> torch.Tensor | None:
+    """Causal mask over cached + new keys, hiding padding; None where full attention is already right.
+
+    key_valid: [B, T] bool (T = past + S) -> [B, 1, S, T] bool (True = attend) | None
+
+    Every query also sees itself, so a padding row attends to something and stays finite (a fully masked row
+    would give NaN, which would then leak into real rows through 0 * NaN in later layers).
+    """
+    batch, total = key_valid.shape
+    new = total - past
+    if new == 1 and bool(key_valid.all()):
+        return None
+    query_index = torch.arange(past, total).unsqueeze(1)  # [S, 1]
+    key_index = torch.arange(total).unsqueeze(0)  # [1, T]
+    causal = key_index <= query_index  # [S, T]
+    mask = causal.unsqueeze(0) & key_valid.unsqueeze(1)  # [B, S, T]
+    mask |= (key_index == query_index).unsqueeze(0)
+    return mask.unsqueeze(1)
+
+
+def last_real(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each row's hidden state at its last real (non-padding) token; the last position where a row is all padding.
+
+    h: [B, S, D], token_mask: [B, S] bool | None -> [B, 1, D]
+    """
+    if token_mask is None:
+        return h[:, -1:]
+    seq = token_mask.shape[1]
+    last = seq - 1 - token_mask.flip(-1).to(torch.int8).argmax(-1)  # [B]
+    last = torch.where(token_mask.any(-1), last, seq - 1)
+    return h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
+
+
+class Stage(nn.Module):
+    """Runs one `StageSpec` of a model. Built by `edgellm.model.build.build_stage`.
+
+    Args:
+        spec: what the stage holds.
+        call: how to run one decoder block of this architecture.
+        parts: the modules: any of `embed`, `pos_embed`, `blocks` (ModuleList), `rotary`, `norm`, `head`.
+        max_length: longest sequence the model supports (positions beyond it raise).
+    """
+
+    def __init__(self, spec: StageSpec, call: BlockCall, parts: dict[str, nn.Module], max_length: int) -> None:
+        super().__init__()
+        unknown = set(parts) - {"embed", "pos_embed", "blocks", "rotary", "norm", "head"}
+        if unknown:
+            raise ValueError(f"unknown stage parts {sorted(unknown)}")
+        self.spec = spec
+        self.call = call
+        self.max_length = max_length
+        self.embed = parts.get("embed")
+        self.pos_embed = parts.get("pos_embed")
+        self.blocks = parts.get("blocks") or nn.ModuleList()
+        self.rotary = parts.get("rotary")
+        self.norm = parts.get("norm")
+        self.head = parts.get("head")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for one session of this stage."""
+        return KVCache(self.spec.start, self.spec.num_layers, self.max_length)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        token_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run the stage on `S` new tokens of each of `B` sequences.
+
+        x: [B, S] int64 token ids (embedding stage) or [B, S, D] hidden states
+        positions: [B, S] int64 absolute positions; token_mask: [B, S] bool (False = padding) or None
+        -> [B, S, D] hidden states, or float32 logits [B, S, V] for a head stage ([B, 1, V] with `last_only`:
+           each row's last real token)
+        """
+        if positions.numel() and int(positions.max()) >= self.max_length:
+            raise ConfigError(f"position {int(positions.max())} exceeds this model's limit of {self.max_length}")
+        h = self._embed(x, positions)
+        if len(self.blocks):
+            h = self._run_blocks(h, positions, cache, token_mask)
+        if self.head is None:
+            return h
+        if last_only:
+            h = last_real(h, token_mask)
+        assert self.norm is not None
+        return self.head(self.norm(h)).float()
+
+    def _embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return x.to(self.dtype)
+        h = self.embed(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
+        return h
+
+    def _run_blocks(
+        self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, token_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if token_mask is None:
+            token_mask = torch.ones(h.shape[:2], dtype=torch.bool)
+        if cache is None:
+            mask = attention_mask(token_mask, past=0)
+        else:
+            mask = attention_mask(cache.begin(token_mask), past=cache.length)
+        rotary = self.rotary(h, positions) if self.rotary is not None else None
+        try:
+            for block in self.blocks:
+                h = self.call(block, h, mask, rotary, positions, cache)
+        except BaseException:
+            if cache is not None:
+                cache.rollback()
+            raise
+        if cache is not None:
+            cache.commit()
+        return h

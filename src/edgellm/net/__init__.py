@@ -1,0 +1,1 @@
+"""Bytes, messages and transports. Knows nothing of models beyond tensor shapes."""

@@ -1,0 +1,133 @@
+"""Split generation in one process: the engine behind `edgellm generate`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgellm.errors import ConfigError
+from edgellm.model.arch import arch_for
+from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
+from edgellm.model.sampling import SamplingConfig
+from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_specs
+from edgellm.split.generate import GenerationConfig, Generator
+from edgellm.split.local import load_stages, local_pipeline
+from edgellm.store import resolve_model
+from edgellm.store.weights import load_config, load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LocalSplitConfig:
+    """Which model, cut where, in what precision, on how many threads."""
+
+    model: str
+    cuts: tuple[int, ...] = ()
+    head: HeadPlacement = "server"
+    dtype: str = "fp32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_PLACEMENTS:
+            raise ConfigError(f"unknown head placement {self.head!r}; choose from {list(HEAD_PLACEMENTS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPES)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class LoadedSplit:
+    """A model's stages in this process, with its tokenizer and config."""
+
+    config: LocalSplitConfig
+    model_config: Any
+    tokenizer: Any
+    stages: list[Stage]
+    load_s: float
+
+
+def load_split(config: LocalSplitConfig) -> LoadedSplit:
+    """Resolve the model and build its stages (validating the cuts against its depth)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    model_dir = resolve_model(config.model)
+    model_config = load_config(model_dir)
+    arch_for(model_config)  # refuse an unsupported architecture before anything else
+    specs = stage_specs(int(model_config.num_hidden_layers), config.cuts, config.head)
+    stages = load_stages(model_dir, specs, DTYPES[config.dtype])
+    tokenizer = load_tokenizer(model_dir)
+    return LoadedSplit(config, model_config, tokenizer, stages, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """What to generate from the prompt."""
+
+    chat: bool = False
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def generate_text(
+    loaded: LoadedSplit, prompt: str, options: PromptConfig, on_text: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Generate from one prompt; calls `on_text` with each new piece of text; returns the run's report.
+
+    The report has the fields of `edgellm generate --json` (see docs/CLI.md).
+    """
+    prompt_ids = encode_prompt(loaded.tokenizer, prompt, options.chat)
+    gen_config = GenerationConfig(options.max_new_tokens, options.sampling, stop_ids(loaded.tokenizer, loaded.model_config))
+    pipeline = local_pipeline(loaded.stages)
+    generator = Generator(pipeline, gen_config)
+    stream = TextStream(loaded.tokenizer)
+    for step in generator.stream(torch.tensor([prompt_ids])):
+        delta = stream.push(step.tokens[0])
+        if on_text is not None and delta:
+            on_text(delta)
+    result = generator.result
+    assert result is not None
+    new_tokens = result.new_tokens[0]
+    return {
+        "model": loaded.config.model,
+        "cuts": list(loaded.config.cuts),
+        "head": loaded.config.head,
+        "dtype": loaded.config.dtype,
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": prompt_ids,
+        "new_tokens": new_tokens,
+        "text": loaded.tokenizer.decode(new_tokens, skip_special_tokens=True),
+        "stages": [
+            {
+                "name": stats.name,
+                "layers": [stage.spec.start, stage.spec.end],
+                "embed": stage.spec.embed,
+                "head": stage.spec.head,
+                "compute_ms": round(stats.compute_ms, 3),
+                "calls": stats.calls,
+                "weight_bytes": weight_bytes(stage),
+            }
+            for stage, stats in zip(loaded.stages, pipeline.stats)
+        ],
+        "ttft_ms": round(result.ttft_ms, 3),
+        "decode_tok_per_s": round(result.decode_tok_per_s, 3),
+        "load_s": round(loaded.load_s, 3),
+    }
+
+
+def weight_bytes(stage: Stage) -> int:
+    """Bytes of a stage's parameters and buffers, counting a tied matrix once."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(stage.parameters()) + list(stage.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

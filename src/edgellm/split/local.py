@@ -1,0 +1,33 @@
+"""Everything in one process: load a model's stages and chain them through in-process hops."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from edgellm.model.build import build_stage
+from edgellm.model.stage import Stage, StageSpec
+from edgellm.net.local import LocalHop
+from edgellm.split.host import SessionLimits, StageHost
+from edgellm.split.pipeline import Pipeline
+from edgellm.store.weights import SafetensorsSource, load_config
+
+
+def load_stages(model_dir: Path, specs: Sequence[StageSpec], dtype: torch.dtype = torch.float32) -> list[Stage]:
+    """Build the stages `specs` of the model in `model_dir`, reading only their weights."""
+    config = load_config(model_dir)
+    with SafetensorsSource(model_dir) as tensors:
+        return [build_stage(config, spec, tensors, dtype) for spec in specs]
+
+
+def stage_name(index: int, spec: StageSpec) -> str:
+    """`stage0[0:10)+embed`, `stage3[30:30)+head`: a stage's label in tables and logs."""
+    extras = "".join(f"+{part}" for part, on in (("embed", spec.embed), ("head", spec.head)) if on)
+    return f"stage{index}[{spec.start}:{spec.end}){extras}"
+
+
+def local_pipeline(stages: Sequence[Stage], limits: SessionLimits = SessionLimits()) -> Pipeline:
+    """A pipeline whose hops call stage hosts in this process."""
+    return Pipeline([LocalHop(stage_name(i, s.spec), StageHost(s, limits)) for i, s in enumerate(stages)])

@@ -1,0 +1,80 @@
+"""The device's view of a split model: a chain of hops, each output feeding the next hop's input."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest
+
+
+class Hop(Protocol):
+    """One stage as seen from the device: in this process, or behind a network transport."""
+
+    name: str
+
+    def forward(self, request: ForwardRequest) -> ForwardReply: ...
+
+    def close(self, request: CloseSession) -> None: ...
+
+
+@dataclass
+class HopStats:
+    """What one hop cost over a run: the stage's own compute, and the whole call as the device saw it."""
+
+    name: str
+    calls: int = 0
+    compute_ms: float = 0.0
+    call_ms: float = 0.0
+
+    @property
+    def overhead_ms(self) -> float:
+        """Time in the call that was not the stage computing: transport, (de)serialization, queueing."""
+        return self.call_ms - self.compute_ms
+
+
+class Pipeline:
+    """Runs a session through its hops in order and accounts their time."""
+
+    def __init__(self, hops: Sequence[Hop]) -> None:
+        if not hops:
+            raise ValueError("a pipeline needs at least one hop")
+        self.hops = list(hops)
+        self.stats = [HopStats(h.name) for h in self.hops]
+
+    def forward(
+        self,
+        session: str,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        new_session: bool,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Token ids in, logits out.
+
+        ids: [B, S] int64, positions: [B, S] int64, token_mask: [B, S] bool | None
+        -> [B, 1, V] float32 logits (each row's last real token) with `last_only`, else [B, S, V]
+        """
+        data = ids
+        for hop, stats in zip(self.hops, self.stats):
+            request = ForwardRequest(session, data, positions, token_mask, new_session, last_only)
+            start = time.perf_counter()
+            reply = hop.forward(request)
+            stats.call_ms += (time.perf_counter() - start) * 1e3
+            stats.compute_ms += reply.compute_ms
+            stats.calls += 1
+            data = reply.output
+        return data
+
+    def close(self, session: str) -> None:
+        """Release the session on every hop."""
+        for hop in self.hops:
+            hop.close(CloseSession(session))
+
+    def reset_stats(self) -> None:
+        self.stats = [HopStats(h.name) for h in self.hops]

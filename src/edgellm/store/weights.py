@@ -1,0 +1,77 @@
+"""Read a Hugging Face model directory: its config, tokenizer, and weights by name (lazily, per tensor)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgellm.errors import ModelError
+
+
+class SafetensorsSource:
+    """Named tensors of a model directory's safetensors file(s), read one at a time on demand.
+
+    Use as a context manager, or call `close()`; calling the object with a name returns that tensor.
+
+    Raises:
+        ModelError: the directory holds no safetensors weights.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (model_dir / "model.safetensors").is_file():
+            files, weight_map = ["model.safetensors"], {}
+        else:
+            raise ModelError(f"{model_dir} has no safetensors weights (model.safetensors or its index)")
+        self._stack = ExitStack()
+        self._handles = {f: self._stack.enter_context(safe_open(model_dir / f, framework="pt")) for f in files}
+        self._where = weight_map or {k: files[0] for k in self._handles[files[0]].keys()}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_config(model_dir: Path) -> Any:
+    """The transformers config of a model directory.
+
+    Raises:
+        ModelError: config.json is missing or unreadable.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read the config of {model_dir}: {exc}") from exc
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer saved in a model directory.
+
+    Raises:
+        ModelError: no tokenizer files, or they cannot be read.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read the tokenizer of {model_dir}: {exc}") from exc
