@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from edgellm import __version__
-from edgellm.cli import generate, models
+from edgellm.cli import generate, models, node, run
 from edgellm.errors import EdgellmError
 
-SUBCOMMANDS = [generate, models]
+SUBCOMMANDS = [generate, run, node, models]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgellm.errors import ModelError
 from edgellm.model.arch import Arch, arch_for, get_module, max_positions, sliding_window
-from edgellm.model.stage import Stage, StageSpec
+from edgellm.model.stage import ModelDims, Stage, StageSpec
 
 # Full-model parameter name (e.g. "model.layers.3.mlp.up_proj.weight") -> tensor. Raises KeyError if absent.
 TensorSource = Callable[[str], torch.Tensor]
@@ -42,7 +42,12 @@ def build_stage(config: Any, spec: StageSpec, tensors: TensorSource, dtype: torc
         )
     limit = max_positions(config)
     window = sliding_window(config)
-    stage = Stage(spec, arch.call, parts, max_length=min(limit, window) if window else limit)
+    dims = ModelDims(
+        hidden_size=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        max_length=min(limit, window) if window else limit,
+    )
+    stage = Stage(spec, arch.call, parts, dims)
     stage.to_empty(device="cpu")
     for prefix, module in _loadable(named, arch, spec, stage):
         _load(module, prefix, tensors, config, arch)

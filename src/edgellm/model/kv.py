@@ -91,6 +91,10 @@ class KVCache:
     def rollback(self) -> None:
         """Forget the keys written by the current (failed) pass."""
         self._pending = 0
+        if self.length == 0:  # nothing committed yet: the failed pass must not fix the session's batch size
+            self._keys = [None] * self.num_layers
+            self._values = [None] * self.num_layers
+            self._valid = None
 
     def truncate(self, length: int) -> None:
         """Drop every key after the first `length` tokens (speculative decoding, replay)."""

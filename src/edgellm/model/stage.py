@@ -117,6 +117,15 @@ def last_real(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     return h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes a stage's inputs are checked against."""
+
+    hidden_size: int
+    vocab_size: int
+    max_length: int  # longest sequence: position-encoding limit, or the sliding window if smaller
+
+
 class Stage(nn.Module):
     """Runs one `StageSpec` of a model. Built by `edgellm.model.build.build_stage`.
 
@@ -124,17 +133,18 @@ class Stage(nn.Module):
         spec: what the stage holds.
         call: how to run one decoder block of this architecture.
         parts: the modules: any of `embed`, `pos_embed`, `blocks` (ModuleList), `rotary`, `norm`, `head`.
-        max_length: longest sequence the model supports (positions beyond it raise).
+        dims: the model's hidden size, vocabulary size and sequence limit.
     """
 
-    def __init__(self, spec: StageSpec, call: BlockCall, parts: dict[str, nn.Module], max_length: int) -> None:
+    def __init__(self, spec: StageSpec, call: BlockCall, parts: dict[str, nn.Module], dims: ModelDims) -> None:
         super().__init__()
         unknown = set(parts) - {"embed", "pos_embed", "blocks", "rotary", "norm", "head"}
         if unknown:
             raise ValueError(f"unknown stage parts {sorted(unknown)}")
         self.spec = spec
         self.call = call
-        self.max_length = max_length
+        self.dims = dims
+        self.max_length = dims.max_length
         self.embed = parts.get("embed")
         self.pos_embed = parts.get("pos_embed")
         self.blocks = parts.get("blocks") or nn.ModuleList()

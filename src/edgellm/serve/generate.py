@@ -14,6 +14,7 @@ from edgellm.model.arch import arch_for
 from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_specs
+from edgellm.serve.report import stage_report, timing_report
 from edgellm.split.generate import GenerationConfig, Generator
 from edgellm.split.local import load_stages, local_pipeline
 from edgellm.store import resolve_model
@@ -103,31 +104,7 @@ def generate_text(
         "prompt_tokens": prompt_ids,
         "new_tokens": new_tokens,
         "text": loaded.tokenizer.decode(new_tokens, skip_special_tokens=True),
-        "stages": [
-            {
-                "name": stats.name,
-                "layers": [stage.spec.start, stage.spec.end],
-                "embed": stage.spec.embed,
-                "head": stage.spec.head,
-                "compute_ms": round(stats.compute_ms, 3),
-                "calls": stats.calls,
-                "weight_bytes": weight_bytes(stage),
-            }
-            for stage, stats in zip(loaded.stages, pipeline.stats)
-        ],
-        "ttft_ms": round(result.ttft_ms, 3),
-        "decode_tok_per_s": round(result.decode_tok_per_s, 3),
+        "stages": stage_report(loaded.stages, pipeline.stats),
+        **timing_report(result),
         "load_s": round(loaded.load_s, 3),
     }
-
-
-def weight_bytes(stage: Stage) -> int:
-    """Bytes of a stage's parameters and buffers, counting a tied matrix once."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(stage.parameters()) + list(stage.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ import torch
 from edgellm.errors import ConfigError
 from edgellm.model.sampling import SamplingConfig, next_tokens
 from edgellm.split.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class Generator:
         next_pos = mask.long().sum(-1)  # [B]
         result = GenerationResult(new_tokens=[[] for _ in range(batch)])
         finished = [False] * batch
-        session = uuid.uuid4().hex
+        session = secrets.token_hex(8)  # 64 random bits; short, since it rides every frame
         start = time.perf_counter()
         try:
             logits = self.pipeline.forward(
@@ -117,10 +120,19 @@ class Generator:
                 yield Step(index, tuple(tokens.tolist()), tuple(finished))
                 if all(finished):
                     break
-        finally:
-            result.decode_ms = (time.perf_counter() - start) * 1e3 - result.ttft_ms
-            self.result = result
-            self.pipeline.close(session)
+        except BaseException:  # a failed hop, or the consumer stopped early (GeneratorExit)
+            self._finish(result, start)
+            try:
+                self.pipeline.close(session)
+            except Exception as exc:  # keep the original error; stages expire the session when idle
+                log.warning("could not close session %s on every stage: %s", session, exc)
+            raise
+        self._finish(result, start)
+        self.pipeline.close(session)
+
+    def _finish(self, result: GenerationResult, start: float) -> None:
+        result.decode_ms = (time.perf_counter() - start) * 1e3 - result.ttft_ms
+        self.result = result
 
     def run(self, ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> GenerationResult:
         """Generate to the end without streaming."""

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest
+from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest, HopTrace
 
 
 class Hop(Protocol):
@@ -45,6 +45,7 @@ class Pipeline:
             raise ValueError("a pipeline needs at least one hop")
         self.hops = list(hops)
         self.stats = [HopStats(h.name) for h in self.hops]
+        self.traces: list[HopTrace] = []  # network hops, in call order (empty in one process)
 
     def forward(
         self,
@@ -68,13 +69,21 @@ class Pipeline:
             stats.call_ms += (time.perf_counter() - start) * 1e3
             stats.compute_ms += reply.compute_ms
             stats.calls += 1
+            self.traces.extend(reply.trace)
             data = reply.output
         return data
 
     def close(self, session: str) -> None:
-        """Release the session on every hop."""
+        """Release the session on every hop, even if some fail; then raise the first failure."""
+        first: Exception | None = None
         for hop in self.hops:
-            hop.close(CloseSession(session))
+            try:
+                hop.close(CloseSession(session))
+            except Exception as exc:  # an unreachable hop must not keep the others' caches alive
+                first = first or exc
+        if first is not None:
+            raise first
 
     def reset_stats(self) -> None:
         self.stats = [HopStats(h.name) for h in self.hops]
+        self.traces = []

@@ -1,0 +1,33 @@
+"""`edgellm node`: run one node of a deployment (device, edge or cloud) until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgellm.deploy.node import run_node
+from edgellm.deploy.topology import load_topology
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "node",
+        help="serve one node of a deployment described by a topology file",
+        description="Load only the layers the topology assigns to node NAME and serve them over gRPC on the "
+        "node's address until SIGINT/SIGTERM. Prints one JSON line {\"event\": \"ready\", ...} on stdout once "
+        "it accepts requests. A device node serves prompts (see `edgellm run`); edge/cloud nodes serve stages.",
+    )
+    parser.add_argument("--topology", required=True, metavar="T.toml", help="the deployment's topology file")
+    parser.add_argument("--name", required=True, help="which node of the topology to run")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    topology = load_topology(args.topology)
+    return run_node(topology, args.name, on_ready=_announce)
+
+
+def _announce(event: dict) -> None:
+    print(json.dumps(event), flush=True)
+    sys.stdout.flush()

@@ -1,0 +1,81 @@
+"""`edgellm run`: generate through a running deployment, via its device node."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from edgellm.cli.generate import add_sampling_arguments, sampling_from
+from edgellm.deploy.node import channel_config
+from edgellm.deploy.topology import load_topology
+from edgellm.errors import ConfigError
+from edgellm.net.rpc import RemoteHop
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="generate through a running deployment",
+        description="Send PROMPT to the device node of a running deployment (started with `edgellm node`); "
+        "the device runs its layers and drives the edge nodes. Decoding is greedy unless --temperature, "
+        "--top-k or --top-p is given. The chat template is applied unless --no-chat.",
+    )
+    parser.add_argument("prompt", metavar="PROMPT")
+    parser.add_argument("--topology", required=True, metavar="T.toml", help="the deployment's topology file")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
+    parser.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
+    add_sampling_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sampling = sampling_from(args)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(str(exc)) from None
+    topology = load_topology(args.topology)
+    device = topology.device
+    if device.address is None:
+        raise ConfigError(f"{topology.source}: the device node {device.name!r} has no address to reach it at")
+    hop = RemoteHop(device.name, device.address, channel_config(topology), sender="cli")
+    request = {
+        "prompt": args.prompt,
+        "chat": not args.no_chat,
+        "max_new_tokens": args.max_new_tokens,
+        "greedy": sampling.greedy,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
+    }
+    report: dict[str, Any] = {}
+    for event in hop.generate(request):
+        if "report" in event:
+            report = event["report"]
+        elif not args.json:
+            sys.stdout.write(event["text"])
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print()
+        print_deployment_summary(report)
+    return 0
+
+
+def print_deployment_summary(report: dict[str, Any]) -> None:
+    """Nodes and links of a networked generation, after the streamed text."""
+    print(
+        f"\n{len(report['new_tokens'])} tokens, TTFT {report['ttft_ms']:.0f} ms, "
+        f"{report['decode_tok_per_s']:.1f} tok/s decode ({report.get('mode', '?')} mode)"
+    )
+    print(f"{'node':<12} {'layers':>9} {'compute ms':>11}")
+    for n in report["nodes"]:
+        print(f"{n['name']:<12} {n['layers'][0]:>4}-{n['layers'][1]:<4} {n['compute_ms']:>11.1f}")
+    print(f"{'link':<22} {'bytes':>10} {'B/token':>9} {'wire ms':>9}")
+    for link in report["links"]:
+        per_token = "-" if link["bytes_per_token"] is None else f"{link['bytes_per_token']:.0f}"
+        print(f"{link['from'] + '->' + link['to']:<22} {link['bytes']:>10} {per_token:>9} {link['wire_ms']:>9.1f}")

@@ -1,0 +1,1 @@
+"""Deployments across processes: the topology file that names the nodes, their links and the model split."""

@@ -1,0 +1,229 @@
+"""The parts of a deployment topology: model split, nodes, links, security and limits, each a frozen spec.
+
+Each spec validates itself on construction and raises `ConfigError("<field>: <problem>")`; the topology parser
+prefixes the file name and the table's path, giving "deploy.toml: nodes[1].role: unknown role 'edgee'; ...".
+Cross-references between specs (route, links, cuts vs route) are checked by
+`edgellm.deploy.topology.Topology`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgellm.errors import ConfigError
+from edgellm.model.stage import HEAD_PLACEMENTS
+from edgellm.net.codec import CodecSpec
+from edgellm.net.link import LinkProfile
+
+ROLES = ("cloud", "device", "edge")
+SERVER_ROLES = ("cloud", "edge")  # they listen and run server stages; the device dials them
+DTYPE_NAMES = (
+    "bf16",
+    "fp16",
+    "fp32",
+)  # the keys of edgellm.serve.generate.DTYPES, without importing the engine
+TOKEN_KEYS = {"token_env": "env", "token_file": "file", "token": "inline"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d+)")
+
+
+def parse_address(text: str, allow_any_port: bool = False) -> tuple[str, int]:
+    """`"127.0.0.1:50061"` -> `("127.0.0.1", 50061)`; IPv6 is bracketed: `"[::1]:50061"` -> `("::1", 50061)`.
+
+    Raises:
+        ConfigError: not `host:port`, or the port is outside 1..65535 (0..65535 with `allow_any_port`).
+    """
+    match = _HOST_PORT.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"expected host:port (IPv6 as [::1]:port), got {text!r}")
+    host = match["v6"] or match["host"]
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{host!r} in {text!r} is not an IPv6 address") from None
+    port, low = int(match["port"]), 0 if allow_any_port else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range {low}..65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IPs (127.0.0.0/8, ::1); False for every other name or address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model and how it is split: `cuts[i]` is the first layer of `route[i + 1]`."""
+
+    name: str
+    cuts: tuple[int, ...]
+    dtype: str = "fp32"
+    head: str = "device"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("name: must not be empty")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; choose from {list(DTYPE_NAMES)}")
+        if self.head not in HEAD_PLACEMENTS:
+            raise ConfigError(
+                f"head: unknown head placement {self.head!r}; choose from {sorted(HEAD_PLACEMENTS)}"
+            )
+        if any(c < 1 for c in self.cuts):
+            raise ConfigError(f"cuts: layer indices must be >= 1, got {list(self.cuts)}")
+        if any(b <= a for a, b in zip(self.cuts, self.cuts[1:])):
+            raise ConfigError(f"cuts: must be strictly increasing, got {list(self.cuts)}")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One process of the deployment. Servers listen on `address`; the device never listens.
+
+    Attributes:
+        name: unique; letters, digits, `_.-`. The `--name` of `edgellm node`.
+        role: one of `ROLES`.
+        address: `host:port` a server listens on and the others dial; optional for the device, which never
+            listens (there it is informational only, and port 0 is allowed).
+        threads: torch intra-op threads for this node's stages.
+        memory_mb: memory the node may use for weights and KV caches, or None for no limit.
+    """
+
+    name: str
+    role: str
+    address: str | None = None
+    threads: int = 1
+    memory_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ConfigError(f"name: {self.name!r} must be letters, digits, '_', '.' or '-', starting alnum")
+        if self.role not in ROLES:
+            raise ConfigError(f"role: unknown role {self.role!r}; choose from {sorted(ROLES)}")
+        if self.address is None and self.is_server:
+            raise ConfigError(f"address: a {self.role} node needs a host:port to listen on")
+        if self.address is not None:
+            try:
+                parse_address(self.address, allow_any_port=not self.is_server)
+            except ConfigError as exc:
+                raise ConfigError(f"address: {exc}") from None
+        if self.threads < 1:
+            raise ConfigError(f"threads: must be >= 1, got {self.threads}")
+        if self.memory_mb is not None and self.memory_mb < 1:
+            raise ConfigError(f"memory_mb: must be >= 1, got {self.memory_mb}")
+
+    @property
+    def is_server(self) -> bool:
+        return self.role in SERVER_ROLES
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        """`(host, port)` of `address` (IPv6 unbracketed), or None when there is none."""
+        return None if self.address is None else parse_address(self.address, allow_any_port=True)
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """An undirected link between nodes `a` and `b`, emulated by the transport.
+
+    "Up" is the direction away from the device along the route (`Topology.direction`); `profile.up_mbps`
+    applies to it and `profile.down_mbps` to the way back. `profile_name` is the named profile the numbers
+    started from (fields given explicitly in the file override it).
+    """
+
+    a: str
+    b: str
+    profile: LinkProfile
+    profile_name: str = "none"
+    codec: CodecSpec = CodecSpec()
+
+    def __post_init__(self) -> None:
+        if self.a == self.b:
+            raise ConfigError(f"between: a link joins two different nodes, got {self.a!r} twice")
+
+    def joins(self, x: str, y: str) -> bool:
+        """True when this link is between `x` and `y`, in either order."""
+        return {self.a, self.b} == {x, y}
+
+    def other(self, name: str) -> str:
+        """The far end of the link seen from `name`."""
+        if name not in (self.a, self.b):
+            raise ConfigError(f"node {name!r} is not an end of link {self.a}<->{self.b}")
+        return self.b if name == self.a else self.a
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where the shared secret comes from: an env var name, a file path, or (tests only) the secret itself."""
+
+    kind: Literal["env", "file", "inline"]
+    value: str = field(repr=False)  # repr=False: an inline secret must not reach logs
+
+    def __post_init__(self) -> None:
+        if self.kind not in TOKEN_KEYS.values():
+            raise ConfigError(
+                f"unknown token source {self.kind!r}; choose from {sorted(TOKEN_KEYS.values())}"
+            )
+        if not self.value:
+            raise ConfigError(f"{self.key}: must not be empty")
+
+    @property
+    def key(self) -> str:
+        """The TOML key this source is written as."""
+        return next(k for k, v in TOKEN_KEYS.items() if v == self.kind)
+
+
+@dataclass(frozen=True)
+class TLSSpec:
+    """Certificates (absolute, or relative to the working directory) every server presents and clients check.
+
+    Attributes:
+        cert, key: PEM certificate chain and private key every server presents (and, with client_auth, the
+            client certificate the nodes present when they dial).
+        ca: PEM CA bundle to verify peers with; None means the system trust store.
+        client_auth: servers also require and verify a client certificate (needs `ca`).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    client_auth: bool = False
+
+    def __post_init__(self) -> None:
+        if self.client_auth and self.ca is None:
+            raise ConfigError("ca: client_auth = true needs a CA bundle to verify clients with")
+
+
+@dataclass(frozen=True)
+class Security:
+    """Authentication (a shared secret) and transport encryption (TLS); both optional."""
+
+    token: TokenSource | None = None
+    tls: TLSSpec | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-node serving limits: request deadline, concurrent sessions, idle session expiry."""
+
+    deadline_s: float = 30.0
+    max_sessions: int = 64
+    idle_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.deadline_s > 0:
+            raise ConfigError(f"deadline_s: must be > 0, got {self.deadline_s}")
+        if self.max_sessions < 1:
+            raise ConfigError(f"max_sessions: must be >= 1, got {self.max_sessions}")
+        if not self.idle_timeout_s > 0:
+            raise ConfigError(f"idle_timeout_s: must be > 0, got {self.idle_timeout_s}")

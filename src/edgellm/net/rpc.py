@@ -1,0 +1,342 @@
+"""The gRPC transport: a node serves edgellm frames over gRPC; a `RemoteHop` calls one.
+
+gRPC gives deadlines, TLS (and mutual TLS), HTTP/2 flow control and cross-language reach; the payloads are
+edgellm's own frames (`edgellm.net.messages`), so no protobuf code generation is needed. Methods of the
+`edgellm.Node` service:
+
+- `Forward` (frame -> frame): run the node's stage on a `ForwardRequest`.
+- `Close` (frame -> empty): drop a session.
+- `Info` (JSON -> JSON): what the node serves; doubles as the readiness probe.
+- `Generate` (JSON -> stream of JSON events): a device node generates text for a prompt.
+
+Every call carries the deployment's shared token in the `x-edgellm-token` metadata; nodes compare it in
+constant time and refuse calls without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from edgellm.errors import ConfigError, EdgellmError, SessionError
+from edgellm.net.codec import CodecSpec
+from edgellm.net.link import EmulatedLink
+from edgellm.net.messages import (
+    MAX_MESSAGE_BYTES,
+    CloseSession,
+    ForwardReply,
+    ForwardRequest,
+    HopTrace,
+    WireError,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "edgellm.Node"
+TOKEN_HEADER = "x-edgellm-token"
+
+
+class NodeUnreachable(EdgellmError):
+    """A node did not answer within the deadline, or refused the connection."""
+
+
+class AuthError(EdgellmError):
+    """A node refused the call's token."""
+
+
+class RemoteError(EdgellmError):
+    """A node answered with an error (bad request, server failure)."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files. A server uses cert+key (and ca to check client certs when `client_auth`); a client uses ca to
+    check the server, and cert+key to identify itself under mutual TLS."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    client_auth: bool = False
+    server_name: str | None = None  # override the name checked in the server certificate
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """How to reach nodes: shared token, per-call deadline, TLS, message size cap."""
+
+    token: str | None = None
+    deadline_s: float = 30.0
+    tls: TlsFiles | None = None
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.deadline_s > 0:
+            raise ConfigError(f"deadline must be > 0 s, got {self.deadline_s}")
+
+
+def codec_name(spec: CodecSpec) -> str:
+    """"int8+zstd" for CodecSpec("int8", "zstd"); the inverse of `parse_codec`."""
+    return spec.codec if spec.compression == "none" else f"{spec.codec}+{spec.compression}"
+
+
+def _options(max_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+
+
+class RemoteHop:
+    """A hop to a stage on another node, over gRPC, through an emulated link.
+
+    Implements `edgellm.split.pipeline.Hop`. Requests are encoded with the link's `codec`; the reply's hidden
+    states come back in the same codec. The reply's `trace` starts with this hop's `HopTrace`, followed by
+    those of the hops the node forwarded to.
+
+    Args:
+        name: the remote node's name (for errors and traces).
+        address: "host:port".
+        channel: token, deadline, TLS.
+        link: the emulated link to the node, or None for the raw network.
+        codec: the smashed-data codec on this link.
+        sender: this side's node name, for traces.
+        route: chain mode: the nodes the remote node must forward to, in order; None passes on the route of
+            each request (a node forwarding along a chain).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        channel: ChannelConfig,
+        link: EmulatedLink | None = None,
+        codec: CodecSpec = CodecSpec(),
+        sender: str = "device",
+        route: tuple[str, ...] | None = (),
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.channel = channel
+        self.link = link
+        self.codec = codec
+        self.sender = sender
+        self.route = route
+        self._metadata = ((TOKEN_HEADER, channel.token),) if channel.token else ()
+        self._grpc = _open_channel(address, channel)
+        self._forward = self._grpc.unary_unary(f"/{SERVICE}/Forward")
+        self._close = self._grpc.unary_unary(f"/{SERVICE}/Close")
+        self._info = self._grpc.unary_unary(f"/{SERVICE}/Info")
+        self._generate = self._grpc.unary_stream(f"/{SERVICE}/Generate")
+
+    def forward(self, request: ForwardRequest) -> ForwardReply:
+        route = request.route if self.route is None else self.route
+        request = dataclasses.replace(request, route=route, reply_codec=codec_name(self.codec))
+        frame = encode(request, self.codec)
+        start = time.perf_counter()
+        if self.link is not None:
+            self.link.send(len(frame), "up")
+        reply_frame = self._call(self._forward, frame)
+        if self.link is not None:
+            self.link.send(len(reply_frame), "down")
+        call_ms = (time.perf_counter() - start) * 1e3
+        reply = decode(reply_frame, self.channel.max_message_bytes)
+        if not isinstance(reply, ForwardReply):
+            raise RemoteError(f"node {self.name} answered Forward with a {type(reply).__name__}")
+        own = HopTrace(
+            node=self.name,
+            link=f"{self.sender}->{self.name}",
+            compute_ms=reply.compute_ms,
+            server_ms=reply.server_ms,
+            wire_ms=max(call_ms - reply.server_ms, 0.0),
+            bytes_up=len(frame),
+            bytes_down=len(reply_frame),
+        )
+        return dataclasses.replace(reply, trace=(own, *reply.trace))
+
+    def close(self, request: CloseSession) -> None:
+        route = request.route if self.route is None else self.route
+        self._call(self._close, encode(dataclasses.replace(request, route=route)))
+
+    def info(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The node's description (name, layers, model); raises NodeUnreachable if it does not answer."""
+        return json.loads(self._call(self._info, b"{}", timeout_s))
+
+    def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Ask a device node to generate; yields its events (tokens, then a final report)."""
+        try:
+            for event in self._generate(
+                json.dumps(request).encode(), timeout=None, metadata=self._metadata
+            ):
+                yield json.loads(event)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        """Poll `Info` until the node answers or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.info(timeout_s=1.0)
+            except NodeUnreachable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def shutdown(self) -> None:
+        self._grpc.close()
+
+    def _call(self, method: Callable[..., bytes], payload: bytes, timeout_s: float | None = None) -> bytes:
+        try:
+            return method(payload, timeout=timeout_s or self.channel.deadline_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def _translate(self, exc: grpc.RpcError) -> EdgellmError:
+        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+        where = f"node {self.name} at {self.address}"
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return NodeUnreachable(f"{where} is unreachable ({code.name.lower()}): {details}")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return AuthError(f"{where} refused the deployment token: {details}")
+        if code == grpc.StatusCode.NOT_FOUND:
+            return SessionError(f"{where}: {details}")
+        return RemoteError(f"{where} answered {code.name}: {details}")
+
+
+def _open_channel(address: str, channel: ChannelConfig) -> grpc.Channel:
+    options = _options(channel.max_message_bytes)
+    tls = channel.tls
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca),
+        private_key=_read(tls.key) if tls.client_auth else None,
+        certificate_chain=_read(tls.cert) if tls.client_auth else None,
+    )
+    if tls.server_name:
+        options = [*options, ("grpc.ssl_target_name_override", tls.server_name)]  # type: ignore[list-item]
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def _read(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS file {path}: {exc.strerror}") from exc
+
+
+class NodeHandler(Protocol):
+    """What a node does with each call; `edgellm.deploy.node` implements it. Raise EdgellmErrors for bad input."""
+
+    def forward(self, frame: bytes) -> bytes: ...
+
+    def close(self, frame: bytes) -> None: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]: ...
+
+
+def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: int = 8) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `handler` on `address`; returns the server and the bound port.
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_options(channel.max_message_bytes))
+    service = _Service(handler, channel.token)
+    methods = {
+        "Forward": grpc.unary_unary_rpc_method_handler(service.forward),
+        "Close": grpc.unary_unary_rpc_method_handler(service.close),
+        "Info": grpc.unary_unary_rpc_method_handler(service.info),
+        "Generate": grpc.unary_stream_rpc_method_handler(service.generate),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+    try:
+        if channel.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, _server_credentials(channel.tls))
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
+    server.start()
+    return server, port
+
+
+def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    if tls.cert is None or tls.key is None:
+        raise ConfigError("a TLS server needs both cert and key")
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key), _read(tls.cert))],
+        root_certificates=_read(tls.ca) if tls.client_auth else None,
+        require_client_auth=tls.client_auth,
+    )
+
+
+class _Service:
+    """Adapts a NodeHandler to gRPC: token check, error codes, and a node that keeps serving after bad input."""
+
+    def __init__(self, handler: NodeHandler, token: str | None) -> None:
+        self._handler = handler
+        self._token = token.encode() if token else None
+
+    def forward(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(context, lambda: self._handler.forward(frame))
+
+    def close(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(context, lambda: self._handler.close(frame) or b"")
+
+    def info(self, _: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(context, lambda: json.dumps(self._handler.info()).encode())
+
+    def generate(self, payload: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._check_token(context)
+        try:
+            request = json.loads(payload)
+            if not isinstance(request, dict):
+                raise ConfigError("a generate request must be a JSON object")
+            for event in self._handler.generate(request):
+                yield json.dumps(event).encode()
+        except ValueError as exc:  # EdgellmErrors and JSON errors are ValueErrors
+            context.abort(_status_for(exc), str(exc))
+
+    def _guard(self, context: grpc.ServicerContext, call: Callable[[], bytes]) -> bytes:
+        self._check_token(context)
+        try:
+            return call()
+        except ValueError as exc:
+            context.abort(_status_for(exc), str(exc))
+        except Exception as exc:  # a bug must not take the node down: report it and keep serving
+            log.exception("request failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _check_token(self, context: grpc.ServicerContext) -> None:
+        if self._token is None:
+            return
+        sent = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(str(sent).encode(), self._token):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong deployment token")
+
+
+def _status_for(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, SessionError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, NodeUnreachable):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, (WireError, ConfigError, json.JSONDecodeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.FAILED_PRECONDITION

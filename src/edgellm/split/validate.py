@@ -1,0 +1,43 @@
+"""Checks a stage applies to requests from peers before running them: dtypes, shapes and ranges."""
+
+from __future__ import annotations
+
+import torch
+
+from edgellm.model.stage import Stage
+from edgellm.net.messages import ForwardRequest, WireError
+
+MAX_BATCH = 64
+
+
+def check_request(request: ForwardRequest, stage: Stage, max_batch: int = MAX_BATCH) -> None:
+    """Refuse a request this stage cannot run correctly.
+
+    Raises:
+        WireError: wrong dtype or rank, hidden size other than the model's, token ids outside the vocabulary,
+            mismatched positions or mask, negative positions, batch or sequence beyond the limits.
+    """
+    data, dims = request.data, stage.dims
+    if stage.spec.embed:
+        if data.dtype != torch.int64 or data.dim() != 2:
+            raise WireError(f"the first stage takes int64 token ids [B, S], got {data.dtype} {list(data.shape)}")
+        if data.numel() and (int(data.min()) < 0 or int(data.max()) >= dims.vocab_size):
+            raise WireError(f"token ids must lie in [0, {dims.vocab_size})")
+    else:
+        if not data.is_floating_point() or data.dim() != 3:
+            raise WireError(f"this stage takes hidden states [B, S, D], got {data.dtype} {list(data.shape)}")
+        if data.shape[-1] != dims.hidden_size:
+            raise WireError(f"hidden size {data.shape[-1]} does not match the model's {dims.hidden_size}")
+    batch, seq = data.shape[:2]
+    if not 1 <= batch <= max_batch:
+        raise WireError(f"batch size {batch} is outside 1..{max_batch}")
+    if not 1 <= seq <= dims.max_length:
+        raise WireError(f"sequence chunk of {seq} tokens is outside 1..{dims.max_length}")
+    positions = request.positions
+    if positions.dtype != torch.int64 or tuple(positions.shape) != (batch, seq):
+        raise WireError(f"positions must be int64 [{batch}, {seq}], got {positions.dtype} {list(positions.shape)}")
+    if int(positions.min()) < 0:
+        raise WireError("positions must be >= 0")
+    mask = request.token_mask
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (batch, seq)):
+        raise WireError(f"token_mask must be bool [{batch}, {seq}], got {mask.dtype} {list(mask.shape)}")
