@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgellm.deploy.document import render_toml
-from edgellm.deploy.topology import (
-    Topology,
-    load_topology,
-    parse_address,
-    parse_topology,
-    topology_toml,
-    write_topology,
-)
+from edgellm.deploy.specs import parse_address
+from edgellm.deploy.topology import Topology, load_topology, parse_topology, topology_toml, write_topology
 from edgellm.errors import ConfigError
 from edgellm.model.stage import StageSpec
 from edgellm.net.codec import CodecSpec
@@ -112,6 +106,24 @@ def test_stage_assignment(head):
     assert parse(doc).stages_for("phone", 30) == [spec for name, spec in expected if name == "phone"]
 
 
+@pytest.mark.parametrize("head", ["device", "server"])
+def test_stage_assignment_first_cut_zero_leaves_the_device_no_layers(head):
+    doc = chain_doc()
+    doc["model"].update(cuts=[0, 20], head=head)
+    got = parse(doc).stage_assignment(30)
+    expected = [("edge1", StageSpec(0, 20, embed=True)), ("edge2", StageSpec(20, 30, head=head == "server"))]
+    assert got == expected + ([("phone", StageSpec(30, 30, head=True))] if head == "device" else [])
+    doc = chain_doc()  # one server runs everything: the cloud baseline
+    doc.update(links=doc["links"][:1], nodes=doc["nodes"][:2])
+    doc["model"].update(cuts=[0], head=head)
+    doc["deployment"]["route"] = ["phone", "edge1"]
+    got = parse(doc).stage_assignment(30)
+    if head == "server":
+        assert got == [("edge1", StageSpec(0, 30, embed=True, head=True))]
+    else:
+        assert got == [("edge1", StageSpec(0, 30, embed=True)), ("phone", StageSpec(30, 30, head=True))]
+
+
 def test_stage_assignment_rejects_cuts_beyond_the_model():
     with pytest.raises(ConfigError, match=r"^deploy\.toml: model\.cuts: cut 20 is out of range"):
         parse(chain_doc()).stage_assignment(20)
@@ -162,10 +174,13 @@ BROKEN = {
         "port 70000 is out of range",
     ),
     "server without address": (_set("nodes[1].address", None), "nodes[1].address", "needs a host:port"),
+    "device port 0": (_set("nodes[0].address", "127.0.0.1:0"), "nodes[0].address", "port 0 is out of range"),
     "shared address": (_set("nodes[2].address", "127.0.0.1:50061"), "nodes[2].address", "also nodes[1]"),
     "threads zero": (_set("nodes[2].threads", 0), "nodes[2].threads", "must be >= 1"),
     "threads wrong type": (_set("nodes[2].threads", "2"), "nodes[2].threads", "must be an integer"),
     "cuts not increasing": (_set("model.cuts", [20, 10]), "model.cuts", "strictly increasing"),
+    "negative cut": (_set("model.cuts", [-1, 10]), "model.cuts", "must be >= 0"),
+    "cut 0 not first": (_set("model.cuts", [0, 0]), "model.cuts", "strictly increasing"),
     "wrong number of cuts": (_set("model.cuts", [10]), "model.cuts", "need 2"),
     "unknown dtype": (_set("model.dtype", "fp8"), "model.dtype", "choose from ['bf16', 'fp16', 'fp32']"),
     "unknown mode": (_set("deployment.mode", "ring"), "deployment.mode", "choose from ['chain', 'star']"),
@@ -284,7 +299,7 @@ def test_load_checks_tls_files_exist(tmp_path):
 def test_example_file_is_valid():
     topo = load_topology(EXAMPLE)
     assert topo.route == ("phone", "edge1", "edge2")
-    assert [n.address for n in topo.servers] == ["127.0.0.1:50061", "127.0.0.1:50062"]
+    assert [n.address for n in topo.nodes] == ["127.0.0.1:50060", "127.0.0.1:50061", "127.0.0.1:50062"]
     assert topo.security.token is not None and topo.security.token.key == "token_env"
     assert all(link.codec.codec == "int8" and link.profile_name == "6g" for link in topo.links)
     assert topo.stage_assignment(30)[-1] == ("phone", StageSpec(30, 30, head=True))

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from edgellm.errors import ConfigError
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import HEAD_PLACEMENTS, parse_cuts
 from edgellm.serve.generate import DTYPES, LocalSplitConfig, PromptConfig, generate_text, load_split
@@ -63,9 +64,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingConfig:
+    """The decoding flags as a config. Raises ConfigError on a contradiction or a bad value."""
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     if args.greedy and sampled:
-        raise argparse.ArgumentTypeError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+        raise ConfigError("--greedy cannot be combined with --temperature/--top-k/--top-p")
     return SamplingConfig(
         greedy=not sampled,
         temperature=1.0 if args.temperature is None else args.temperature,
@@ -76,11 +78,7 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        sampling = sampling_from(args)
-    except argparse.ArgumentTypeError as exc:
-        print(f"edgellm generate: error: {exc}", file=sys.stderr)
-        return 2
+    sampling = sampling_from(args)
     split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads)
     options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
     loaded = load_split(split)

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from edgellm import __version__
-from edgellm.cli import generate, models, node, run
+from edgellm.cli import demo, generate, models, node, run
 from edgellm.errors import EdgellmError
 
-SUBCOMMANDS = [generate, run, node, models]
+SUBCOMMANDS = [demo, generate, run, node, models]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgellmError as exc:
         if debug:
             raise
-        print(f"edgellm: error: {exc}", file=sys.stderr)
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
+        print(f"edgellm: error: {detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgellm: interrupted", file=sys.stderr)

@@ -79,7 +79,7 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
     limits = SessionLimits(topology.limits.max_sessions, topology.limits.idle_timeout_s)
     info = {"model": topology.model.name, "mode": topology.mode, "dtype": topology.model.dtype}
     if node.role == "device":
-        hops = _device_hops(topology, name, stages, limits)
+        hops = device_hops(topology, name, stages, limits)
         tokenizer = load_tokenizer(model_dir)
         engine = DeviceEngine(name, tokenizer, config, hops, layout, {**info, "cuts": list(topology.model.cuts),
                                                                        "head": topology.model.head})
@@ -94,15 +94,17 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
     return BuiltNode(name, node.address, StageServer(name, host, downstream, {**info, "role": node.role}), stages)
 
 
-def _device_hops(topology: Topology, name: str, stages: list[Stage], limits: SessionLimits) -> list[Hop]:
-    local = [LocalHop(f"{name}/{stage_name(i, s.spec)}", StageHost(s, limits)) for i, s in enumerate(stages)]
-    first, head = local[0], (local[1] if len(local) > 1 else None)
+def device_hops(topology: Topology, name: str, stages: list[Stage], limits: SessionLimits) -> list[Hop]:
+    """The device's pipeline: its first stage, the servers (one chained hop, or each in turn), its head stage."""
+    local = {s.spec: LocalHop(f"{name}/{stage_name(i, s.spec)}", StageHost(s, limits)) for i, s in enumerate(stages)}
+    first = [hop for spec, hop in local.items() if spec.embed]  # none when the servers run the whole model
+    head = [hop for spec, hop in local.items() if spec.head and not spec.embed]
     servers = [n.name for n in topology.servers]
     if topology.mode == "chain":
         remote: list[Hop] = [remote_hop(topology, name, servers[0], route=tuple(servers[1:]))]
     else:
         remote = [remote_hop(topology, name, s, route=(), seed=i) for i, s in enumerate(servers)]
-    return [first, *remote, *([head] if head is not None else [])]
+    return [*first, *remote, *head]
 
 
 def _check_memory(topology: Topology, name: str, stages: list[Stage]) -> None:

@@ -9,6 +9,7 @@ Cross-references between specs (route, links, cuts vs route) are checked by
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d+)")
 
 
-def parse_address(text: str, allow_any_port: bool = False) -> tuple[str, int]:
+def parse_address(text: str) -> tuple[str, int]:
     """`"127.0.0.1:50061"` -> `("127.0.0.1", 50061)`; IPv6 is bracketed: `"[::1]:50061"` -> `("::1", 50061)`.
 
     Raises:
-        ConfigError: not `host:port`, or the port is outside 1..65535 (0..65535 with `allow_any_port`).
+        ConfigError: not `host:port`, or the port is outside 1..65535.
     """
     match = _HOST_PORT.fullmatch(text)
     if match is None:
@@ -46,9 +47,9 @@ def parse_address(text: str, allow_any_port: bool = False) -> tuple[str, int]:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ConfigError(f"{host!r} in {text!r} is not an IPv6 address") from None
-    port, low = int(match["port"]), 0 if allow_any_port else 1
-    if not low <= port <= 65535:
-        raise ConfigError(f"port {port} is out of range {low}..65535")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range 1..65535")
     return host, port
 
 
@@ -64,7 +65,11 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The model and how it is split: `cuts[i]` is the first layer of `route[i + 1]`."""
+    """The model and how it is split: `cuts[i]` is the first layer of `route[i + 1]`.
+
+    A first cut of 0 gives the device no layers: `route[1]` starts at layer 0 and holds the embedding, so
+    token ids cross the first link (a thin client, e.g. a cloud-only baseline).
+    """
 
     name: str
     cuts: tuple[int, ...]
@@ -80,23 +85,24 @@ class ModelSpec:
             raise ConfigError(
                 f"head: unknown head placement {self.head!r}; choose from {sorted(HEAD_PLACEMENTS)}"
             )
-        if any(c < 1 for c in self.cuts):
-            raise ConfigError(f"cuts: layer indices must be >= 1, got {list(self.cuts)}")
+        if any(c < 0 for c in self.cuts):
+            raise ConfigError(f"cuts: layer indices must be >= 0, got {list(self.cuts)}")
         if any(b <= a for a, b in zip(self.cuts, self.cuts[1:])):
             raise ConfigError(f"cuts: must be strictly increasing, got {list(self.cuts)}")
 
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One process of the deployment. Servers listen on `address`; the device never listens.
+    """One process of the deployment (`edgellm node --name NAME`), listening on `address`.
 
     Attributes:
         name: unique; letters, digits, `_.-`. The `--name` of `edgellm node`.
         role: one of `ROLES`.
-        address: `host:port` a server listens on and the others dial; optional for the device, which never
-            listens (there it is informational only, and port 0 is allowed).
+        address: `host:port` the node listens on. Servers (edge/cloud) need one: the device and upstream
+            servers dial it. Optional for the device, where it is what clients (`edgellm run`) dial.
         threads: torch intra-op threads for this node's stages.
-        memory_mb: memory the node may use for weights and KV caches, or None for no limit.
+        memory_mb: the node's memory budget in MB (10^6 bytes): its stage weights must fit in it, or the node
+            refuses to start. None for no limit.
     """
 
     name: str
@@ -114,7 +120,7 @@ class NodeSpec:
             raise ConfigError(f"address: a {self.role} node needs a host:port to listen on")
         if self.address is not None:
             try:
-                parse_address(self.address, allow_any_port=not self.is_server)
+                parse_address(self.address)
             except ConfigError as exc:
                 raise ConfigError(f"address: {exc}") from None
         if self.threads < 1:
@@ -129,7 +135,7 @@ class NodeSpec:
     @property
     def host_port(self) -> tuple[str, int] | None:
         """`(host, port)` of `address` (IPv6 unbracketed), or None when there is none."""
-        return None if self.address is None else parse_address(self.address, allow_any_port=True)
+        return None if self.address is None else parse_address(self.address)
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,27 @@ class TokenSource:
         """The TOML key this source is written as."""
         return next(k for k, v in TOKEN_KEYS.items() if v == self.kind)
 
+    def read(self) -> str:
+        """The secret, read now from the env var or file (surrounding whitespace stripped).
+
+        Raises:
+            ConfigError: "<key>: <problem>": the env var is unset or empty, the file unreadable or empty.
+        """
+        if self.kind == "inline":
+            return self.value
+        if self.kind == "env":
+            secret = os.environ.get(self.value, "").strip()
+            if not secret:
+                raise ConfigError(f"{self.key}: environment variable {self.value} is not set or empty")
+            return secret
+        try:
+            secret = Path(self.value).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{self.key}: cannot read {self.value}: {exc.strerror or exc}") from None
+        if not secret:
+            raise ConfigError(f"{self.key}: {self.value} is empty")
+        return secret
+
 
 @dataclass(frozen=True)
 class TLSSpec:
@@ -202,6 +229,12 @@ class TLSSpec:
     def __post_init__(self) -> None:
         if self.client_auth and self.ca is None:
             raise ConfigError("ca: client_auth = true needs a CA bundle to verify clients with")
+
+    def check_files(self) -> None:
+        """Raises ConfigError ("<cert|key|ca>: file ... not found") for the first file that does not exist."""
+        for key, path in (("cert", self.cert), ("key", self.key), ("ca", self.ca)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{key}: file {str(path)!r} not found")
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,16 @@ errors, so a typo is never silently ignored.
 
 Invariants of a `Topology` (checked on construction):
 - node names are unique; every node is on `route`, once; `route[0]` is the only device;
-- servers (edge/cloud) listen on distinct `host:port` addresses;
-- `len(model.cuts) == len(route) - 1`: node `route[i]` runs the layers from cut i-1 up to cut i;
+- servers (edge/cloud) have an address; all addresses are distinct `host:port`s;
+- `len(model.cuts) == len(route) - 1`: `route[i]` runs layers `[cuts[i-1], cuts[i])` (none if that is empty);
 - the links are exactly those the mode uses: chain needs `route[i] <-> route[i+1]` for every i, star needs
   `route[0] <-> s` for every server s; a link the mode does not use is an error (its "up" would be undefined);
-- without a shared secret, every server must listen on a loopback address.
+- without a shared secret, every node must listen on a loopback address.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from typing import Any, NoReturn
 
 from edgellm.deploy.document import Table, render_toml
 from edgellm.deploy.specs import (
-    ROLES,
     TOKEN_KEYS,
     Limits,
     LinkSpec,
@@ -37,30 +35,11 @@ from edgellm.deploy.specs import (
     TLSSpec,
     TokenSource,
     is_loopback,
-    parse_address,
 )
 from edgellm.errors import ConfigError
 from edgellm.model.stage import StageSpec, stage_specs
 from edgellm.net.codec import parse_codec
 from edgellm.net.link import profile
-
-__all__ = [
-    "MODES",
-    "ROLES",
-    "Limits",
-    "LinkSpec",
-    "ModelSpec",
-    "NodeSpec",
-    "Security",
-    "TLSSpec",
-    "TokenSource",
-    "Topology",
-    "load_topology",
-    "parse_address",
-    "parse_topology",
-    "topology_toml",
-    "write_topology",
-]
 
 MODES = {
     "chain": "in-network: the device calls route[1], each server forwards to the next; replies retrace it",
@@ -79,7 +58,14 @@ LINK_KEYS = {"between", "profile", "codec", *LINK_NUMBERS}
 
 @dataclass(frozen=True)
 class Topology:
-    """A validated deployment. `source` (the file name) prefixes every error it raises."""
+    """A validated deployment (invariants in the module docstring). Build it with `parse_topology`.
+
+    Attributes:
+        model: the model and its cuts. nodes, links: every node and link, in file order.
+        route: node names, the device first, then the servers in the order the hidden states visit them.
+        mode: one of `MODES`. security: secret source and TLS files. limits: deadline and session limits.
+        source: the file name; it prefixes every error this topology raises.
+    """
 
     model: ModelSpec
     nodes: tuple[NodeSpec, ...]
@@ -98,12 +84,12 @@ class Topology:
             self._fail(
                 "model.cuts",
                 f"{len(self.model.cuts)} cut(s) for a route of {len(self.route)} nodes; "
-                f"need {len(self.route) - 1} (one per hop)",
+                f"need {len(self.route) - 1} (one per hop; a first cut of 0 gives the device no layers)",
             )
         if self.security.token is None:
             for i, node in enumerate(self.nodes):
                 host_port = node.host_port
-                if node.is_server and host_port is not None and not is_loopback(host_port[0]):
+                if host_port is not None and not is_loopback(host_port[0]):
                     self._fail(
                         f"nodes[{i}].address",
                         f"{node.address} is not a loopback address, so the deployment needs a shared secret: "
@@ -122,7 +108,7 @@ class Topology:
                     f"nodes[{i}].name", f"duplicate node {node.name!r} (also nodes[{seen[node.name]}])"
                 )
             seen[node.name] = i
-            if node.is_server and node.address is not None:
+            if node.address is not None:
                 if node.address in listening:
                     self._fail(
                         f"nodes[{i}].address", f"{node.address} is also nodes[{listening[node.address]}]'s"
@@ -224,18 +210,27 @@ class Topology:
     def stage_assignment(self, num_layers: int) -> list[tuple[str, StageSpec]]:
         """The stages in execution order, each with the node that runs it.
 
-        `route[i]` runs layers `[cuts[i-1], cuts[i])` (the device from 0, with the embedding; the last server
-        up to `num_layers`). With `model.head = "device"` a final head-only stage goes to the device, else the
-        last server's stage holds the head.
+        `route[i]` runs layers `[cuts[i-1], cuts[i])`: the device from layer 0, with the embedding, unless the
+        first cut is 0 (then the device runs no layers and `route[1]` embeds); the last server up to
+        `num_layers`. With `model.head = "device"` a final head-only stage goes to the device, else the last
+        server's stage holds the head.
 
         Raises:
             ConfigError: at `model.cuts`, when the cuts do not fit `num_layers`.
         """
+        thin = self.model.cuts[0] == 0
+        cuts, owners = (
+            (self.model.cuts[1:], list(self.route[1:])) if thin else (self.model.cuts, list(self.route))
+        )
         try:
-            specs = stage_specs(num_layers, self.model.cuts, head=self.model.head)  # type: ignore[arg-type]
+            specs = stage_specs(num_layers, cuts, head="server")
         except ConfigError as exc:
             raise ConfigError(f"{self.source}: model.cuts: {exc}") from None
-        owners = list(self.route) + ([self.route[0]] if self.model.head == "device" else [])
+        if self.model.head == "device":  # as stage_specs(head="device") does, but also when `cuts` is empty
+            last = specs[-1]
+            specs[-1] = StageSpec(last.start, last.end, embed=last.embed)
+            specs.append(StageSpec(num_layers, num_layers, head=True))
+            owners.append(self.route[0])
         return list(zip(owners, specs, strict=True))
 
     def stages_for(self, name: str, num_layers: int) -> list[StageSpec]:
@@ -244,29 +239,16 @@ class Topology:
         return [spec for owner, spec in self.stage_assignment(num_layers) if owner == name]
 
     def resolve_token(self) -> str | None:
-        """The shared secret, read from its env var or file now; None when none is configured.
+        """The shared secret, read now from its env var or file; None when none is configured.
 
         Raises:
             ConfigError: the env var is unset or empty, or the file is missing, unreadable or empty.
         """
         token = self.security.token
-        if token is None:
-            return None
-        where = f"{self.source}: deployment.{token.key}"
-        if token.kind == "inline":
-            return token.value
-        if token.kind == "env":
-            secret = os.environ.get(token.value, "").strip()
-            if not secret:
-                raise ConfigError(f"{where}: environment variable {token.value} is not set or empty")
-            return secret
         try:
-            secret = Path(token.value).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read {token.value}: {exc.strerror or exc}") from None
-        if not secret:
-            raise ConfigError(f"{where}: {token.value} is empty")
-        return secret
+            return None if token is None else token.read()
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: deployment.{exc}") from None
 
     def check_files(self) -> None:
         """Check that the TLS files exist; the one check that needs the filesystem (`load_topology` runs it).
@@ -274,12 +256,11 @@ class Topology:
         Raises:
             ConfigError: at `deployment.tls.<cert|key|ca>`, naming the missing file.
         """
-        tls = self.security.tls
-        if tls is None:
-            return
-        for key, path in (("cert", tls.cert), ("key", tls.key), ("ca", tls.ca)):
-            if path is not None and not path.is_file():
-                raise ConfigError(f"{self.source}: deployment.tls.{key}: file {str(path)!r} not found")
+        try:
+            if self.security.tls is not None:
+                self.security.tls.check_files()
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: deployment.tls.{exc}") from None
 
 
 def _parse_model(t: Table) -> ModelSpec:
@@ -318,7 +299,7 @@ def _parse_link(t: Table) -> LinkSpec:
 
 
 def _path(t: Table, key: str, base_dir: Path | None) -> Path:
-    """A required, non-empty path field, made relative to `base_dir` (the TOML file's directory) if relative."""
+    """A required, non-empty path field; a relative path is taken relative to `base_dir` (the TOML's dir)."""
     text = t.string(key)
     if not text:
         raise t.error(key, "must not be empty")

@@ -115,19 +115,32 @@ class DeviceEngine:
         assert result is not None
         new_tokens = result.new_tokens[0]
         remote = node_compute(pipeline.traces)
-        local_ms = sum(s.compute_ms for hop, s in zip(self.hops, pipeline.stats) if hop.name.startswith(self.name))
+        local = [s for hop, s in zip(self.hops, pipeline.stats) if hop.name.startswith(f"{self.name}/")]
+        per_token = [s.decode_compute_ms_per_call for s in local]
+        remote[self.name] = (
+            sum(s.compute_ms for s in local),
+            sum(p for p in per_token if p is not None) if any(p is not None for p in per_token) else None,
+        )
         nodes = []
         for node, specs in self._by_node().items():
-            layers = [min(s.start for s in specs), max(s.end for s in specs)]
-            compute = local_ms if node == self.name else remote.get(node, 0.0)
-            nodes.append({"name": node, "layers": layers, "compute_ms": round(compute, 3)})
+            blocks = [s for s in specs if s.num_layers] or specs
+            total, per_step = remote.get(node, (0.0, None))
+            nodes.append(
+                {
+                    "name": node,
+                    "layers": [min(s.start for s in blocks), max(s.end for s in blocks)],
+                    "head": any(s.head for s in specs),
+                    "compute_ms": round(total, 3),
+                    "compute_ms_per_token": None if per_step is None else round(per_step, 3),
+                }
+            )
         return {
             **self._info,
             "prompt_tokens": prompt_ids,
             "new_tokens": new_tokens,
             "text": self.tokenizer.decode(new_tokens, skip_special_tokens=True),
             "nodes": nodes,
-            "links": link_report(pipeline.traces, max(result.steps - 1, 0)),
+            "links": link_report(pipeline.traces),
             "stages": [
                 {"node": node, "layers": [spec.start, spec.end], "embed": spec.embed, "head": spec.head}
                 for node, spec in self.layout

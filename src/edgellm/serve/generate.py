@@ -62,8 +62,8 @@ def load_split(config: LocalSplitConfig) -> LoadedSplit:
     model_config = load_config(model_dir)
     arch_for(model_config)  # refuse an unsupported architecture before anything else
     specs = stage_specs(int(model_config.num_hidden_layers), config.cuts, config.head)
+    tokenizer = load_tokenizer(model_dir)  # before the weights: a missing tokenizer should fail in seconds
     stages = load_stages(model_dir, specs, DTYPES[config.dtype])
-    tokenizer = load_tokenizer(model_dir)
     return LoadedSplit(config, model_config, tokenizer, stages, time.perf_counter() - start)
 
 
@@ -74,6 +74,10 @@ class PromptConfig:
     chat: bool = False
     max_new_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:  # checked here too, so the CLI refuses it before loading the model
+            raise ConfigError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def generate_text(

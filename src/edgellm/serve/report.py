@@ -24,7 +24,7 @@ def weight_bytes(stage: Stage) -> int:
     return total
 
 
-def link_report(traces: Sequence[HopTrace], decode_steps: int) -> list[dict[str, Any]]:
+def link_report(traces: Sequence[HopTrace]) -> list[dict[str, Any]]:
     """Per link: total bytes and wire time, and per decoded token (calls after each link's first, the prefill).
 
     `traces` are in call order; each link's first call in a session is the prompt (prefill).
@@ -35,6 +35,8 @@ def link_report(traces: Sequence[HopTrace], decode_steps: int) -> list[dict[str,
     out = []
     for link, calls in by_link.items():
         sender, receiver = link.split("->", 1)
+        up = [c.bytes_up for c in calls[1:]]
+        down = [c.bytes_down for c in calls[1:]]
         decode = calls[1:]
         n = max(len(decode), 1)
         out.append(
@@ -46,18 +48,20 @@ def link_report(traces: Sequence[HopTrace], decode_steps: int) -> list[dict[str,
                 "wire_ms": round(sum(c.wire_ms for c in calls), 3),
                 "prefill_bytes": calls[0].bytes_up + calls[0].bytes_down,
                 "bytes_per_token": round(sum(c.bytes_up + c.bytes_down for c in decode) / n, 1) if decode else None,
+                "bytes_up_per_token": round(sum(up) / n, 1) if decode else None,
+                "bytes_down_per_token": round(sum(down) / n, 1) if decode else None,
                 "wire_ms_per_token": round(sum(c.wire_ms for c in decode) / n, 3) if decode else None,
             }
         )
     return out
 
 
-def node_compute(traces: Sequence[HopTrace]) -> dict[str, float]:
-    """Total stage compute per remote node."""
-    totals: dict[str, float] = defaultdict(float)
+def node_compute(traces: Sequence[HopTrace]) -> dict[str, tuple[float, float | None]]:
+    """Per remote node: (total stage compute, mean compute per decode step), from call-ordered traces."""
+    calls: dict[str, list[float]] = defaultdict(list)
     for t in traces:
-        totals[t.node] += t.compute_ms
-    return dict(totals)
+        calls[t.node].append(t.compute_ms)
+    return {node: (sum(ms), sum(ms[1:]) / (len(ms) - 1) if len(ms) > 1 else None) for node, ms in calls.items()}
 
 
 def stage_report(stages: Sequence[Stage], stats: Sequence[HopStats], nodes: Sequence[str] | None = None) -> list[dict]:
@@ -70,6 +74,7 @@ def stage_report(stages: Sequence[Stage], stats: Sequence[HopStats], nodes: Sequ
             "embed": stage.spec.embed,
             "head": stage.spec.head,
             "compute_ms": round(s.compute_ms, 3),
+            "compute_ms_per_token": _round(s.decode_compute_ms_per_call),
             "calls": s.calls,
             "weight_bytes": weight_bytes(stage),
         }
@@ -77,6 +82,10 @@ def stage_report(stages: Sequence[Stage], stats: Sequence[HopStats], nodes: Sequ
             row["node"] = nodes[i]
         rows.append(row)
     return rows
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def timing_report(result: GenerationResult) -> dict[str, Any]:

@@ -30,6 +30,14 @@ class HopStats:
     calls: int = 0
     compute_ms: float = 0.0
     call_ms: float = 0.0
+    first_compute_ms: float = 0.0  # the first call of a session is the prompt (prefill)
+
+    @property
+    def decode_compute_ms_per_call(self) -> float | None:
+        """Mean compute of the calls after the first (one decode step each), or None if there were none."""
+        if self.calls < 2:
+            return None
+        return (self.compute_ms - self.first_compute_ms) / (self.calls - 1)
 
     @property
     def overhead_ms(self) -> float:
@@ -68,6 +76,8 @@ class Pipeline:
             reply = hop.forward(request)
             stats.call_ms += (time.perf_counter() - start) * 1e3
             stats.compute_ms += reply.compute_ms
+            if stats.calls == 0:
+                stats.first_compute_ms = reply.compute_ms
             stats.calls += 1
             self.traces.extend(reply.trace)
             data = reply.output

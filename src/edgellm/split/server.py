@@ -58,14 +58,15 @@ class StageServer:
             raise WireError(f"Forward takes a forward message, got {type(request).__name__}")
         reply_codec = parse_codec(request.reply_codec)
         check_request(request, self.host.stage)
+        next_hop = self._next(request.route[0]) if request.route else None  # refuse a bad route before computing
         local = self.host.forward(request)
         output, is_logits, trace = local.output, self.host.stage.spec.head, ()
-        if request.route:
+        if next_hop is not None:
             ahead = ForwardRequest(
                 request.session, local.output, request.positions, request.token_mask,
                 request.new_session, request.last_only, route=request.route[1:],
             )  # fmt: skip
-            down = self._next(request.route[0]).forward(ahead)
+            down = next_hop.forward(ahead)
             output, is_logits, trace = down.output, down.is_logits, down.trace
         # Logits decide the tokens: never send them through a lossy codec.
         codec = CodecSpec("none", reply_codec.compression) if is_logits else reply_codec

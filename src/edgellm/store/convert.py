@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from edgellm.errors import ModelError
 
@@ -51,21 +52,10 @@ def convert_gguf(gguf_path: Path, dest: Path, provenance: dict[str, str]) -> Pat
         ModelError: the file is missing, not a GGUF, or transformers cannot read it.
     """
     check_gguf(gguf_path)
-    # Imported here: transformers takes seconds to import and most commands never convert.
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s (one-off; later loads read the cached copy)", gguf_path)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".convert-") as tmp:
+        tokenizer, model = _load_gguf(gguf_path, Path(tmp) / "source")
         work = Path(tmp) / "model"
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
-        except Exception as exc:  # transformers raises many types for a bad file; all mean the same to a user
-            raise ModelError(f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {exc}") from exc
         # The weights are dequantized to fp32 on load; drop the GGUF quantization marker so they can be saved.
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
@@ -78,3 +68,32 @@ def convert_gguf(gguf_path: Path, dest: Path, provenance: dict[str, str]) -> Pat
             shutil.rmtree(dest)
         os.replace(work, dest)
     return dest
+
+
+def _load_gguf(gguf_path: Path, staging: Path) -> tuple[Any, Any]:
+    """transformers' tokenizer and fp32 model from a GGUF file; ModelError, in one line, if it cannot read it.
+
+    transformers also reads tokenizer files lying next to the GGUF, and those silently replace the GGUF's own
+    tokenizer settings (end-of-sequence token, chat template); so the file is read from `staging`, a new
+    directory holding nothing but a link to it.
+    """
+    # Imported here: transformers takes seconds to import and most commands never convert.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging.mkdir()
+    alone = staging / gguf_path.name
+    try:
+        alone.symlink_to(gguf_path.resolve())
+    except OSError:  # a filesystem without symlinks
+        shutil.copyfile(gguf_path, alone)
+    try:
+        # The tokenizer is read first and checks every tensor's extent in the file, so a corrupt or truncated
+        # file fails here, within seconds, before the long conversion is announced.
+        tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=alone.name)
+        log.info("converting %s (one-off; later loads read the cached copy)", gguf_path)
+        model = AutoModelForCausalLM.from_pretrained(staging, gguf_file=alone.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a bad file; all mean the same to a user
+        detail = (str(exc).strip().splitlines() or [""])[0]  # one line: some of them span many
+        raise ModelError(f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {detail}") from exc
+    return tokenizer, model

@@ -11,6 +11,8 @@ import torch
 
 from edgellm.errors import ModelError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 class SafetensorsSource:
     """Named tensors of a model directory's safetensors file(s), read one at a time on demand.
@@ -74,4 +76,7 @@ def load_tokenizer(model_dir: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot read the tokenizer of {model_dir}: {exc}") from exc
+        if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})") from exc
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelError(f"cannot read the tokenizer of {model_dir}: {detail}") from exc

@@ -1,0 +1,95 @@
+"""`edgellm demo`: the main job. A device and edge nodes as processes on loopback, against two baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgellm.cli.generate import add_sampling_arguments, sampling_from
+from edgellm.deploy.chart import breakdown_chart
+from edgellm.deploy.demo import DEFAULT_PROMPT, DemoConfig, run_demo
+from edgellm.errors import ConfigError
+from edgellm.net.link import PROFILES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="split inference across local processes, compared with device-only and cloud",
+        description="Start a device and --hops edge nodes as separate processes on loopback, connected over "
+        "gRPC through emulated --profile links; stream a chat answer from the default model; then run the same "
+        "prompt with all layers on the device and with all layers on a cloud node over the wan profile. Prints "
+        "a per-token latency breakdown and bytes per link, writes it as a PNG chart, and stops every process it "
+        "started (also on Ctrl-C).",
+    )
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, metavar="PROMPT",
+                        help="the question (default: a built-in one); the chat template is always applied")  # fmt: skip
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="6g", help="link profile (default: 6g)")
+    parser.add_argument("--hops", type=int, default=2, help="number of edge nodes in the chain (default: 2)")
+    parser.add_argument("--codec", default="fp16",
+                        help="smashed-data codec: none|fp16|bf16|int8, optionally +zstd or +lz4 (default: fp16)")  # fmt: skip
+    parser.add_argument("--head", choices=["device", "server"], default="device",
+                        help="where the final norm + LM head run (default: device)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="stop after N tokens (default: 48)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per node (default: 2)")
+    parser.add_argument("--chart", type=Path, default=Path("edgellm-demo.png"),
+                        help="where to write the latency chart (default: ./edgellm-demo.png)")  # fmt: skip
+    add_sampling_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text and tables")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sampling = sampling_from(args)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = DemoConfig(args.prompt, args.profile, args.hops, args.codec, args.head, args.max_new_tokens, sampling,
+                     threads=args.threads)  # fmt: skip
+    # SIGTERM unwinds like Ctrl-C, so the nodes started below are stopped either way.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    quiet = args.json
+    if not quiet:
+        print(f"Q: {cfg.prompt}\n")
+    report = run_demo(
+        cfg,
+        on_text=None if quiet else _echo,
+        on_phase=None if quiet else (lambda text: print(f"[{text}]", file=sys.stderr, flush=True)),
+    )
+    title = f"{cfg.hops}-hop split over {cfg.profile} ({cfg.codec}, head on {cfg.head}) vs device only vs cloud (wan)"
+    report["chart"] = str(breakdown_chart(report["breakdown"], args.chart, title))
+    if quiet:
+        print(json.dumps(report))
+    else:
+        print()
+        print_breakdown(report)
+    return 0
+
+
+def _echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def print_breakdown(report: dict[str, Any]) -> None:
+    rows = [("split", report), ("device_only", report["baselines"]["device_only"]), ("cloud", report["baselines"]["cloud"])]
+    print(f"\n{'scenario':<12} {'TTFT ms':>8} {'tok/s':>7} {'ms/token':>9}   breakdown per decoded token")
+    for name, r in rows:
+        parts = report["breakdown"][name]
+        detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "total")
+        print(f"{name:<12} {r['ttft_ms']:>8.0f} {r['decode_tok_per_s']:>7.1f} {parts['total']:>9.1f}   {detail}")
+    print(f"\n{'link':<18} {'B/token up':>11} {'B/token down':>13} {'wire ms/token':>14}")
+    for name, r in rows:
+        for link in r.get("links", []):
+            up, down, wire = link.get("bytes_up_per_token"), link.get("bytes_down_per_token"), link.get("wire_ms_per_token")
+            label = f"{link['from']}->{link['to']}"
+            print(f"{label:<18} {_num(up):>11} {_num(down):>13} {_num(wire, 2):>14}   ({name})")
+    print(f"\nchart: {report['chart']}")
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,112 @@
+"""Start the nodes of a deployment as local processes, wait until they serve, and always stop them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from edgellm.deploy.node import channel_config
+from edgellm.deploy.topology import Topology
+from edgellm.errors import EdgellmError
+from edgellm.net.rpc import NodeUnreachable, RemoteHop
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(EdgellmError):
+    """A node process exited or never became ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalDeployment:
+    """The nodes of `topology` (from the file `path`) as child processes of this one.
+
+    Use as a context manager: on exit, also through Ctrl-C or an error, every process started is terminated
+    (SIGTERM, then SIGKILL after a grace period). Each node's stderr goes to `<log_dir>/<name>.log`.
+    """
+
+    def __init__(self, topology: Topology, path: Path, log_dir: Path, names: Sequence[str] | None = None) -> None:
+        self.topology = topology
+        self.path = path
+        self.log_dir = log_dir
+        self.names = list(names) if names is not None else list(topology.route)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        """Start every node, then wait until each answers `Info`."""
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle stages must not spin on the cores the busy one needs
+        for name in self.names:
+            log_file = open(self.log_dir / f"{name}.log", "wb")
+            cmd = [sys.executable, "-m", "edgellm", "node", "--topology", str(self.path), "--name", name]
+            self.processes[name] = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=log_file, stdin=subprocess.DEVNULL, env=env
+            )
+            log_file.close()
+        deadline = time.monotonic() + timeout_s
+        for name in self.names:
+            self._wait_ready(name, deadline)
+
+    def _wait_ready(self, name: str, deadline: float) -> None:
+        node = self.topology.node(name)
+        assert node.address is not None
+        hop = RemoteHop(name, node.address, channel_config(self.topology))
+        try:
+            while True:
+                code = self.processes[name].poll()
+                if code is not None:
+                    raise LaunchError(f"node {name} exited with code {code} before serving: {self.log_tail(name)}")
+                try:
+                    hop.info(timeout_s=1.0)
+                    return
+                except NodeUnreachable:
+                    if time.monotonic() > deadline:
+                        raise LaunchError(f"node {name} at {node.address} was not ready in time: {self.log_tail(name)}")
+                    time.sleep(0.2)
+        finally:
+            hop.shutdown()
+
+    def log_tail(self, name: str, lines: int = 3) -> str:
+        path = self.log_dir / f"{name}.log"
+        text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+        return " | ".join(text[-lines:]) or "(no output)"
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Terminate every started process; kill those that do not exit within `grace_s`."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, proc in self.processes.items():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("node %s did not stop in %.0f s; killing it", name, grace_s)
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
