@@ -5,7 +5,6 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
 
 .PHONY: setup model demo test bench lint clean
 
@@ -21,7 +20,7 @@ model: setup
 	$(BIN)/edgellm models pull
 
 demo: model
-	$(BIN)/edgellm generate --chat --cuts 10,20 --head device --max-new-tokens 48 "$(DEMO_PROMPT)"
+	$(BIN)/edgellm demo
 
 test: model
 	$(BIN)/pytest -q

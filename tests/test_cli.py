@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import reference_model
+from edgellm.cli.main import main
 from edgellm.store import DEFAULT_MODEL
 
 TIMEOUT_S = 120
@@ -32,7 +33,7 @@ def edgellm(args: list[str], home: Path) -> subprocess.CompletedProcess:
 
 
 def run_all(commands: dict[str, list[str]], home: Path) -> dict[str, subprocess.CompletedProcess]:
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(edgellm, args, home) for name, args in commands.items()}
         return {name: f.result() for name, f in futures.items()}
 
@@ -64,8 +65,6 @@ BAD_INPUT = {
         ["--model", "{tiny}", "--greedy", "--temperature", "0.5"],
         "--greedy cannot be combined with --temperature",
     ),
-    "top-p-too-big": (["--model", "{tiny}", "--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
-    "max-new-tokens-zero": (["--model", "{tiny}", "--max-new-tokens", "0"], "max new tokens must be >= 1, got 0"),
 }
 
 
@@ -101,6 +100,27 @@ def test_bad_input_is_one_line_and_exit_2(bad_input_runs, case):
     assert proc.stdout == ""
     models = home / "models"
     assert not models.exists() or list(models.iterdir()) == []  # nothing half-written in the cache
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
+        (["--top-k", "-1"], "top-k must be >= 0 (0 = off), got -1"),
+        (["--max-new-tokens", "0"], "max new tokens must be >= 1, got 0"),
+        (["--threads", "0"], "threads must be >= 1, got 0"),
+        ([], "has no tokenizer (none of tokenizer.json, "),  # the tiny model is saved without one
+    ],
+)
+def test_more_bad_input_in_process(tiny_llama_dir, tmp_path, monkeypatch, capsys, args, expected):
+    """The same contract through `main()` directly, for cases that need no separate process."""
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))
+    code = main(["generate", "hello", "--model", str(tiny_llama_dir), *args])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgellm: error: ") and expected in lines[0], captured.err
+    assert captured.out == ""
 
 
 def test_help_and_models_list(tmp_path):

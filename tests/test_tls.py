@@ -1,0 +1,76 @@
+"""TLS and mutual TLS on the gRPC transport, with certificates made by openssl for 127.0.0.1."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgellm.deploy.launch import free_port
+from edgellm.model.stage import stage_specs
+from edgellm.net.messages import ForwardRequest
+from edgellm.net.rpc import ChannelConfig, NodeUnreachable, RemoteHop, TlsFiles, serve
+from edgellm.split.host import StageHost
+from edgellm.split.local import load_stages
+from edgellm.split.server import StageServer
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=edgellm-test-ca", cwd=d)  # fmt: skip
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.cnf", cwd=d)  # fmt: skip
+    return d
+
+
+def start(certs: Path, model_dir: Path, client_auth: bool):
+    (stage,) = load_stages(model_dir, [stage_specs(4, [2], "device")[1]])
+    tls = TlsFiles(cert=certs / "server.pem", key=certs / "server.key", ca=certs / "ca.pem", client_auth=client_auth)
+    address = f"127.0.0.1:{free_port()}"
+    server, _ = serve(StageServer("edge1", StageHost(stage)), address, ChannelConfig(token="t", tls=tls))
+    return server, address
+
+
+def call(address: str, tls: TlsFiles | None) -> torch.Tensor:
+    hop = RemoteHop("edge1", address, ChannelConfig(token="t", deadline_s=5, tls=tls))
+    try:
+        req = ForwardRequest("s", torch.randn(1, 2, 32), torch.tensor([[0, 1]]), new_session=True)
+        return hop.forward(req).output
+    finally:
+        hop.shutdown()
+
+
+def test_tls_server_serves_clients_that_trust_its_ca_and_refuses_plaintext(certs, tiny_llama_dir):
+    server, address = start(certs, tiny_llama_dir, client_auth=False)
+    try:
+        assert call(address, TlsFiles(ca=certs / "ca.pem")).shape == (1, 2, 32)
+        with pytest.raises(NodeUnreachable):
+            call(address, None)
+    finally:
+        server.stop(0)
+
+
+def test_mutual_tls_requires_a_client_certificate(certs, tiny_llama_dir):
+    server, address = start(certs, tiny_llama_dir, client_auth=True)
+    try:
+        mutual = TlsFiles(cert=certs / "client.pem", key=certs / "client.key", ca=certs / "ca.pem", client_auth=True)
+        assert call(address, mutual).shape == (1, 2, 32)
+        with pytest.raises(NodeUnreachable):
+            call(address, TlsFiles(ca=certs / "ca.pem"))
+    finally:
+        server.stop(0)
