@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _quiet_third_party() -> None:
-    # transformers reads these when it is imported; importing it here instead would cost every command a second.
+    # transformers reads these when it is imported; importing it here would cost every command a second.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

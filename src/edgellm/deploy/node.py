@@ -21,7 +21,7 @@ from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.generate import DTYPES
 from edgellm.serve.report import weight_bytes
 from edgellm.split.host import SessionLimits, StageHost
-from edgellm.split.local import load_stages, stage_name
+from edgellm.split.local import load_stages, stage_label
 from edgellm.split.pipeline import Hop
 from edgellm.split.server import StageServer
 from edgellm.store import resolve_model
@@ -96,7 +96,7 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
 
 def device_hops(topology: Topology, name: str, stages: list[Stage], limits: SessionLimits) -> list[Hop]:
     """The device's pipeline: its first stage, the servers (one chained hop, or each in turn), its head stage."""
-    local = {s.spec: LocalHop(f"{name}/{stage_name(i, s.spec)}", StageHost(s, limits)) for i, s in enumerate(stages)}
+    local = {s.spec: LocalHop(f"{name}/{stage_label(s.spec)}", StageHost(s, limits)) for s in stages}
     first = [hop for spec, hop in local.items() if spec.embed]  # none when the servers run the whole model
     head = [hop for spec, hop in local.items() if spec.head and not spec.embed]
     servers = [n.name for n in topology.servers]

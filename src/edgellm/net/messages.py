@@ -57,6 +57,8 @@ class ForwardRequest:
         last_only: a head stage returns logits of each row's last real token only.
         route: in chain mode, the nodes this request still has to visit after the receiver, in order.
         reply_codec: codec for hidden states in the reply (the link's codec); logits are always lossless.
+        argmax: a head stage replies with each row's most likely next token ([B, 1] int64) instead of logits:
+            greedy decoding then moves 8 bytes per row back instead of the whole distribution.
         version: protocol version of the sender.
     """
 
@@ -68,6 +70,7 @@ class ForwardRequest:
     last_only: bool = False
     route: tuple[str, ...] = ()
     reply_codec: str = "none"
+    argmax: bool = False
     version: int = PROTOCOL_VERSION
 
 
@@ -131,7 +134,8 @@ def encode(message: Any, codec: CodecSpec = CodecSpec()) -> bytes:
     if isinstance(message, ForwardRequest):
         out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _FORWARD)
         _put_str(out, message.session)
-        out.append(int(message.new_session) | int(message.last_only) << 1 | int(message.token_mask is not None) << 2)
+        flags = message.new_session | message.last_only << 1 | (message.token_mask is not None) << 2 | message.argmax << 3
+        out.append(int(flags))
         _put_strs(out, message.route)
         out.append(_codec_byte(parse_codec(message.reply_codec)))
         _put_tensor(out, message.data, codec)
@@ -179,12 +183,14 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     message: Any
     if kind == _FORWARD:
         session, flags, route = r.string("session"), r.byte("flags"), r.strings("route")
-        if flags & ~0b111:
+        if flags & ~0b1111:
             raise WireError(f"unknown flags {flags:#x} in a forward message")
         reply_codec = _codec_from_byte(r.byte("reply_codec"))
         data, positions = r.tensor("data"), r.tensor("positions")
         mask = r.tensor("token_mask") if flags & 0b100 else None
-        message = ForwardRequest(session, data, positions, mask, bool(flags & 1), bool(flags & 2), route, reply_codec)
+        message = ForwardRequest(
+            session, data, positions, mask, bool(flags & 1), bool(flags & 2), route, reply_codec, bool(flags & 8)
+        )
     elif kind == _REPLY:
         flags = r.byte("flags")
         if flags & ~1:

@@ -15,6 +15,7 @@ from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import StageSpec
 from edgellm.serve.report import link_report, node_compute, timing_report
 from edgellm.split.generate import GenerationConfig, Generator
+from edgellm.split.local import stage_label
 from edgellm.split.pipeline import Hop, Pipeline
 
 # Field -> (type, default) of a Generate request.
@@ -141,12 +142,20 @@ class DeviceEngine:
             "text": self.tokenizer.decode(new_tokens, skip_special_tokens=True),
             "nodes": nodes,
             "links": link_report(pipeline.traces),
-            "stages": [
-                {"node": node, "layers": [spec.start, spec.end], "embed": spec.embed, "head": spec.head}
-                for node, spec in self.layout
-            ],
+            "stages": self._stage_rows(pipeline, remote),
             **timing_report(result),
         }
+
+    def _stage_rows(self, pipeline: Pipeline, remote: dict[str, tuple[float, float | None]]) -> list[dict[str, Any]]:
+        """One row per stage of the deployment; a server holds one stage, so its node's compute is the stage's."""
+        local = {hop.name.split("/", 1)[1]: s for hop, s in zip(self.hops, pipeline.stats) if "/" in hop.name}
+        rows = []
+        for node, spec in self.layout:
+            stats = local.get(stage_label(spec)) if node == self.name else None
+            total = stats.compute_ms if stats is not None else remote.get(node, (0.0, None))[0]
+            rows.append({"node": node, "layers": [spec.start, spec.end], "embed": spec.embed, "head": spec.head,
+                         "compute_ms": round(total, 3)})  # fmt: skip
+        return rows
 
     def _by_node(self) -> dict[str, list[StageSpec]]:
         out: dict[str, list[StageSpec]] = {}

@@ -102,14 +102,20 @@ class Generator:
         session = secrets.token_hex(8)  # 64 random bits; short, since it rides every frame
         start = time.perf_counter()
         try:
+            greedy = cfg.sampling.greedy  # then the head stage replies with token ids, not the distribution
             logits = self.pipeline.forward(
-                session, ids, positions_for(mask), None if token_mask is None else mask, new_session=True
+                session, ids, positions_for(mask), None if token_mask is None else mask, True, argmax=greedy
             )
             for index in range(cfg.max_new_tokens):
                 if index > 0:  # feed back the previous step's tokens
-                    logits = self.pipeline.forward(session, tokens.view(batch, 1), next_pos.view(batch, 1), None, False)
+                    logits = self.pipeline.forward(
+                        session, tokens.view(batch, 1), next_pos.view(batch, 1), None, False, argmax=greedy
+                    )
                     next_pos = next_pos + 1
-                tokens = next_tokens(logits[:, -1], cfg.sampling, rng)  # [B]
+                if logits.is_floating_point():
+                    tokens = next_tokens(logits[:, -1], cfg.sampling, rng)  # [B]
+                else:  # the head already chose: [B, 1] ids
+                    tokens = logits[:, -1]
                 if index == 0:
                     result.ttft_ms = (time.perf_counter() - start) * 1e3
                 for row, token in enumerate(tokens.tolist()):

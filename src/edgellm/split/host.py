@@ -77,6 +77,8 @@ class StageHost:
                 output = self.stage(
                     request.data, request.positions, session.cache, request.token_mask, request.last_only
                 )
+                if request.argmax and self.stage.spec.head:
+                    output = output[:, -1:].argmax(dim=-1)  # [B, 1, V] -> [B, 1] token ids
             session.last_used = self._clock()
             return ForwardReply(output=output, compute_ms=(time.perf_counter() - start) * 1e3)
 

@@ -22,10 +22,15 @@ def load_stages(model_dir: Path, specs: Sequence[StageSpec], dtype: torch.dtype 
         return [build_stage(config, spec, tensors, dtype) for spec in specs]
 
 
-def stage_name(index: int, spec: StageSpec) -> str:
-    """`stage0[0:10)+embed`, `stage3[30:30)+head`: a stage's label in tables and logs."""
+def stage_label(spec: StageSpec) -> str:
+    """`[0:10)+embed`, `[30:30)+head`: what a stage holds, for tables and logs."""
     extras = "".join(f"+{part}" for part, on in (("embed", spec.embed), ("head", spec.head)) if on)
-    return f"stage{index}[{spec.start}:{spec.end}){extras}"
+    return f"[{spec.start}:{spec.end}){extras}"
+
+
+def stage_name(index: int, spec: StageSpec) -> str:
+    """`stage0[0:10)+embed`: a stage's label with its position in the pipeline."""
+    return f"stage{index}{stage_label(spec)}"
 
 
 def local_pipeline(stages: Sequence[Stage], limits: SessionLimits = SessionLimits()) -> Pipeline:

@@ -63,15 +63,17 @@ class Pipeline:
         token_mask: torch.Tensor | None,
         new_session: bool,
         last_only: bool = True,
+        argmax: bool = False,
     ) -> torch.Tensor:
-        """Token ids in, logits out.
+        """Token ids in, logits (or, with `argmax`, the most likely next tokens) out.
 
         ids: [B, S] int64, positions: [B, S] int64, token_mask: [B, S] bool | None
-        -> [B, 1, V] float32 logits (each row's last real token) with `last_only`, else [B, S, V]
+        -> [B, 1, V] float32 logits (each row's last real token) with `last_only`, else [B, S, V];
+           with `argmax` (and `last_only`): [B, 1] int64 token ids
         """
         data = ids
         for hop, stats in zip(self.hops, self.stats):
-            request = ForwardRequest(session, data, positions, token_mask, new_session, last_only)
+            request = ForwardRequest(session, data, positions, token_mask, new_session, last_only, argmax=argmax)
             start = time.perf_counter()
             reply = hop.forward(request)
             stats.call_ms += (time.perf_counter() - start) * 1e3

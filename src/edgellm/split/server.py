@@ -60,11 +60,12 @@ class StageServer:
         check_request(request, self.host.stage)
         next_hop = self._next(request.route[0]) if request.route else None  # refuse a bad route before computing
         local = self.host.forward(request)
-        output, is_logits, trace = local.output, self.host.stage.spec.head, ()
+        output, trace = local.output, ()
+        is_logits = self.host.stage.spec.head and local.output.is_floating_point()
         if next_hop is not None:
             ahead = ForwardRequest(
                 request.session, local.output, request.positions, request.token_mask,
-                request.new_session, request.last_only, route=request.route[1:],
+                request.new_session, request.last_only, route=request.route[1:], argmax=request.argmax,
             )  # fmt: skip
             down = next_hop.forward(ahead)
             output, is_logits, trace = down.output, down.is_logits, down.trace
