@@ -1,7 +1,8 @@
 """The `edgellm` command line, run as users run it: in a subprocess, checking exit codes, stdout and stderr.
 
 Bad input must give exit code 2 and exactly one stderr line `edgellm: error: ...` naming the problem, never a
-traceback. The subprocesses of a group run concurrently: each spends seconds importing torch.
+traceback. Each process spends seconds importing torch and transformers, so the bad-input processes run
+concurrently, and cases that share a code path with one of them go through `main()` in this process.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ TIMEOUT_S = 120
 
 
 def edgellm(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EDGELLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    # One thread each: the runs of a group share this machine's cores (spinning OpenMP threads would fight).
+    env = {**os.environ, "EDGELLM_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("EDGELLM_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, env=env, timeout=TIMEOUT_S
@@ -51,25 +53,20 @@ def unsupported_model(directory: Path) -> Path:
 
 
 # name -> (arguments after `generate`, with {tiny}/{opt}/{gguf}/{missing} filled in; text the error must name)
+TINY = ["--model", "{tiny}"]
 BAD_INPUT = {
-    "cut-zero": (["--model", "{tiny}", "--cuts", "0"], "cut 0 is out of range: cuts must lie in 1..3 for 4 layers"),
-    "cut-too-big": (["--model", "{tiny}", "--cuts", "30"], "cut 30 is out of range: cuts must lie in 1..3"),
-    "cuts-unsorted": (["--model", "{tiny}", "--cuts", "3,1"], "strictly increasing without duplicates, got [3, 1]"),
-    "cuts-duplicate": (["--model", "{tiny}", "--cuts", "2,2"], "strictly increasing without duplicates, got [2, 2]"),
-    "cuts-not-integers": (["--model", "{tiny}", "--cuts", "a,b"], "--cuts must be comma-separated layer indices, got 'a,b'"),
+    "cut-zero": ([*TINY, "--cuts", "0"], "cut 0 is out of range: cuts must lie in 1..3 for 4 layers"),
+    "cuts-not-integers": ([*TINY, "--cuts", "a,b"], "--cuts must be comma-separated layer indices, got 'a,b"),
     "model-missing": (["--model", "{missing}"], "model '{missing}' not found"),
     "arch-unsupported": (["--model", "{opt}"], "unsupported architecture 'opt'; supported model types: ["),
     "gguf-corrupt": (["--model", "{gguf}"], "cannot read GGUF file {gguf}"),
-    "temperature-zero": (["--model", "{tiny}", "--temperature", "0"], "temperature must be > 0, got 0.0"),
-    "greedy-and-sampling": (
-        ["--model", "{tiny}", "--greedy", "--temperature", "0.5"],
-        "--greedy cannot be combined with --temperature",
-    ),
+    "greedy-and-sampling": ([*TINY, "--greedy", "--temperature", "0.5"], "--greedy cannot be combined with"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(tiny_llama_dir, tmp_path_factory) -> tuple[dict[str, subprocess.CompletedProcess], dict, Path]:
+def bad_input_runs(tiny_llama_dir, tmp_path_factory):
+    """Every BAD_INPUT case, run once -> (runs by name, placeholder values, their shared EDGELLM_HOME)."""
     work = tmp_path_factory.mktemp("cli")
     gguf = work / "corrupt.gguf"
     gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 40) + b"general.arch")
@@ -80,9 +77,9 @@ def bad_input_runs(tiny_llama_dir, tmp_path_factory) -> tuple[dict[str, subproce
         "missing": str(work / "no-such-model"),
     }
     home = work / "home"
-    commands = {
-        name: ["generate", "hello", *(a.format(**fill) for a in args)] for name, (args, _) in BAD_INPUT.items()
-    }
+    commands = {}
+    for name, (args, _) in BAD_INPUT.items():
+        commands[name] = ["generate", "hello", *(a.format(**fill) for a in args)]
     return run_all(commands, home), fill, home
 
 
@@ -105,6 +102,10 @@ def test_bad_input_is_one_line_and_exit_2(bad_input_runs, case):
 @pytest.mark.parametrize(
     "args, expected",
     [
+        (["--cuts", "30"], "cut 30 is out of range: cuts must lie in 1..3 for 4 layers"),
+        (["--cuts", "3,1"], "strictly increasing without duplicates, got [3, 1]"),
+        (["--cuts", "2,2"], "strictly increasing without duplicates, got [2, 2]"),
+        (["--temperature", "0"], "temperature must be > 0, got 0.0"),
         (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
         (["--top-k", "-1"], "top-k must be >= 0 (0 = off), got -1"),
         (["--max-new-tokens", "0"], "max new tokens must be >= 1, got 0"),
@@ -113,7 +114,8 @@ def test_bad_input_is_one_line_and_exit_2(bad_input_runs, case):
     ],
 )
 def test_more_bad_input_in_process(tiny_llama_dir, tmp_path, monkeypatch, capsys, args, expected):
-    """The same contract through `main()` directly, for cases that need no separate process."""
+    """The same contract through `main()` in this process: these cases share their code path with one above,
+    and a separate process costs seconds of imports on a shared machine."""
     monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))
     code = main(["generate", "hello", "--model", str(tiny_llama_dir), *args])
     captured = capsys.readouterr()
@@ -123,16 +125,18 @@ def test_more_bad_input_in_process(tiny_llama_dir, tmp_path, monkeypatch, capsys
     assert captured.out == ""
 
 
-def test_help_and_models_list(tmp_path):
-    runs = run_all(
-        {"help": ["--help"], "generate-help": ["generate", "--help"], "list": ["models", "list", "--json"]}, tmp_path
-    )
-    for proc in runs.values():
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
-    assert "generate" in runs["help"].stdout and "models" in runs["help"].stdout
-    assert "--cuts" in runs["generate-help"].stdout and "--head" in runs["generate-help"].stdout
-    rows = json.loads(runs["list"].stdout)
+def test_help_and_models_list(tmp_path, monkeypatch, capsys):
+    proc = edgellm(["--help"], tmp_path)  # one real process: the console entry point imports and parses
+    assert proc.returncode == 0, proc.stderr
+    assert "generate" in proc.stdout and "models" in proc.stdout
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--cuts" in out and "--head" in out
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))
+    assert main(["models", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     default = next(row for row in rows if row["name"] == DEFAULT_MODEL)
     assert default["pulled"] is False and default["path"] == str(tmp_path / "models" / DEFAULT_MODEL)
 
@@ -142,17 +146,20 @@ NEW_TOKENS = 8
 
 
 @pytest.mark.real_model
-def test_generate_json_split_equals_unsplit_and_transformers(real_model_dir):
+def test_generate_json_split_equals_unsplit_and_transformers(real_model_dir, monkeypatch, capsys):
     home = real_model_dir.parent.parent
     common = ["generate", "--json", "--max-new-tokens", str(NEW_TOKENS), PROMPT]
-    runs = run_all({"split": [*common, "--cuts", "10,20", "--head", "device"], "whole": common}, home)
-    for proc in runs.values():
-        assert proc.returncode == 0, proc.stderr
-        assert len(proc.stdout.strip().splitlines()) == 1  # one JSON object, nothing else on stdout
-    split, whole = (json.loads(runs[k].stdout) for k in ("split", "whole"))
+    proc = edgellm([*common, "--cuts", "10,20", "--head", "device"], home)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1  # one JSON object, nothing else on stdout
+    split = json.loads(proc.stdout)
+    monkeypatch.setenv("EDGELLM_HOME", str(home))
+    assert main(common) == 0  # the unsplit run in this process: it saves a second process's imports
+    whole = json.loads(capsys.readouterr().out)
 
-    for key in ("model", "cuts", "head", "prompt_tokens", "new_tokens", "text", "stages", "ttft_ms", "decode_tok_per_s"):
-        assert key in split, key
+    keys = ["model", "cuts", "head", "prompt_tokens", "new_tokens", "text", "stages", "ttft_ms"]
+    keys.append("decode_tok_per_s")
+    assert set(keys) <= set(split), sorted(set(keys) - set(split))
     assert split["model"] == DEFAULT_MODEL and split["cuts"] == [10, 20] and split["head"] == "device"
     assert [s["layers"] for s in split["stages"]] == [[0, 10], [10, 20], [20, 30], [30, 30]]
     assert all(s["compute_ms"] > 0 for s in split["stages"])

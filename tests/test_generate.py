@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgellm.errors import ConfigError, SessionError
+from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import stage_specs
 from edgellm.net.local import LocalHop
@@ -176,7 +177,7 @@ def test_positions_count_real_tokens_only():
     assert positions_for(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3], [0, 0, 0, 1]]
 
 
-# --- StageHost ---------------------------------------------------------------------------------------------
+# --- StageHost ----------------------------------------------------------------------------------------------
 
 IDS = torch.tensor([[1, 5, 17, 42, 8]])
 
@@ -248,10 +249,11 @@ def test_host_serves_correctly_after_errors(stages):
     reference = StageHost(stages[1])
     host = StageHost(stages[1])
     hidden = stages[0](IDS, torch.arange(5).view(1, 5))  # [1, 5, D]
-    want_prefill = reference.forward(ForwardRequest("r", hidden[:, :4], torch.arange(4).view(1, 4), new_session=True))
+    prefix = torch.arange(4).view(1, 4)
+    want_prefill = reference.forward(ForwardRequest("r", hidden[:, :4], prefix, new_session=True))
     want = reference.forward(ForwardRequest("r", hidden[:, 4:], torch.tensor([[4]]))).output
 
-    got_prefill = host.forward(ForwardRequest("s", hidden[:, :4], torch.arange(4).view(1, 4), new_session=True))
+    got_prefill = host.forward(ForwardRequest("s", hidden[:, :4], prefix, new_session=True))
     torch.testing.assert_close(got_prefill.output, want_prefill.output, atol=0, rtol=0)
     bad = [
         ForwardRequest("s", hidden[:, 4:, :-1], torch.tensor([[4]])),  # wrong hidden size
@@ -263,3 +265,41 @@ def test_host_serves_correctly_after_errors(stages):
             host.forward(r)
     got = host.forward(ForwardRequest("s", hidden[:, 4:], torch.tensor([[4]]))).output
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# --- prompts and text ---------------------------------------------------------------------------------------
+
+
+class _ByteTokenizer:
+    """Token i is byte i; decoding shows an incomplete UTF-8 sequence as U+FFFD, as real tokenizers do."""
+
+    eos_token_id = 2
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_back_split_characters():
+    stream = TextStream(_ByteTokenizer())
+    pieces = [stream.push(b) for b in "a€b".encode()]  # "€" is three bytes
+    assert pieces == ["a", "", "", "€", "b"]
+
+
+def test_stop_ids_merge_tokenizer_and_config():
+    class Config:
+        eos_token_id = [7, 2]
+
+    assert stop_ids(_ByteTokenizer(), Config()) == (2, 7)
+    assert stop_ids(object(), object()) == ()
+
+
+def test_encode_prompt_refusals():
+    assert encode_prompt(_ByteTokenizer(), "hi", chat=False) == [104, 105]
+    with pytest.raises(ConfigError, match="the prompt is empty"):
+        encode_prompt(_ByteTokenizer(), "", chat=False)
+    with pytest.raises(ConfigError, match="no chat template; run without --chat"):
+        encode_prompt(_ByteTokenizer(), "hi", chat=True)

@@ -19,11 +19,11 @@ def kv(seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, H, seq, D, generator=g), torch.randn(B, H, seq, D, generator=g)
 
 
-def step(cache: KVCache, seq: int, seed: int, layers: range | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def step(cache: KVCache, seq: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One committed pass of `seq` tokens over every layer; returns what each layer's update returned."""
     cache.begin(torch.ones(B, seq, dtype=torch.bool))
     out = []
-    for layer in layers or range(cache.first_layer, cache.first_layer + cache.num_layers):
+    for layer in range(cache.first_layer, cache.first_layer + cache.num_layers):
         k, v = kv(seq, seed * 100 + layer)
         out.append(cache.update(k, v, layer))
     cache.commit()
@@ -64,7 +64,7 @@ class _Block(nn.Module):
 
 
 def _call(block, hidden, mask, rotary, positions, cache):
-    # hidden: [B, S, D] -> keys [B, 1, S, D]; the block writes its keys, then (maybe) fails, like a real one would
+    # hidden: [B, S, D] -> keys [B, 1, S, D]; the block writes its keys, then (maybe) fails, as a real one can
     cache.update(hidden.unsqueeze(1), hidden.unsqueeze(1) * 2, block.layer)
     if block.fail:
         raise RuntimeError("block failed")
@@ -73,7 +73,8 @@ def _call(block, hidden, mask, rotary, positions, cache):
 
 def _stage(fail_second: bool) -> Stage:
     blocks = nn.ModuleList([_Block(0, False), _Block(1, fail_second)])
-    return Stage(StageSpec(0, 2), _call, {"blocks": blocks}, ModelDims(hidden_size=D, vocab_size=10, max_length=1000))
+    dims = ModelDims(hidden_size=D, vocab_size=10, max_length=1000)
+    return Stage(StageSpec(0, 2), _call, {"blocks": blocks}, dims)
 
 
 def test_failed_pass_leaves_cache_unchanged():

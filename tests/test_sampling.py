@@ -1,4 +1,4 @@
-"""Sampling: `filter_logits` equals transformers' own warpers; seeded sampling is reproducible; configs validate."""
+"""Sampling: `filter_logits` equals transformers' warpers; seeded sampling reproduces; configs validate."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def reference_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p
 @pytest.mark.parametrize("seed", [0, 1])
 def test_filter_logits_matches_transformers(temperature, top_k, top_p, seed):
     logits = random_logits(seed)
-    got = filter_logits(logits, SamplingConfig(greedy=False, temperature=temperature, top_k=top_k, top_p=top_p))
+    config = SamplingConfig(greedy=False, temperature=temperature, top_k=top_k, top_p=top_p)
+    got = filter_logits(logits, config)
     want = reference_filter(logits, temperature, top_k, top_p)
     kept = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), kept)

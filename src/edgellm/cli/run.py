@@ -32,10 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        sampling = sampling_from(args)
-    except argparse.ArgumentTypeError as exc:
-        raise ConfigError(str(exc)) from None
+    sampling = sampling_from(args)
     topology = load_topology(args.topology)
     device = topology.device
     if device.address is None:

@@ -7,7 +7,7 @@ Only the stage's own modules are materialized and only their tensors are read, s
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,8 +21,27 @@ from edgellm.model.stage import ModelDims, Stage, StageSpec
 TensorSource = Callable[[str], torch.Tensor]
 
 
-def build_stage(config: Any, spec: StageSpec, tensors: TensorSource, dtype: torch.dtype = torch.float32) -> Stage:
+def build_stages(
+    config: Any, specs: Sequence[StageSpec], tensors: TensorSource, dtype: torch.dtype = torch.float32
+) -> list[Stage]:
+    """`build_stage` for several specs of one model, sharing one meta-device skeleton (specs must not overlap)."""
+    config = _sdpa_config(config)
+    skeleton = _skeleton(config, dtype)
+    return [build_stage(config, spec, tensors, dtype, skeleton) for spec in specs]
+
+
+def build_stage(
+    config: Any,
+    spec: StageSpec,
+    tensors: TensorSource,
+    dtype: torch.dtype = torch.float32,
+    skeleton: nn.Module | None = None,
+) -> Stage:
     """Materialize the modules of `spec` and load their weights.
+
+    Args:
+        skeleton: the model built on the meta device by an earlier call for the same config and dtype; the
+            stage takes its modules out of it, so two stages must not share one skeleton for the same layers.
 
     Raises:
         ModelError: unsupported architecture, layers out of range, or weights missing from the source.
@@ -31,9 +50,9 @@ def build_stage(config: Any, spec: StageSpec, tensors: TensorSource, dtype: torc
     num_layers = int(config.num_hidden_layers)
     if spec.end > num_layers:
         raise ModelError(f"stage layers [{spec.start}, {spec.end}) exceed the model's {num_layers} layers")
-    config = copy.deepcopy(config)
-    config._attn_implementation = "sdpa"
-    skeleton = _skeleton(config, dtype)
+    config = _sdpa_config(config)
+    if skeleton is None:
+        skeleton = _skeleton(config, dtype)
     named = _select(skeleton, arch, spec)  # full-model prefix -> module, still on the meta device
     parts: dict[str, nn.Module] = {key: module for key, (_, module) in named.items()}
     if spec.num_layers:
@@ -57,6 +76,14 @@ def build_stage(config: Any, spec: StageSpec, tensors: TensorSource, dtype: torc
     if spec.embed and spec.head and getattr(config, "tie_word_embeddings", False):
         stage.head.weight = stage.embed.weight  # type: ignore[union-attr]  # one matrix, as in the checkpoint
     return stage.eval()
+
+
+def _sdpa_config(config: Any) -> Any:
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        return config
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    return config
 
 
 def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:

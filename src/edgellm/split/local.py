@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.model.build import build_stage
+from edgellm.model.build import build_stages
 from edgellm.model.stage import Stage, StageSpec
 from edgellm.net.local import LocalHop
 from edgellm.split.host import SessionLimits, StageHost
@@ -19,7 +19,7 @@ def load_stages(model_dir: Path, specs: Sequence[StageSpec], dtype: torch.dtype 
     """Build the stages `specs` of the model in `model_dir`, reading only their weights."""
     config = load_config(model_dir)
     with SafetensorsSource(model_dir) as tensors:
-        return [build_stage(config, spec, tensors, dtype) for spec in specs]
+        return build_stages(config, specs, tensors, dtype)
 
 
 def stage_label(spec: StageSpec) -> str:
