@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from edgellm.deploy.node import run_node
@@ -25,7 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
-    return run_node(topology, args.name, on_ready=_announce)
+    code = run_node(topology, args.name, on_ready=_announce)
+    # The server has drained; skip interpreter teardown (seconds of module finalization with torch loaded),
+    # so a deployment stops promptly.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _announce(event: dict) -> None:

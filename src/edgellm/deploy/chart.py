@@ -17,6 +17,7 @@ def breakdown_chart(breakdown: dict[str, dict[str, float]], path: Path, title: s
     parts: list[str] = []
     for values in breakdown.values():
         parts += [k for k in values if k != "total" and k not in parts]
+    parts.sort(key=lambda part: part == "other")  # stable: "other" last, the rest in first-seen order
     colors = _colors(parts)
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.9 * len(scenarios)))
     for row, scenario in enumerate(scenarios):

@@ -3,7 +3,7 @@
 Scenarios, all on the same prompt and decoding settings:
 - split: the device holds the first layers (and the head with `head="device"`), `hops` edge nodes the rest,
   every link emulating `profile`;
-- device only: every layer on the device, no network;
+- device only: every layer on the device, no network (one node process, like the others);
 - cloud: every layer on one cloud node behind a `wan` link; the device only tokenizes.
 """
 
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from edgellm.deploy.launch import LocalDeployment, free_port
 from edgellm.deploy.node import channel_config
@@ -27,7 +26,6 @@ from edgellm.model.sampling import SamplingConfig
 from edgellm.net.codec import parse_codec
 from edgellm.net.link import profile as link_profile
 from edgellm.net.rpc import RemoteHop
-from edgellm.serve.generate import LocalSplitConfig, PromptConfig, generate_text, load_split
 from edgellm.store import DEFAULT_MODEL, resolve_model
 from edgellm.store.weights import load_config
 
@@ -123,16 +121,13 @@ def run_deployed(topology: Topology, path: Path, log_dir: Path, request: dict[st
     return report
 
 
-def device_only(cfg: DemoConfig) -> dict[str, Any]:
-    """Every layer in this process, as the device would run them alone."""
-    loaded = load_split(LocalSplitConfig(cfg.model, (), "server", "fp32", cfg.threads))
-    options = PromptConfig(chat=True, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling)
-    report = generate_text(loaded, cfg.prompt, options)
-    stage = report["stages"][0]
-    report["nodes"] = [{"name": "device", "layers": stage["layers"], "head": True, "compute_ms": stage["compute_ms"],
-                        "compute_ms_per_token": stage["compute_ms_per_token"]}]  # fmt: skip
-    report["links"] = []
-    return report
+def device_document(cfg: DemoConfig, token_file: Path) -> dict[str, Any]:
+    """The topology of the device-only baseline: one node, every layer, no network."""
+    return {
+        "model": {"name": cfg.model, "cuts": [], "head": "device"},
+        "deployment": {"route": ["device"], "token_file": str(token_file)},
+        "nodes": [{"name": "device", "role": "device", "address": f"127.0.0.1:{free_port()}", "threads": cfg.threads}],
+    }
 
 
 def run_demo(cfg: DemoConfig, on_text: Callable[[str], None] | None = None,
@@ -151,7 +146,8 @@ def run_demo(cfg: DemoConfig, on_text: Callable[[str], None] | None = None,
         split = run_deployed(write_topology(split_path, split_document(cfg, num_layers, token_file)), split_path,
                              work, request, on_text)  # fmt: skip
         phase("baseline: all layers on the device")
-        alone = device_only(cfg)
+        alone_path = work / "device.toml"
+        alone = run_deployed(write_topology(alone_path, device_document(cfg, token_file)), alone_path, work, request)
         phase(f"baseline: all layers on a cloud node over {cfg.cloud_profile}")
         cloud_path = work / "cloud.toml"
         cloud = run_deployed(write_topology(cloud_path, cloud_document(cfg, token_file)), cloud_path, work, request)
@@ -161,7 +157,7 @@ def run_demo(cfg: DemoConfig, on_text: Callable[[str], None] | None = None,
         "device_only": per_token_breakdown(alone),
         "cloud": per_token_breakdown(cloud),
     }
-    split.update({"profile": cfg.profile, "codec": cfg.codec, "hops": cfg.hops, "threads": torch.get_num_threads()})
+    split.update({"profile": cfg.profile, "codec": cfg.codec, "hops": cfg.hops, "threads": cfg.threads})
     return split
 
 

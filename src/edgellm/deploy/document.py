@@ -111,10 +111,10 @@ class Table:
         """A required sub-table."""
         return Table(self._get(key, _REQUIRED, Mapping, "a table"), self.where(key), self.source, keys)
 
-    def tables(self, key: str, keys: set[str]) -> list[Table]:
-        """A required, non-empty array of tables (`[[key]]`)."""
-        values = self._get(key, _REQUIRED, list, f"an array of tables ([[{key}]])")
-        if not values:
+    def tables(self, key: str, keys: set[str], required: bool = True) -> list[Table]:
+        """An array of tables (`[[key]]`): non-empty if `required`, else possibly absent or empty."""
+        values = self._get(key, _REQUIRED if required else [], list, f"an array of tables ([[{key}]])")
+        if not values and required:
             raise self.error(key, "must not be empty")
         return [Table(value, f"{self.where(key)}[{i}]", self.source, keys) for i, value in enumerate(values)]
 

@@ -100,8 +100,10 @@ def device_hops(topology: Topology, name: str, stages: list[Stage], limits: Sess
     first = [hop for spec, hop in local.items() if spec.embed]  # none when the servers run the whole model
     head = [hop for spec, hop in local.items() if spec.head and not spec.embed]
     servers = [n.name for n in topology.servers]
-    if topology.mode == "chain":
-        remote: list[Hop] = [remote_hop(topology, name, servers[0], route=tuple(servers[1:]))]
+    if not servers:  # a device-only deployment
+        remote: list[Hop] = []
+    elif topology.mode == "chain":
+        remote = [remote_hop(topology, name, servers[0], route=tuple(servers[1:]))]
     else:
         remote = [remote_hop(topology, name, s, route=(), seed=i) for i, s in enumerate(servers)]
     return [*first, *remote, *head]

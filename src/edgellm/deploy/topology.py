@@ -117,8 +117,8 @@ class Topology:
 
     def _check_route(self) -> None:
         names = {node.name: node for node in self.nodes}
-        if len(self.route) < 2:
-            self._fail("deployment.route", "needs the device and at least one server")
+        if not self.route:
+            self._fail("deployment.route", "needs at least the device")
         for i, name in enumerate(self.route):
             if name not in names:
                 self._fail(f"deployment.route[{i}]", f"unknown node {name!r}; choose from {sorted(names)}")
@@ -218,7 +218,7 @@ class Topology:
         Raises:
             ConfigError: at `model.cuts`, when the cuts do not fit `num_layers`.
         """
-        thin = self.model.cuts[0] == 0
+        thin = bool(self.model.cuts) and self.model.cuts[0] == 0
         cuts, owners = (
             (self.model.cuts[1:], list(self.route[1:])) if thin else (self.model.cuts, list(self.route))
         )
@@ -345,7 +345,7 @@ def parse_topology(
     model = _parse_model(top.table("model", MODEL_KEYS))
     dep = top.table("deployment", DEPLOYMENT_KEYS)
     nodes = tuple(_parse_node(t) for t in top.tables("nodes", NODE_KEYS))
-    links = tuple(_parse_link(t) for t in top.tables("links", LINK_KEYS))
+    links = tuple(_parse_link(t) for t in top.tables("links", LINK_KEYS, required=False))
     route, mode = tuple(dep.strings("route")), dep.string("mode", "chain")
     security = _parse_security(dep, base_dir)
     deadline_s, max_sessions = dep.number("deadline_s", 30.0), dep.integer("max_sessions", 64)

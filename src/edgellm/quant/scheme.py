@@ -1,0 +1,169 @@
+"""Quantization schemes: the registry of valid names, and which modules of a stage a scheme applies to.
+
+A scheme name is `KIND` or `KIND-gGROUP`: `int8` (one scale per output channel), `int8-g64`, `int4-g32`,
+`nf4-g64`, ... Every group runs along the input dimension K of a weight `[N, K]` and must divide it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from edgellm.errors import ConfigError
+
+Kind = Literal["int8", "int4", "nf4"]
+NO_QUANT = "none"
+# What bits hold one weight, before scales: the planner's first approximation of a scheme's size.
+BITS: dict[str, int] = {"int8": 8, "int4": 4, "nf4": 4}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One weight-only quantization scheme.
+
+    Attributes:
+        name: the registry key, e.g. "int4-g64".
+        kind: "int8" (symmetric, absmax), "int4" (asymmetric, min/max) or "nf4" (QLoRA's normal-float grid).
+        group_size: weights per scale along K; None for one scale per output channel (int8 only).
+    """
+
+    name: str
+    kind: Kind
+    group_size: int | None
+
+    def __post_init__(self) -> None:
+        if self.kind not in BITS:
+            raise ConfigError(f"unknown quantization kind {self.kind!r}; choose from {sorted(BITS)}")
+        if self.group_size is None and self.kind != "int8":
+            raise ConfigError(f"{self.kind} needs a group size")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise ConfigError(f"group size must be an even number >= 2, got {self.group_size}")
+
+    def groups(self, in_features: int) -> int:
+        """Scale groups per output row of a weight with `in_features` columns.
+
+        Raises:
+            ConfigError: the group size does not divide `in_features` (or, for 4-bit, K is odd).
+        """
+        if self.group_size is None:
+            return 1
+        if in_features % self.group_size:
+            raise ConfigError(
+                f"scheme {self.name}: group size {self.group_size} does not divide the input dimension "
+                f"{in_features}; choose a group size that divides it"
+            )
+        return in_features // self.group_size
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("int8", "int8", None),
+        Scheme("int8-g32", "int8", 32),
+        Scheme("int8-g64", "int8", 64),
+        Scheme("int8-g128", "int8", 128),
+        Scheme("int4-g32", "int4", 32),
+        Scheme("int4-g64", "int4", 64),
+        Scheme("int4-g128", "int4", 128),
+        Scheme("nf4-g32", "nf4", 32),
+        Scheme("nf4-g64", "nf4", 64),
+    )
+}
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme called `name`.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones).
+    """
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ConfigError(f"unknown quantization scheme {name!r}; choose from {[NO_QUANT, *SCHEMES]}") from None
+
+
+# Stage part names (see `edgellm.model.stage.Stage`) that `--quant-skip` accepts as shorthands.
+PART_PATTERNS: dict[str, tuple[str, ...]] = {
+    "embed": ("embed",),
+    "head": ("head",),
+    "attn": ("blocks.*.self_attn.*", "blocks.*.attn.*"),
+    "mlp": ("blocks.*.mlp.*",),
+}
+# Learned position embeddings are tiny and position-sensitive: never worth quantizing.
+ALWAYS_SKIP: tuple[str, ...] = ("pos_embed",)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A scheme for a stage, and the modules it leaves in floating point.
+
+    Attributes:
+        scheme: a key of `SCHEMES`.
+        skip: module-name patterns kept unquantized: the shorthands of `PART_PATTERNS` ("head", "embed", "attn",
+            "mlp") or `fnmatch` patterns over the stage's module names ("blocks.0.*", "*.down_proj").
+
+    Raises:
+        ConfigError: unknown scheme, or an empty skip pattern.
+    """
+
+    scheme: str
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        get_scheme(self.scheme)
+        if any(not p.strip() for p in self.skip):
+            raise ConfigError("quantization skip patterns must not be empty")
+
+    @property
+    def spec(self) -> Scheme:
+        return get_scheme(self.scheme)
+
+    def patterns(self) -> tuple[str, ...]:
+        """The skip list with shorthands expanded, plus `ALWAYS_SKIP`."""
+        out: list[str] = list(ALWAYS_SKIP)
+        for p in self.skip:
+            out.extend(PART_PATTERNS.get(p, (p,)))
+        return tuple(out)
+
+    def skips(self, name: str) -> bool:
+        """True when the module called `name` (or a module above it) stays in floating point."""
+        parts = name.split(".")
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(fnmatchcase(prefix, p) for p in self.patterns() for prefix in prefixes)
+
+
+def parse_quant(scheme: str | None, skip: str | Sequence[str] | None = None) -> QuantConfig | None:
+    """`("int4-g64", "head,embed")` -> `QuantConfig`; None or "none" -> None (keep floating point).
+
+    Raises:
+        ConfigError: unknown scheme, or skip patterns given without a scheme.
+    """
+    patterns = tuple(p.strip() for p in skip.split(",") if p.strip()) if isinstance(skip, str) else tuple(skip or ())
+    if scheme is None or scheme == NO_QUANT:
+        if patterns:
+            raise ConfigError("--quant-skip needs a --quant scheme")
+        return None
+    return QuantConfig(scheme, patterns)
+
+
+def weight_bytes(out_features: int, in_features: int, scheme: str | None) -> int:
+    """Exact in-memory bytes of one weight `[N, K]` under `scheme` (None: float32), codes plus scales.
+
+    Pure arithmetic, for the planner. int4 counts the padding of N to a multiple of 16 that its kernel needs.
+
+    Raises:
+        ConfigError: unknown scheme, or a group size that does not divide `in_features`.
+    """
+    if scheme is None or scheme == NO_QUANT:
+        return 4 * out_features * in_features
+    spec = get_scheme(scheme)
+    groups = spec.groups(in_features)
+    if spec.kind == "int8":
+        return out_features * in_features + 2 * out_features * groups
+    if spec.kind == "int4":
+        padded = -(-out_features // 16) * 16
+        return padded * in_features // 2 + 4 * padded * groups  # codes + bf16 (scale, zero) pairs
+    return out_features * in_features // 2 + 2 * out_features * groups  # nf4: codes + bf16 absmax

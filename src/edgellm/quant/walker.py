@@ -1,0 +1,83 @@
+"""The walker: swap the linear layers (and token embeddings) of a module tree for quantized drop-ins, in place.
+
+Handled: `nn.Linear`, transformers' `Conv1D` (GPT-2's transposed linear) and `nn.Embedding`. Everything else
+(norms, rotary tables, learned position embeddings) stays as it is. A tied LM head and token embedding are
+quantized separately, each into its own module (the head is read as a matmul, the embedding by rows).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from edgellm.errors import ConfigError
+from edgellm.quant.modules import QuantEmbedding, is_quantized, quant_linear
+from edgellm.quant.scheme import QuantConfig
+from edgellm.quant.tensor import quantize
+
+log = logging.getLogger(__name__)
+
+
+def float_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [N, K], bias [N] | None) of a module the walker can quantize as a linear layer, else None."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return module.weight.t(), module.bias
+    return None
+
+
+def quantize_leaf(module: nn.Module, config: QuantConfig, name: str = "") -> nn.Module | None:
+    """The quantized replacement of one module, or None if it is not a kind the walker quantizes.
+
+    Raises:
+        ConfigError: the scheme does not fit the module's shape (naming the module).
+    """
+    try:
+        if isinstance(module, nn.Embedding):
+            return QuantEmbedding(quantize(module.weight, config.spec), module.weight.dtype)
+        found = float_weight(module)
+        if found is None:
+            return None
+        weight, bias = found
+        linear = quant_linear(quantize(weight, config.spec), bias)
+        linear.transposed = not isinstance(module, nn.Linear)
+        return linear
+    except ConfigError as exc:
+        raise ConfigError(f"cannot quantize {name or type(module).__name__}: {exc}") from None
+
+
+def quantize_module(module: nn.Module, config: QuantConfig, prefix: str = "") -> nn.Module:
+    """Quantize every linear layer and embedding under `module` that `config` does not skip, in place.
+
+    Args:
+        module: any module tree (a `Stage`, a decoder block, a single `nn.Linear`).
+        config: the scheme and the skip patterns, matched against names relative to `module`.
+        prefix: the name of `module` itself, for matching and messages.
+
+    Returns:
+        `module`, or its replacement when `module` itself is a quantizable leaf.
+
+    Raises:
+        ConfigError: the scheme does not fit some module's shape.
+    """
+    if prefix and config.skips(prefix):
+        return module
+    if not is_quantized(module):
+        replacement = quantize_leaf(module, config, prefix)
+        if replacement is not None:
+            log.debug("quantized %s with %s", prefix or type(module).__name__, config.scheme)
+            return replacement
+    for child_name, child in list(module.named_children()):
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        new = quantize_module(child, config, name)
+        if new is not child:
+            setattr(module, child_name, new)
+    return module
+
+
+def quantized_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """Name -> quantized module, for every quantized module under `module`."""
+    return {name: m for name, m in module.named_modules() if is_quantized(m)}
