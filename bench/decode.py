@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
 from report import PROMPT, load_average, machine_info, markdown_table, median, same_prefix, write_json
 
 from edgellm.model.prompt import encode_prompt
@@ -318,12 +317,12 @@ def measure(
         )
 
     for row in list(live):
-        attempt(row, lambda: load(row))
+        attempt(row, lambda row=row: load(row))
     for row in list(live):
-        attempt(row, lambda: warm(row))
+        attempt(row, lambda row=row: warm(row))
     for repeat in range(args.repeats):
         for row in list(live):
-            attempt(row, lambda: once(row, repeat))
+            attempt(row, lambda row=row, repeat=repeat: once(row, repeat))
     for row in rows:
         close = getattr(row.instance, "close", None)
         if close is not None:

@@ -58,7 +58,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         mem_kb = 0
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),

@@ -15,7 +15,7 @@ import torch
 
 from conftest import TINY_LAYERS, reference_model
 from edgellm.deploy.launch import LaunchError, LocalDeployment, free_port
-from edgellm.deploy.node import channel_config, device_hops
+from edgellm.deploy.node import device_hops
 from edgellm.deploy.topology import write_topology
 from edgellm.errors import SessionError
 from edgellm.net.messages import ForwardRequest, encode
@@ -200,9 +200,8 @@ def test_node_that_cannot_start_leaves_no_processes(tiny_llama_dir, tmp_path):
     path = tmp_path / "broken.toml"
     topology = write_topology(path, doc)
     deployment = LocalDeployment(topology, path, tmp_path, names=["edge1", "edge2"])
-    with pytest.raises(LaunchError, match="no-such-model"):
-        with deployment:
-            pass
+    with pytest.raises(LaunchError, match="no-such-model"), deployment:
+        pass
     assert deployment.processes == {}
 
 

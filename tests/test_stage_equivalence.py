@@ -37,7 +37,9 @@ def reference_run(ref, ids, mask=None, steps=DECODE_STEPS):
         for _ in range(steps):
             tokens.append(token)
             mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=torch.bool)], 1)
-            out = ref(token[:, None], attention_mask=mask.long(), position_ids=next_pos[:, None], cache=cache, use_cache=True)
+            out = ref(
+                token[:, None], attention_mask=mask.long(), position_ids=next_pos[:, None], cache=cache, use_cache=True
+            )
             cache = out.cache
             step_logits.append(out.logits[:, -1])
             token = out.logits[:, -1].argmax(-1)
@@ -71,7 +73,7 @@ def assert_same_run(got, want, real_rows=None):
     else:  # padded positions are not compared: their outputs are defined by nobody
         torch.testing.assert_close(got_prompt[real_rows], want_prompt[real_rows], atol=ATOL, rtol=0)
     for step, (g, w) in enumerate(zip(got_steps, want_steps)):
-        torch.testing.assert_close(g, w, atol=ATOL, rtol=0, msg=lambda m: f"decode step {step}: {m}")
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
     assert torch.equal(got_tokens, want_tokens)
 
 

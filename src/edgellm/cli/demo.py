@@ -72,7 +72,11 @@ def _echo(text: str) -> None:
 
 
 def print_breakdown(report: dict[str, Any]) -> None:
-    rows = [("split", report), ("device_only", report["baselines"]["device_only"]), ("cloud", report["baselines"]["cloud"])]
+    rows = [
+        ("split", report),
+        ("device_only", report["baselines"]["device_only"]),
+        ("cloud", report["baselines"]["cloud"]),
+    ]
     print(f"\n{'scenario':<12} {'TTFT ms':>8} {'tok/s':>7} {'ms/token':>9}   breakdown per decoded token")
     for name, r in rows:
         parts = report["breakdown"][name]
@@ -81,7 +85,11 @@ def print_breakdown(report: dict[str, Any]) -> None:
     print(f"\n{'link':<18} {'B/token up':>11} {'B/token down':>13} {'wire ms/token':>14}")
     for name, r in rows:
         for link in r.get("links", []):
-            up, down, wire = link.get("bytes_up_per_token"), link.get("bytes_down_per_token"), link.get("wire_ms_per_token")
+            up, down, wire = (
+                link.get("bytes_up_per_token"),
+                link.get("bytes_down_per_token"),
+                link.get("wire_ms_per_token"),
+            )
             label = f"{link['from']}->{link['to']}"
             print(f"{label:<18} {_num(up):>11} {_num(down):>13} {_num(wire, 2):>14}   ({name})")
     print(f"\nchart: {report['chart']}")

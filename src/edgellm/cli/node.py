@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "node",
         help="serve one node of a deployment described by a topology file",
         description="Load only the layers the topology assigns to node NAME and serve them over gRPC on the "
-        "node's address until SIGINT/SIGTERM. Prints one JSON line {\"event\": \"ready\", ...} on stdout once "
+        'node\'s address until SIGINT/SIGTERM. Prints one JSON line {"event": "ready", ...} on stdout once '
         "it accepts requests. A device node serves prompts (see `edgellm run`); edge/cloud nodes serve stages.",
     )
     parser.add_argument("--topology", required=True, metavar="T.toml", help="the deployment's topology file")

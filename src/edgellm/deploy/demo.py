@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from edgellm.deploy.launch import LocalDeployment, free_port
 from edgellm.deploy.node import channel_config
 from edgellm.deploy.topology import Topology, write_topology
@@ -71,13 +70,15 @@ def split_document(cfg: DemoConfig, num_layers: int, token_file: Path) -> dict[s
         "model": {"name": cfg.model, "cuts": even_cuts(num_layers, cfg.hops + 1), "head": cfg.head},
         "deployment": {"route": names, "mode": "chain", "token_file": str(token_file)},
         "nodes": [
-            {"name": n, "role": "device" if i == 0 else "edge", "address": f"127.0.0.1:{free_port()}",
-             "threads": cfg.threads}
+            {
+                "name": n,
+                "role": "device" if i == 0 else "edge",
+                "address": f"127.0.0.1:{free_port()}",
+                "threads": cfg.threads,
+            }
             for i, n in enumerate(names)
         ],  # fmt: skip
-        "links": [
-            {"between": [a, b], "profile": cfg.profile, "codec": cfg.codec} for a, b in zip(names, names[1:])
-        ],
+        "links": [{"between": [a, b], "profile": cfg.profile, "codec": cfg.codec} for a, b in zip(names, names[1:])],
     }
 
 

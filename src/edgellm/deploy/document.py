@@ -154,9 +154,7 @@ def _scalar(value: object, where: str) -> str:
             return "nan"
         return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
     if isinstance(value, str):
-        return json.dumps(
-            value, ensure_ascii=False
-        )  # JSON string escapes are a subset of TOML's basic strings
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are a subset of TOML's basic strings
     if isinstance(value, list) and not any(isinstance(v, (dict, list)) for v in value):
         return "[" + ", ".join(_scalar(v, where) for v in value) + "]"
     raise ConfigError(f"{where}: cannot render {_kind(value)} {value!r} as TOML")

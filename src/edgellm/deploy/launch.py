@@ -62,12 +62,11 @@ class LocalDeployment:
         env = dict(os.environ)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle stages must not spin on the cores the busy one needs
         for name in self.names:
-            log_file = open(self.log_dir / f"{name}.log", "wb")
             cmd = [sys.executable, "-m", "edgellm", "node", "--topology", str(self.path), "--name", name]
-            self.processes[name] = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=log_file, stdin=subprocess.DEVNULL, env=env
-            )
-            log_file.close()
+            with open(self.log_dir / f"{name}.log", "wb") as log_file:  # the child keeps its own descriptor
+                self.processes[name] = subprocess.Popen(
+                    cmd, stdout=subprocess.DEVNULL, stderr=log_file, stdin=subprocess.DEVNULL, env=env
+                )
         deadline = time.monotonic() + timeout_s
         for name in self.names:
             self._wait_ready(name, deadline)
@@ -86,7 +85,7 @@ class LocalDeployment:
                     return
                 except NodeUnreachable:
                     if time.monotonic() > deadline:
-                        raise LaunchError(f"node {name} at {node.address} was not ready in time: {self.log_tail(name)}")
+                        raise LaunchError(f"node {name} at {node.address} was not ready in time: {self.log_tail(name)}") from None
                     time.sleep(0.2)
         finally:
             hop.shutdown()

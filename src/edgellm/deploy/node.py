@@ -39,7 +39,9 @@ def channel_config(topology: Topology) -> ChannelConfig:
     return ChannelConfig(token=topology.resolve_token(), deadline_s=topology.limits.deadline_s, tls=files)
 
 
-def remote_hop(topology: Topology, sender: str, receiver: str, route: tuple[str, ...] | None, seed: int = 0) -> RemoteHop:
+def remote_hop(
+    topology: Topology, sender: str, receiver: str, route: tuple[str, ...] | None, seed: int = 0
+) -> RemoteHop:
     """A hop from `sender` to the server `receiver`, through their link's emulation and codec."""
     node = topology.node(receiver)
     if node.address is None:
@@ -81,8 +83,14 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
     if node.role == "device":
         hops = device_hops(topology, name, stages, limits)
         tokenizer = load_tokenizer(model_dir)
-        engine = DeviceEngine(name, tokenizer, config, hops, layout, {**info, "cuts": list(topology.model.cuts),
-                                                                       "head": topology.model.head})
+        engine = DeviceEngine(
+            name,
+            tokenizer,
+            config,
+            hops,
+            layout,
+            {**info, "cuts": list(topology.model.cuts), "head": topology.model.head},
+        )
         return BuiltNode(name, node.address, DeviceServer(engine), stages)
     if len(stages) != 1:
         raise ConfigError(f"{topology.source}: server {name!r} holds {len(stages)} stages; expected one")
@@ -134,4 +142,3 @@ def run_node(topology: Topology, name: str, on_ready: Any = None) -> int:
     stop.wait()
     server.stop(grace=1.0).wait()
     return 0
-

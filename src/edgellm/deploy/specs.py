@@ -82,9 +82,7 @@ class ModelSpec:
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; choose from {list(DTYPE_NAMES)}")
         if self.head not in HEAD_PLACEMENTS:
-            raise ConfigError(
-                f"head: unknown head placement {self.head!r}; choose from {sorted(HEAD_PLACEMENTS)}"
-            )
+            raise ConfigError(f"head: unknown head placement {self.head!r}; choose from {sorted(HEAD_PLACEMENTS)}")
         if any(c < 0 for c in self.cuts):
             raise ConfigError(f"cuts: layer indices must be >= 0, got {list(self.cuts)}")
         if any(b <= a for a, b in zip(self.cuts, self.cuts[1:])):
@@ -177,9 +175,7 @@ class TokenSource:
 
     def __post_init__(self) -> None:
         if self.kind not in TOKEN_KEYS.values():
-            raise ConfigError(
-                f"unknown token source {self.kind!r}; choose from {sorted(TOKEN_KEYS.values())}"
-            )
+            raise ConfigError(f"unknown token source {self.kind!r}; choose from {sorted(TOKEN_KEYS.values())}")
         if not self.value:
             raise ConfigError(f"{self.key}: must not be empty")
 

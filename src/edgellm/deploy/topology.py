@@ -104,15 +104,11 @@ class Topology:
         listening: dict[str, int] = {}
         for i, node in enumerate(self.nodes):
             if node.name in seen:
-                self._fail(
-                    f"nodes[{i}].name", f"duplicate node {node.name!r} (also nodes[{seen[node.name]}])"
-                )
+                self._fail(f"nodes[{i}].name", f"duplicate node {node.name!r} (also nodes[{seen[node.name]}])")
             seen[node.name] = i
             if node.address is not None:
                 if node.address in listening:
-                    self._fail(
-                        f"nodes[{i}].address", f"{node.address} is also nodes[{listening[node.address]}]'s"
-                    )
+                    self._fail(f"nodes[{i}].address", f"{node.address} is also nodes[{listening[node.address]}]'s")
                 listening[node.address] = i
 
     def _check_route(self) -> None:
@@ -126,9 +122,7 @@ class Topology:
                 self._fail(f"deployment.route[{i}]", f"{name!r} appears more than once")
             role = names[name].role
             if i == 0 and role != "device":
-                self._fail(
-                    "deployment.route[0]", f"{name!r} is a {role} node; the route starts at the device"
-                )
+                self._fail("deployment.route[0]", f"{name!r} is a {role} node; the route starts at the device")
             if i > 0 and role == "device":
                 self._fail(f"deployment.route[{i}]", f"{name!r} is a device; only route[0] may be one")
         for i, node in enumerate(self.nodes):
@@ -146,9 +140,7 @@ class Topology:
             pair = frozenset((link.a, link.b))
             for end in (link.a, link.b):
                 if end not in self.route:
-                    self._fail(
-                        f"links[{i}].between", f"unknown node {end!r}; choose from {sorted(self.route)}"
-                    )
+                    self._fail(f"links[{i}].between", f"unknown node {end!r}; choose from {sorted(self.route)}")
             if pair in found:
                 self._fail(f"links[{i}].between", f"{link.a}<->{link.b} is also links[{found[pair]}]")
             if pair not in needed:
@@ -174,9 +166,7 @@ class Topology:
         for node in self.nodes:
             if node.name == name:
                 return node
-        raise ConfigError(
-            f"{self.source}: no node {name!r}; choose from {sorted(n.name for n in self.nodes)}"
-        )
+        raise ConfigError(f"{self.source}: no node {name!r}; choose from {sorted(n.name for n in self.nodes)}")
 
     def link_between(self, a: str, b: str) -> LinkSpec:
         """The link joining `a` and `b`, in either order. Raises ConfigError when there is none."""
@@ -219,9 +209,7 @@ class Topology:
             ConfigError: at `model.cuts`, when the cuts do not fit `num_layers`.
         """
         thin = bool(self.model.cuts) and self.model.cuts[0] == 0
-        cuts, owners = (
-            (self.model.cuts[1:], list(self.route[1:])) if thin else (self.model.cuts, list(self.route))
-        )
+        cuts, owners = (self.model.cuts[1:], list(self.route[1:])) if thin else (self.model.cuts, list(self.route))
         try:
             specs = stage_specs(num_layers, cuts, head="server")
         except ConfigError as exc:
@@ -327,9 +315,7 @@ def _parse_security(t: Table, base_dir: Path | None) -> Security:
     return Security(token, tls)
 
 
-def parse_topology(
-    data: Mapping[str, Any], source: str = "<topology>", base_dir: Path | None = None
-) -> Topology:
+def parse_topology(data: Mapping[str, Any], source: str = "<topology>", base_dir: Path | None = None) -> Topology:
     """Validate a parsed TOML document (a dict) into a `Topology`. Pure: reads no file, env var or clock.
 
     Args:

@@ -56,9 +56,9 @@ def build_stage(
     named = _select(skeleton, arch, spec)  # full-model prefix -> module, still on the meta device
     parts: dict[str, nn.Module] = {key: module for key, (_, module) in named.items()}
     if spec.num_layers:
-        parts["blocks"] = nn.ModuleList(
-            get_module(skeleton, arch.layers)[i] for i in range(spec.start, spec.end)  # type: ignore[index]
-        )
+        layers = get_module(skeleton, arch.layers)
+        assert isinstance(layers, nn.ModuleList)
+        parts["blocks"] = nn.ModuleList(layers[i] for i in range(spec.start, spec.end))
     limit = max_positions(config)
     window = sliding_window(config)
     dims = ModelDims(

@@ -53,7 +53,7 @@ def parse_cuts(text: str | None) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"--cuts must be comma-separated layer indices, got {text!r}")
+        raise ConfigError(f"--cuts must be comma-separated layer indices, got {text!r}") from None
 
 
 def stage_specs(num_layers: int, cuts: Sequence[int], head: HeadPlacement = "server") -> list[StageSpec]:
@@ -147,7 +147,8 @@ class Stage(nn.Module):
         self.max_length = dims.max_length
         self.embed = parts.get("embed")
         self.pos_embed = parts.get("pos_embed")
-        self.blocks = parts.get("blocks") or nn.ModuleList()
+        blocks = parts.get("blocks")
+        self.blocks: nn.ModuleList = blocks if isinstance(blocks, nn.ModuleList) else nn.ModuleList()
         self.rotary = parts.get("rotary")
         self.norm = parts.get("norm")
         self.head = parts.get("head")

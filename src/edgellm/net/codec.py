@@ -268,9 +268,7 @@ def _decompress(enc: EncodedTensor, expected: int) -> bytes:
     try:
         data = _inflate(enc.payload, enc.compression, expected)
     except (zstandard.ZstdError, RuntimeError, ValueError) as e:
-        raise ConfigError(
-            f"cannot decompress {enc.compression} payload (expecting {expected} bytes): {e}"
-        ) from e
+        raise ConfigError(f"cannot decompress {enc.compression} payload (expecting {expected} bytes): {e}") from e
     if len(data) != expected:
         raise ConfigError(
             f"payload is {len(data)} bytes, but shape {enc.shape} of {enc.dtype} with codec {enc.codec} "
@@ -290,9 +288,7 @@ def _decode_float(data: bytes, enc: EncodedTensor) -> np.ndarray:
         return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
     n_rows, width = _rows(enc.shape)
     if len(enc.scales) != n_rows * _SCALE_ITEMSIZE:
-        raise ConfigError(
-            f"int8 scales are {len(enc.scales)} bytes, but shape {enc.shape} needs {n_rows * 4}"
-        )
+        raise ConfigError(f"int8 scales are {len(enc.scales)} bytes, but shape {enc.shape} needs {n_rows * 4}")
     scales = np.frombuffer(enc.scales, dtype="<f4")  # [R]
     if not (np.all(np.isfinite(scales)) and np.all(scales >= 0)):
         raise ConfigError("int8 scales must be finite and non-negative")

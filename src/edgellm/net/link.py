@@ -243,9 +243,7 @@ class EmulatedLink:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.profile = link
-        self.up = LinkDirection(
-            link.up_mbps, link.rtt_ms, link.jitter_ms, link.loss_pct, f"{seed}:up", burst_bytes
-        )
+        self.up = LinkDirection(link.up_mbps, link.rtt_ms, link.jitter_ms, link.loss_pct, f"{seed}:up", burst_bytes)
         self.down = LinkDirection(
             link.down_mbps, link.rtt_ms, link.jitter_ms, link.loss_pct, f"{seed}:down", burst_bytes
         )
@@ -265,9 +263,7 @@ class EmulatedLink:
         if direction not in DIRECTIONS:
             raise ConfigError(f"unknown link direction {direction!r}; choose from {list(DIRECTIONS)}")
         scheduler = self.up if direction == "up" else self.down
-        with (
-            self._lock
-        ):  # only the scheduler state is shared; sleeping outside lets messages overlap in flight
+        with self._lock:  # only the scheduler state is shared; sleeping outside lets messages overlap in flight
             start_s = self._clock()
             deliver_at_s = scheduler.schedule(nbytes, start_s)
         remaining_s = deliver_at_s - self._clock()

@@ -134,7 +134,9 @@ def encode(message: Any, codec: CodecSpec = CodecSpec()) -> bytes:
     if isinstance(message, ForwardRequest):
         out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _FORWARD)
         _put_str(out, message.session)
-        flags = message.new_session | message.last_only << 1 | (message.token_mask is not None) << 2 | message.argmax << 3
+        flags = (
+            message.new_session | message.last_only << 1 | (message.token_mask is not None) << 2 | message.argmax << 3
+        )
         out.append(int(flags))
         _put_strs(out, message.route)
         out.append(_codec_byte(parse_codec(message.reply_codec)))
@@ -319,7 +321,9 @@ class _Reader:
         payload, scales = self._take(payload_len, field), self._take(scales_len, field)
         name, _, compression = codec.partition("+")
         try:
-            tensor = decode_tensor(EncodedTensor(name, compression or "none", DTYPES[dtype_index], shape, payload, scales))
+            tensor = decode_tensor(
+                EncodedTensor(name, compression or "none", DTYPES[dtype_index], shape, payload, scales)
+            )
         except ConfigError as exc:
             raise WireError(f"tensor {field!r}: {exc}") from None
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -87,7 +87,7 @@ class ChannelConfig:
 
 
 def codec_name(spec: CodecSpec) -> str:
-    """"int8+zstd" for CodecSpec("int8", "zstd"); the inverse of `parse_codec`."""
+    """ "int8+zstd" for CodecSpec("int8", "zstd"); the inverse of `parse_codec`."""
     return spec.codec if spec.compression == "none" else f"{spec.codec}+{spec.compression}"
 
 
@@ -173,9 +173,7 @@ class RemoteHop:
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Ask a device node to generate; yields its events (tokens, then a final report)."""
         try:
-            for event in self._generate(
-                json.dumps(request).encode(), timeout=None, metadata=self._metadata
-            ):
+            for event in self._generate(json.dumps(request).encode(), timeout=None, metadata=self._metadata):
                 yield json.loads(event)
         except grpc.RpcError as exc:
             raise self._translate(exc) from None
@@ -297,7 +295,11 @@ class _Service:
         return self._guard(context, lambda: self._handler.forward(frame))
 
     def close(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._guard(context, lambda: self._handler.close(frame) or b"")
+        def call() -> bytes:
+            self._handler.close(frame)
+            return b""
+
+        return self._guard(context, call)
 
     def info(self, _: bytes, context: grpc.ServicerContext) -> bytes:
         return self._guard(context, lambda: json.dumps(self._handler.info()).encode())

@@ -88,7 +88,9 @@ def generate_text(
     The report has the fields of `edgellm generate --json` (see docs/CLI.md).
     """
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, options.chat)
-    gen_config = GenerationConfig(options.max_new_tokens, options.sampling, stop_ids(loaded.tokenizer, loaded.model_config))
+    gen_config = GenerationConfig(
+        options.max_new_tokens, options.sampling, stop_ids(loaded.tokenizer, loaded.model_config)
+    )
     pipeline = local_pipeline(loaded.stages)
     generator = Generator(pipeline, gen_config)
     stream = TextStream(loaded.tokenizer)

@@ -102,6 +102,7 @@ class Generator:
         session = secrets.token_hex(8)  # 64 random bits; short, since it rides every frame
         start = time.perf_counter()
         try:
+            tokens = torch.empty(batch, dtype=torch.long)  # the previous step's choice, fed back
             greedy = cfg.sampling.greedy  # then the head stage replies with token ids, not the distribution
             logits = self.pipeline.forward(
                 session, ids, positions_for(mask), None if token_mask is None else mask, True, argmax=greedy
@@ -130,7 +131,7 @@ class Generator:
             self._finish(result, start)
             try:
                 self.pipeline.close(session)
-            except Exception as exc:  # keep the original error; stages expire the session when idle
+            except Exception as exc:  # noqa: BLE001 - keep the original error; stages expire the session when idle
                 log.warning("could not close session %s on every stage: %s", session, exc)
             raise
         self._finish(result, start)

@@ -67,7 +67,9 @@ class StageHost:
             ConfigError: protocol mismatch, too many sessions, or a sequence past the model's limits.
         """
         if request.version != PROTOCOL_VERSION:
-            raise ConfigError(f"protocol version {request.version} is not supported (this host speaks {PROTOCOL_VERSION})")
+            raise ConfigError(
+                f"protocol version {request.version} is not supported (this host speaks {PROTOCOL_VERSION})"
+            )
         with self._lock:
             now = self._clock()
             self._expire(now)

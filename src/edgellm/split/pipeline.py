@@ -91,7 +91,7 @@ class Pipeline:
         for hop in self.hops:
             try:
                 hop.close(CloseSession(session))
-            except Exception as exc:  # an unreachable hop must not keep the others' caches alive
+            except Exception as exc:  # noqa: BLE001 - an unreachable hop must not keep the others' caches alive
                 first = first or exc
         if first is not None:
             raise first

@@ -13,6 +13,7 @@ from edgellm.net.messages import (
     CloseSession,
     ForwardReply,
     ForwardRequest,
+    HopTrace,
     WireError,
     decode,
     encode,
@@ -60,7 +61,8 @@ class StageServer:
         check_request(request, self.host.stage)
         next_hop = self._next(request.route[0]) if request.route else None  # refuse a bad route before computing
         local = self.host.forward(request)
-        output, trace = local.output, ()
+        output = local.output
+        trace: tuple[HopTrace, ...] = ()
         is_logits = self.host.stage.spec.head and local.output.is_floating_point()
         if next_hop is not None:
             ahead = ForwardRequest(

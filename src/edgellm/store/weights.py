@@ -36,7 +36,7 @@ class SafetensorsSource:
             raise ModelError(f"{model_dir} has no safetensors weights (model.safetensors or its index)")
         self._stack = ExitStack()
         self._handles = {f: self._stack.enter_context(safe_open(model_dir / f, framework="pt")) for f in files}
-        self._where = weight_map or {k: files[0] for k in self._handles[files[0]].keys()}
+        self._where = weight_map or {k: files[0] for k in self._handles[files[0]].keys()}  # noqa: SIM118 - safe_open is not a dict
 
     def __call__(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
