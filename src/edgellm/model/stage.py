@@ -85,7 +85,7 @@ def stage_specs(num_layers: int, cuts: Sequence[int], head: HeadPlacement = "ser
 
 
 def attention_mask(key_valid: torch.Tensor, past: int) -> torch.Tensor | None:
-    """Causal mask over cached + new keys, hiding padding; None where full attention is already right.
+    """Causal mask over cached + new keys, hiding padding; None where SDPA's own handling is already right.
 
     key_valid: [B, T] bool (T = past + S) -> [B, 1, S, T] bool (True = attend) | None
 
@@ -94,7 +94,9 @@ def attention_mask(key_valid: torch.Tensor, past: int) -> torch.Tensor | None:
     """
     batch, total = key_valid.shape
     new = total - past
-    if new == 1 and bool(key_valid.all()):
+    if (new == 1 or past == 0) and bool(key_valid.all()):
+        # No padding, and either one query (it sees every key) or no cache (plain causal attention, which SDPA
+        # applies itself when given no mask; with a past it would cut the keys instead, hence the `past == 0`).
         return None
     query_index = torch.arange(past, total).unsqueeze(1)  # [S, 1]
     key_index = torch.arange(total).unsqueeze(0)  # [1, T]
