@@ -11,7 +11,7 @@ from edgellm.eval.ppl import PplConfig
 from edgellm.eval.run import EvalConfig, run_ppl
 from edgellm.model.stage import parse_cuts
 from edgellm.net.codec import CODECS
-from edgellm.quant.scheme import NO_QUANT, PART_PATTERNS, SCHEMES, parse_quant
+from edgellm.quant.scheme import parse_quant
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ppl.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text file to score")
     add_model_arguments(ppl)
-    add_quant_arguments(ppl)
     ppl.add_argument(
         "--act-codec",
         default="none",
@@ -41,23 +40,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.set_defaults(run=run)
 
 
-def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--quant SCHEME` and `--quant-skip PARTS`, shared by every command that loads stages."""
-    parser.add_argument(
-        "--quant",
-        default=NO_QUANT,
-        metavar="SCHEME",
-        help=f"weight-only quantization of every stage: one of {[NO_QUANT, *SCHEMES]} (default: none)",
-    )
-    parser.add_argument(
-        "--quant-skip",
-        default="",
-        metavar="PARTS",
-        help=f"comma-separated parts kept in floating point: {sorted(PART_PATTERNS)} or module-name patterns "
-        "such as 'blocks.0.*' (default: none)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     config = EvalConfig(
         model=args.model,
@@ -65,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         window=PplConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens),
         cuts=parse_cuts(args.cuts),
         head=args.head,
-        quant=parse_quant(args.quant, args.quant_skip),
+        quant=parse_quant(args.quant),
         act_codec=args.act_codec,
         dtype=args.dtype,
         threads=args.threads,

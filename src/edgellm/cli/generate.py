@@ -9,6 +9,7 @@ import sys
 from edgellm.errors import ConfigError
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import HEAD_PLACEMENTS, parse_cuts
+from edgellm.quant.scheme import NO_QUANT, PART_PATTERNS, SCHEMES
 from edgellm.serve.generate import DTYPES, LocalSplitConfig, PromptConfig, generate_text, load_split
 from edgellm.store import DEFAULT_MODEL
 
@@ -52,6 +53,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_quant_arguments(parser)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +81,7 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
 
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
-    split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads)
+    split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant)
     options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
     loaded = load_split(split)
     if args.json:
@@ -100,7 +102,8 @@ def print_summary(report: dict) -> None:
     """The stage table printed after the streamed text."""
     tokens = len(report["new_tokens"])
     print(
-        f"\n{report['model']} ({report['dtype']}, {report['threads']} threads), cuts {report['cuts'] or 'none'}, "
+        f"\n{report['model']} ({report['dtype']}, quant {report['quant']}, {report['threads']} threads), "
+        f"cuts {report['cuts'] or 'none'}, "
         f"head on {report['head']}: {tokens} tokens, TTFT {report['ttft_ms']:.0f} ms, "
         f"{report['decode_tok_per_s']:.1f} tok/s decode"
     )
@@ -109,3 +112,15 @@ def print_summary(report: dict) -> None:
         per_call = s["compute_ms"] / max(s["calls"], 1)
         layers = f"{s['layers'][0]}-{s['layers'][1]}"
         print(f"{s['name']:<28} {layers:>9} {s['compute_ms']:>11.1f} {per_call:>8.2f} {s['weight_bytes'] / 1e6:>11.1f}")
+
+
+def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--quant SCHEME[,PATTERN=SCHEME...]`: weight-only quantization of every stage."""
+    parser.add_argument(
+        "--quant",
+        default=NO_QUANT,
+        metavar="SCHEME",
+        help=f"weight-only quantization of every stage's linear layers and embeddings: one of "
+        f"{[NO_QUANT, *SCHEMES]}, then optional per-module rules PATTERN=SCHEME|none with PATTERN one of "
+        f"{sorted(PART_PATTERNS)} or a module-name pattern, e.g. int4-g32,head=int8 (default: none)",
+    )

@@ -17,6 +17,7 @@ from edgellm.model.stage import Stage
 from edgellm.net.link import EmulatedLink
 from edgellm.net.local import LocalHop
 from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, serve
+from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.generate import DTYPES
 from edgellm.serve.report import weight_bytes
@@ -76,10 +77,11 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
     arch_for(config)
     layout = topology.stage_assignment(int(config.num_hidden_layers))
     specs = [spec for owner, spec in layout if owner == name]
-    stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype])
+    quant = node.quant if node.quant is not None else topology.model.quant
+    stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype], parse_quant(quant))
     _check_memory(topology, name, stages)
     limits = SessionLimits(topology.limits.max_sessions, topology.limits.idle_timeout_s)
-    info = {"model": topology.model.name, "mode": topology.mode, "dtype": topology.model.dtype}
+    info = {"model": topology.model.name, "mode": topology.mode, "dtype": topology.model.dtype, "quant": quant}
     if node.role == "device":
         hops = device_hops(topology, name, stages, limits)
         tokenizer = load_tokenizer(model_dir)

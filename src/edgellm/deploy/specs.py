@@ -19,6 +19,7 @@ from edgellm.errors import ConfigError
 from edgellm.model.stage import HEAD_PLACEMENTS
 from edgellm.net.codec import CodecSpec
 from edgellm.net.link import LinkProfile
+from edgellm.quant.scheme import parse_quant
 
 ROLES = ("cloud", "device", "edge")
 SERVER_ROLES = ("cloud", "edge")  # they listen and run server stages; the device dials them
@@ -75,10 +76,12 @@ class ModelSpec:
     cuts: tuple[int, ...]
     dtype: str = "fp32"
     head: str = "device"
+    quant: str = "none"  # every node's stages, unless the node says otherwise (edgellm.quant.scheme.parse_quant)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("name: must not be empty")
+        _check_quant(self.quant)
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; choose from {list(DTYPE_NAMES)}")
         if self.head not in HEAD_PLACEMENTS:
@@ -87,6 +90,13 @@ class ModelSpec:
             raise ConfigError(f"cuts: layer indices must be >= 0, got {list(self.cuts)}")
         if any(b <= a for a, b in zip(self.cuts, self.cuts[1:])):
             raise ConfigError(f"cuts: must be strictly increasing, got {list(self.cuts)}")
+
+
+def _check_quant(text: str) -> None:
+    try:
+        parse_quant(text)
+    except ConfigError as exc:
+        raise ConfigError(f"quant: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,8 @@ class NodeSpec:
         threads: torch intra-op threads for this node's stages.
         memory_mb: the node's memory budget in MB (10^6 bytes): its stage weights must fit in it, or the node
             refuses to start. None for no limit.
+        quant: weight quantization of this node's stages (`int8`, `int4-g64,head=int8`, `none`, ...); None
+            means the model's `quant`.
     """
 
     name: str
@@ -108,6 +120,7 @@ class NodeSpec:
     address: str | None = None
     threads: int = 1
     memory_mb: int | None = None
+    quant: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -125,6 +138,8 @@ class NodeSpec:
             raise ConfigError(f"threads: must be >= 1, got {self.threads}")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise ConfigError(f"memory_mb: must be >= 1, got {self.memory_mb}")
+        if self.quant is not None:
+            _check_quant(self.quant)
 
     @property
     def is_server(self) -> bool:

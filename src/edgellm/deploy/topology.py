@@ -48,10 +48,10 @@ MODES = {
 
 # The schema: the keys each table may hold (anything else is an error).
 TOP_KEYS = {"model", "deployment", "nodes", "links"}
-MODEL_KEYS = {"name", "dtype", "cuts", "head"}
+MODEL_KEYS = {"name", "dtype", "cuts", "head", "quant"}
 DEPLOYMENT_KEYS = {"route", "mode", "deadline_s", "max_sessions", "idle_timeout_s", "tls", *TOKEN_KEYS}
 TLS_KEYS = {"cert", "key", "ca", "client_auth"}
-NODE_KEYS = {"name", "role", "address", "threads", "memory_mb"}
+NODE_KEYS = {"name", "role", "address", "threads", "memory_mb", "quant"}
 LINK_NUMBERS = ("up_mbps", "down_mbps", "rtt_ms", "jitter_ms", "loss_pct")  # override the profile's fields
 LINK_KEYS = {"between", "profile", "codec", *LINK_NUMBERS}
 
@@ -253,16 +253,17 @@ class Topology:
 
 def _parse_model(t: Table) -> ModelSpec:
     name, cuts = t.string("name"), tuple(t.integers("cuts"))
-    dtype, head = t.string("dtype", "fp32"), t.string("head", "device")
+    dtype, head, quant = t.string("dtype", "fp32"), t.string("head", "device"), t.string("quant", "none")
     with t.building():
-        return ModelSpec(name, cuts, dtype, head)
+        return ModelSpec(name, cuts, dtype, head, quant)
 
 
 def _parse_node(t: Table) -> NodeSpec:
     name, role, address = t.string("name"), t.string("role"), t.string("address", None)
     threads, memory_mb = t.integer("threads", 1), t.integer("memory_mb", None)
+    quant = t.string("quant", None)
     with t.building():
-        return NodeSpec(name, role, address, threads, memory_mb)
+        return NodeSpec(name, role, address, threads, memory_mb, quant)
 
 
 def _parse_link(t: Table) -> LinkSpec:

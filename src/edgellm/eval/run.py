@@ -57,7 +57,7 @@ class EvalConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPES)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        self.codec  # parse now: a bad codec fails before the model loads
+        parse_codec(self.act_codec)  # a bad codec fails now, before the model loads
 
     @property
     def codec(self) -> CodecSpec:
@@ -112,8 +112,7 @@ def run_ppl(config: EvalConfig) -> dict[str, Any]:
         "windows": result.windows,
         "ctx": config.window.ctx,
         "stride": config.window.step,
-        "quant": config.quant.scheme if config.quant else "none",
-        "quant_skip": list(config.quant.skip) if config.quant else [],
+        "quant": config.quant.text if config.quant else "none",
         "act_codec": config.act_codec,
         "cuts": list(config.cuts),
         "head": config.head,

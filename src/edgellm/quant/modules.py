@@ -1,10 +1,11 @@
 """Drop-in quantized modules: `Int8Linear`, `Int4Linear`, `NF4Linear` for `nn.Linear`, `QuantEmbedding` for
 `nn.Embedding`. Each is built from a `QuantizedWeight` and can give it back (`quantized()`), for saving.
 
-They take and return the caller's dtype (float32 in our stages) and compute in bfloat16: few rows (decode) go
-through torch's packed kernels where one exists, many rows (prefill) through a bfloat16 GEMM on the weight
-dequantized for that call (see `edgellm.quant.kernels`). Group-wise int8 and NF4 have no packed kernel in torch:
-at few rows they dequantize per call too, which costs more than an fp32 matmul (measured in docs/QUANTIZATION.md).
+They take and return the caller's dtype (float32 in our stages). Few rows (decode) go through a packed kernel:
+torch's int8 and int4 kernels (bfloat16 activations), or for group-wise int8 and NF4, which torch has none for,
+our own C kernel (`edgellm.quant.native`, float32 activations). Many rows (prefill) go through a bfloat16 GEMM on
+the weight dequantized for that call (see `edgellm.quant.kernels`). Without a C compiler, group-wise int8 and NF4
+dequantize per call at few rows too, which is slower than fp32 (docs/QUANTIZATION.md has the numbers).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.quant import kernels
+from edgellm.quant import kernels, native
 from edgellm.quant.kernels import COMPUTE_DTYPE, KERNEL_MAX_ROWS
-from edgellm.quant.tensor import QuantizedWeight, dequantize, pack_int4, unpack_int4
+from edgellm.quant.tensor import NF4_LEVELS, QuantizedWeight, dequantize, pack_int4, unpack_int4
 
 
 class _QuantLinear(nn.Module):
     """What the three linear modules share: shape, optional float bias, and the caller-dtype contract."""
+
+    few_rows_max = KERNEL_MAX_ROWS  # up to this many rows take `_few_rows`
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -31,18 +34,18 @@ class _QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K] -> [..., N] in x's dtype."""
-        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)  # [M, K]
-        if flat.shape[0] <= KERNEL_MAX_ROWS:
-            out = self._few_rows(flat)
-        else:
-            out = F.linear(flat, self._weight_bf16())
+        flat = x.reshape(-1, self.in_features)  # [M, K]
+        out = self._few_rows(flat) if flat.shape[0] <= self.few_rows_max else self._many_rows(flat)
         out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] bf16 -> [M, N] bf16
-        return F.linear(x, self._weight_bf16())
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N], float32 or bf16
+        return self._many_rows(x)
+
+    def _many_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N] bf16
+        return F.linear(x.to(COMPUTE_DTYPE), self._weight_bf16())
 
     def _weight_bf16(self) -> torch.Tensor:  # -> [N, K] bf16
         return dequantize(self.quantized(), COMPUTE_DTYPE)
@@ -69,24 +72,25 @@ class Int8Linear(_QuantLinear):
         self.register_buffer("qweight", qw.qweight.reshape(n, groups, -1).transpose(0, 1).contiguous())
         self.register_buffer("scales", qw.scales.t().contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scales.shape[0] == 1 and kernels.rows_of(x) > KERNEL_MAX_ROWS:
-            # Per-channel: the scale commutes with the GEMM, and int8 -> bf16 is exact.
-            flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-            out = F.linear(flat, self.qweight[0].to(COMPUTE_DTYPE)).to(x.dtype) * self.scales[0].to(x.dtype)
-            if self.bias is not None:
-                out = out + self.bias.to(x.dtype)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return super().forward(x)
+    def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales.shape[0] > 1:
+            return super()._many_rows(x)
+        # Per-channel: the scale commutes with the GEMM, and int8 -> bf16 is exact.
+        out = F.linear(x.to(COMPUTE_DTYPE), self.qweight[0].to(COMPUTE_DTYPE))
+        return out.float() * self.scales[0].float()
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         groups, _, size = self.qweight.shape
         if groups == 1:
-            return kernels.int8_mm(x, self.qweight[0], self.scales[0])
+            return kernels.int8_mm(x.to(COMPUTE_DTYPE), self.qweight[0], self.scales[0])
+        lib = native.library() if size % 32 == 0 else None
+        if lib is not None:
+            return native.int8g_mm(lib, x, self.qweight, self.scales)
         # No group-wise kernel in torch: one per-channel kernel call per group, summed in float32.
+        xb = x.to(COMPUTE_DTYPE)
         out = torch.zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for g in range(groups):
-            out += kernels.int8_mm(x[:, g * size : (g + 1) * size].contiguous(), self.qweight[g], self.scales[g])
+            out += kernels.int8_mm(xb[:, g * size : (g + 1) * size].contiguous(), self.qweight[g], self.scales[g])
         return out
 
     def quantized(self) -> QuantizedWeight:
@@ -97,6 +101,8 @@ class Int8Linear(_QuantLinear):
 
 class Int4Linear(_QuantLinear):
     """Asymmetric 4-bit weights, group-wise, held in the int4 kernel's layout (N padded to a multiple of 16)."""
+
+    few_rows_max = 8 * KERNEL_MAX_ROWS  # unpacking the kernel layout costs more than the kernel up to ~128 rows
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__(qw, bias)
@@ -115,7 +121,7 @@ class Int4Linear(_QuantLinear):
         self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous())  # bf16 [G, N_pad, 2]
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros)
+        out = kernels.int4_mm(x.to(COMPUTE_DTYPE), self.packed, self.group_size, self.scales_zeros)
         return out[:, : self.out_features]
 
     def _weight_bf16(self) -> torch.Tensor:
@@ -135,12 +141,21 @@ class Int4Linear(_QuantLinear):
 class NF4Linear(_QuantLinear):
     """4-bit normal-float weights with a bfloat16 absmax per block (QLoRA's NF4, without double quantization)."""
 
+    few_rows_max = 4 * KERNEL_MAX_ROWS  # the C kernel beats dequantizing the NF4 table up to ~64 rows
+
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__(qw, bias)
         self.qweight: torch.Tensor
         self.scales: torch.Tensor
         self.register_buffer("qweight", qw.qweight.contiguous())  # uint8 [N, K/2]
         self.register_buffer("scales", qw.scales.contiguous())  # bf16 [N, G]
+
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.in_features // self.scales.shape[1]
+        lib = native.library() if size % 32 == 0 else None
+        if lib is None:
+            return super()._few_rows(x)
+        return native.nf4_mm(lib, x, self.qweight, self.scales, NF4_LEVELS)
 
     def quantized(self) -> QuantizedWeight:
         return QuantizedWeight(self.scheme, (self.out_features, self.in_features), self.qweight, self.scales)
@@ -174,7 +189,9 @@ class QuantEmbedding(nn.Module):
         return dequantize(rows, self.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(self.scheme, (self.num_embeddings, self.embedding_dim), self.qweight, self.scales, self.zeros)
+        return QuantizedWeight(
+            self.scheme, (self.num_embeddings, self.embedding_dim), self.qweight, self.scales, self.zeros
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}"

@@ -6,7 +6,6 @@ A scheme name is `KIND` or `KIND-gGROUP`: `int8` (one scale per output channel),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -85,7 +84,7 @@ def get_scheme(name: str) -> Scheme:
         raise ConfigError(f"unknown quantization scheme {name!r}; choose from {[NO_QUANT, *SCHEMES]}") from None
 
 
-# Stage part names (see `edgellm.model.stage.Stage`) that `--quant-skip` accepts as shorthands.
+# Stage part names (see `edgellm.model.stage.Stage`) that a rule may use as shorthands.
 PART_PATTERNS: dict[str, tuple[str, ...]] = {
     "embed": ("embed",),
     "head": ("head",),
@@ -93,66 +92,79 @@ PART_PATTERNS: dict[str, tuple[str, ...]] = {
     "mlp": ("blocks.*.mlp.*",),
 }
 # Learned position embeddings are tiny and position-sensitive: never worth quantizing.
-ALWAYS_SKIP: tuple[str, ...] = ("pos_embed",)
+ALWAYS_FLOAT: tuple[str, ...] = ("pos_embed",)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A scheme for a stage, and the modules it leaves in floating point.
+    """A scheme for a stage's linear layers and embeddings, with per-module exceptions.
 
     Attributes:
-        scheme: a key of `SCHEMES`.
-        skip: module-name patterns kept unquantized: the shorthands of `PART_PATTERNS` ("head", "embed", "attn",
-            "mlp") or `fnmatch` patterns over the stage's module names ("blocks.0.*", "*.down_proj").
+        scheme: a key of `SCHEMES`: what every module gets unless a rule says otherwise.
+        rules: (pattern, scheme or "none") pairs, first match wins. A pattern is a shorthand of `PART_PATTERNS`
+            ("head", "embed", "attn", "mlp") or an `fnmatch` pattern over the stage's module names
+            ("blocks.0.*", "*.down_proj"); "none" keeps the module in floating point.
 
     Raises:
-        ConfigError: unknown scheme, or an empty skip pattern.
+        ConfigError: an unknown scheme, or an empty pattern.
     """
 
     scheme: str
-    skip: tuple[str, ...] = ()
+    rules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         get_scheme(self.scheme)
-        if any(not p.strip() for p in self.skip):
-            raise ConfigError("quantization skip patterns must not be empty")
+        for pattern, scheme in self.rules:
+            if not pattern.strip():
+                raise ConfigError("a quantization rule needs a module pattern before '='")
+            if scheme != NO_QUANT:
+                get_scheme(scheme)
 
     @property
     def spec(self) -> Scheme:
         return get_scheme(self.scheme)
 
-    def patterns(self) -> tuple[str, ...]:
-        """The skip list with shorthands expanded, plus `ALWAYS_SKIP`."""
-        out: list[str] = list(ALWAYS_SKIP)
-        for p in self.skip:
-            out.extend(PART_PATTERNS.get(p, (p,)))
-        return tuple(out)
+    @property
+    def text(self) -> str:
+        """The config in the syntax `parse_quant` reads, e.g. "int4-g32,head=int8"."""
+        return ",".join([self.scheme, *(f"{p}={s}" for p, s in self.rules)])
 
-    def skips(self, name: str) -> bool:
-        """True when the module called `name` (or a module above it) stays in floating point."""
-        parts = name.split(".")
-        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-        return any(fnmatchcase(prefix, p) for p in self.patterns() for prefix in prefixes)
+    def scheme_for(self, name: str) -> Scheme | None:
+        """The scheme of the module called `name` (relative to the stage), or None to keep it in floating point."""
+        if any(fnmatchcase(name, p) for p in ALWAYS_FLOAT):
+            return None
+        for pattern, scheme in self.rules:
+            if any(fnmatchcase(name, p) for p in PART_PATTERNS.get(pattern, (pattern,))):
+                return None if scheme == NO_QUANT else get_scheme(scheme)
+        return self.spec
 
 
-def parse_quant(scheme: str | None, skip: str | Sequence[str] | None = None) -> QuantConfig | None:
-    """`("int4-g64", "head,embed")` -> `QuantConfig`; None or "none" -> None (keep floating point).
+def parse_quant(text: str | None) -> QuantConfig | None:
+    """`"int4-g32,head=int8,embed=none"` -> `QuantConfig`; None, "" or "none" -> None (floating point).
 
     Raises:
-        ConfigError: unknown scheme, or skip patterns given without a scheme.
+        ConfigError: unknown scheme, or a malformed rule (the message shows the syntax).
     """
-    patterns = tuple(p.strip() for p in skip.split(",") if p.strip()) if isinstance(skip, str) else tuple(skip or ())
-    if scheme is None or scheme == NO_QUANT:
-        if patterns:
-            raise ConfigError("--quant-skip needs a --quant scheme")
+    if text is None or not text.strip() or text.strip() == NO_QUANT:
         return None
-    return QuantConfig(scheme, patterns)
+    first, *rest = [part.strip() for part in text.split(",")]
+    rules = []
+    for rule in rest:
+        pattern, eq, scheme = rule.partition("=")
+        if not eq or not pattern.strip() or not scheme.strip():
+            raise ConfigError(
+                f"cannot parse quantization rule {rule!r} in {text!r}; write SCHEME[,PATTERN=SCHEME|none...], "
+                "e.g. int4-g32,head=int8,embed=none"
+            )
+        rules.append((pattern.strip(), scheme.strip()))
+    return QuantConfig(first, tuple(rules))
 
 
-def weight_bytes(out_features: int, in_features: int, scheme: str | None) -> int:
+def weight_bytes(out_features: int, in_features: int, scheme: str | None, embedding: bool = False) -> int:
     """Exact in-memory bytes of one weight `[N, K]` under `scheme` (None: float32), codes plus scales.
 
-    Pure arithmetic, for the planner. int4 counts the padding of N to a multiple of 16 that its kernel needs.
+    Pure arithmetic, for the planner. An int4 linear layer counts the padding of N to a multiple of 16 that its
+    kernel needs; an embedding table `[V, D]` (`embedding=True`) is not padded.
 
     Raises:
         ConfigError: unknown scheme, or a group size that does not divide `in_features`.
@@ -164,6 +176,6 @@ def weight_bytes(out_features: int, in_features: int, scheme: str | None) -> int
     if spec.kind == "int8":
         return out_features * in_features + 2 * out_features * groups
     if spec.kind == "int4":
-        padded = -(-out_features // 16) * 16
+        padded = out_features if embedding else -(-out_features // 16) * 16
         return padded * in_features // 2 + 4 * padded * groups  # codes + bf16 (scale, zero) pairs
     return out_features * in_features // 2 + 2 * out_features * groups  # nf4: codes + bf16 absmax

@@ -83,7 +83,7 @@ def save_stage(stage: Stage, path: Path, model_config: Any, config: QuantConfig)
     metadata = {
         "format": FORMAT,
         "version": VERSION,
-        "quant": json.dumps({"scheme": config.scheme, "skip": list(config.skip)}),
+        "quant": config.text,
         "spec": json.dumps([spec.start, spec.end, spec.embed, spec.head]),
         "model": json.dumps(model_fingerprint(model_config)),
         "modules": json.dumps(modules),
@@ -146,13 +146,17 @@ def load_stage(path: Path, model_config: Any, spec: StageSpec, dtype: torch.dtyp
 
 def _read_module(f: Any, keys: set[str], full: str, entry: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     try:
-        zeros = f.get_tensor(f"{full}.zeros") if f"{full}.zeros" in keys else None
-        qweight, scales = f.get_tensor(f"{full}.qweight"), f.get_tensor(f"{full}.scales")
+
+        def read(key: str) -> torch.Tensor:  # a copy: the file's tensors may be views of a mapping closed later
+            return f.get_tensor(f"{full}.{key}").clone()
+
+        zeros = read("zeros") if f"{full}.zeros" in keys else None
+        qweight, scales = read("qweight"), read("scales")
         n, k = qweight.shape[0], qweight.shape[1] * (1 if qweight.dtype == torch.int8 else 2)
         qw = QuantizedWeight(entry["scheme"], (n, k), qweight, scales, zeros)
         if entry["embedding"]:
             return QuantEmbedding(qw, dtype)
-        bias = f.get_tensor(f"{full}.bias") if f"{full}.bias" in keys else None
+        bias = read("bias") if f"{full}.bias" in keys else None
         module = quant_linear(qw, bias)
         module.transposed = list(entry["weight_shape"]) != [n, k]
         return module
@@ -173,9 +177,9 @@ def cache_path(model_dir: Path, spec: StageSpec, config: QuantConfig) -> Path:
     stat = weights.stat() if weights.exists() else None
     ident = f"{model_dir.resolve()}|{stat.st_size if stat else 0}|{stat.st_mtime_ns if stat else 0}"
     model_key = f"{model_dir.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
-    skip = "-skip-" + hashlib.sha256(",".join(config.skip).encode()).hexdigest()[:8] if config.skip else ""
+    rules = "-r" + hashlib.sha256(config.text.encode()).hexdigest()[:8] if config.rules else ""
     parts = "".join(p for p, on in (("+embed", spec.embed), ("+head", spec.head)) if on)
-    return home() / "quant" / model_key / f"{config.scheme}{skip}-L{spec.start}-{spec.end}{parts}.safetensors"
+    return home() / "quant" / model_key / f"{config.scheme}{rules}-L{spec.start}-{spec.end}{parts}.safetensors"
 
 
 def load_or_quantize(

@@ -14,7 +14,7 @@ from torch import nn
 
 from edgellm.errors import ConfigError
 from edgellm.quant.modules import QuantEmbedding, is_quantized, quant_linear
-from edgellm.quant.scheme import QuantConfig
+from edgellm.quant.scheme import QuantConfig, Scheme
 from edgellm.quant.tensor import quantize
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,13 @@ def float_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
-        return module.weight.t(), module.bias
+        weight, bias = module.weight, module.bias
+        assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+        return weight.t(), bias
     return None
 
 
-def quantize_leaf(module: nn.Module, config: QuantConfig, name: str = "") -> nn.Module | None:
+def quantize_leaf(module: nn.Module, scheme: Scheme, name: str = "") -> nn.Module | None:
     """The quantized replacement of one module, or None if it is not a kind the walker quantizes.
 
     Raises:
@@ -37,12 +39,12 @@ def quantize_leaf(module: nn.Module, config: QuantConfig, name: str = "") -> nn.
     """
     try:
         if isinstance(module, nn.Embedding):
-            return QuantEmbedding(quantize(module.weight, config.spec), module.weight.dtype)
+            return QuantEmbedding(quantize(module.weight, scheme), module.weight.dtype)
         found = float_weight(module)
         if found is None:
             return None
         weight, bias = found
-        linear = quant_linear(quantize(weight, config.spec), bias)
+        linear = quant_linear(quantize(weight, scheme), bias)
         linear.transposed = not isinstance(module, nn.Linear)
         return linear
     except ConfigError as exc:
@@ -50,11 +52,11 @@ def quantize_leaf(module: nn.Module, config: QuantConfig, name: str = "") -> nn.
 
 
 def quantize_module(module: nn.Module, config: QuantConfig, prefix: str = "") -> nn.Module:
-    """Quantize every linear layer and embedding under `module` that `config` does not skip, in place.
+    """Quantize every linear layer and embedding under `module` that `config` gives a scheme, in place.
 
     Args:
         module: any module tree (a `Stage`, a decoder block, a single `nn.Linear`).
-        config: the scheme and the skip patterns, matched against names relative to `module`.
+        config: the scheme and its per-module rules, matched against names relative to `module`.
         prefix: the name of `module` itself, for matching and messages.
 
     Returns:
@@ -63,13 +65,14 @@ def quantize_module(module: nn.Module, config: QuantConfig, prefix: str = "") ->
     Raises:
         ConfigError: the scheme does not fit some module's shape.
     """
-    if prefix and config.skips(prefix):
+    if is_quantized(module):
         return module
-    if not is_quantized(module):
-        replacement = quantize_leaf(module, config, prefix)
-        if replacement is not None:
-            log.debug("quantized %s with %s", prefix or type(module).__name__, config.scheme)
-            return replacement
+    if isinstance(module, nn.Embedding) or float_weight(module) is not None:
+        scheme = config.scheme_for(prefix)
+        if scheme is None:
+            return module
+        log.debug("quantizing %s with %s", prefix or type(module).__name__, scheme.name)
+        return quantize_leaf(module, scheme, prefix) or module
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
         new = quantize_module(child, config, name)

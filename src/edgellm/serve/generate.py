@@ -14,6 +14,8 @@ from edgellm.model.arch import arch_for
 from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_specs
+from edgellm.quant.memory import kv_bytes_per_token, stage_memory
+from edgellm.quant.scheme import parse_quant
 from edgellm.serve.report import stage_report, timing_report
 from edgellm.split.generate import GenerationConfig, Generator
 from edgellm.split.local import load_stages, local_pipeline
@@ -32,6 +34,7 @@ class LocalSplitConfig:
     head: HeadPlacement = "server"
     dtype: str = "fp32"
     threads: int | None = None
+    quant: str = "none"  # SCHEME[,PATTERN=SCHEME...] for every stage, see edgellm.quant.scheme.parse_quant
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_PLACEMENTS:
@@ -40,6 +43,7 @@ class LocalSplitConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPES)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        parse_quant(self.quant)  # an unknown scheme fails before the model loads
 
 
 @dataclass
@@ -63,7 +67,7 @@ def load_split(config: LocalSplitConfig) -> LoadedSplit:
     arch_for(model_config)  # refuse an unsupported architecture before anything else
     specs = stage_specs(int(model_config.num_hidden_layers), config.cuts, config.head)
     tokenizer = load_tokenizer(model_dir)  # before the weights: a missing tokenizer should fail in seconds
-    stages = load_stages(model_dir, specs, DTYPES[config.dtype])
+    stages = load_stages(model_dir, specs, DTYPES[config.dtype], parse_quant(config.quant))
     return LoadedSplit(config, model_config, tokenizer, stages, time.perf_counter() - start)
 
 
@@ -106,11 +110,21 @@ def generate_text(
         "cuts": list(loaded.config.cuts),
         "head": loaded.config.head,
         "dtype": loaded.config.dtype,
+        "quant": loaded.config.quant,
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_ids,
         "new_tokens": new_tokens,
         "text": loaded.tokenizer.decode(new_tokens, skip_special_tokens=True),
-        "stages": stage_report(loaded.stages, pipeline.stats),
+        "stages": [
+            {
+                **row,
+                "memory": stage_memory(stage).to_json(),
+                "kv_bytes_per_token": kv_bytes_per_token(
+                    loaded.model_config, stage.spec.num_layers, DTYPES[loaded.config.dtype]
+                ),
+            }
+            for row, stage in zip(stage_report(loaded.stages, pipeline.stats), loaded.stages)
+        ],
         **timing_report(result),
         "load_s": round(loaded.load_s, 3),
     }

@@ -7,19 +7,39 @@ from pathlib import Path
 
 import torch
 
+from edgellm.errors import ConfigError
 from edgellm.model.build import build_stages
 from edgellm.model.stage import Stage, StageSpec
 from edgellm.net.local import LocalHop
+from edgellm.quant.scheme import QuantConfig
+from edgellm.quant.store import load_or_quantize
 from edgellm.split.host import SessionLimits, StageHost
 from edgellm.split.pipeline import Pipeline
 from edgellm.store.weights import SafetensorsSource, load_config
 
 
-def load_stages(model_dir: Path, specs: Sequence[StageSpec], dtype: torch.dtype = torch.float32) -> list[Stage]:
-    """Build the stages `specs` of the model in `model_dir`, reading only their weights."""
-    config = load_config(model_dir)
-    with SafetensorsSource(model_dir) as tensors:
-        return build_stages(config, specs, tensors, dtype)
+def load_stages(
+    model_dir: Path,
+    specs: Sequence[StageSpec],
+    dtype: torch.dtype = torch.float32,
+    quant: QuantConfig | Sequence[QuantConfig | None] | None = None,
+) -> list[Stage]:
+    """Build the stages `specs` of the model in `model_dir`, reading only their weights.
+
+    `quant` quantizes every stage (one `QuantConfig`) or each its own (one per spec, None = floating point);
+    quantized stages are cached on disk on first use and loaded from there afterwards.
+    """
+    quants = list(quant) if isinstance(quant, Sequence) else [quant] * len(specs)
+    if len(quants) != len(specs):
+        raise ConfigError(f"{len(quants)} quantization configs for {len(specs)} stages")
+    if all(q is None for q in quants):
+        config = load_config(model_dir)
+        with SafetensorsSource(model_dir) as tensors:
+            return build_stages(config, specs, tensors, dtype)
+    return [
+        load_stages(model_dir, [spec], dtype)[0] if q is None else load_or_quantize(model_dir, spec, q, dtype)
+        for spec, q in zip(specs, quants)
+    ]
 
 
 def stage_label(spec: StageSpec) -> str:
