@@ -12,16 +12,15 @@ import torch
 from edgellm.errors import ConfigError
 from edgellm.eval.ppl import PplConfig, codec_hop, evaluate_ppl
 from edgellm.model.arch import arch_for
-from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_specs
+from edgellm.model.stage import HeadPlacement, Stage, stage_specs
 from edgellm.net.codec import CodecSpec, parse_codec
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import QuantConfig
 from edgellm.quant.store import load_or_quantize
+from edgellm.serve.generate import DTYPES, check_placement
 from edgellm.split.local import load_stages, stage_name
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -51,12 +50,7 @@ class EvalConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
-        if self.head not in HEAD_PLACEMENTS:
-            raise ConfigError(f"unknown head placement {self.head!r}; choose from {list(HEAD_PLACEMENTS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPES)}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        check_placement(self.head, self.dtype, self.threads)
         parse_codec(self.act_codec)  # a bad codec fails now, before the model loads
 
     @property

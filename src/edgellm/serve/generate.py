@@ -25,6 +25,20 @@ from edgellm.store.weights import load_config, load_tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_placement(head: str, dtype: str, threads: int | None) -> None:
+    """Validate the fields every in-process engine config shares.
+
+    Raises:
+        ConfigError: unknown head placement or dtype, or fewer than one thread.
+    """
+    if head not in HEAD_PLACEMENTS:
+        raise ConfigError(f"unknown head placement {head!r}; choose from {list(HEAD_PLACEMENTS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+
+
 @dataclass(frozen=True)
 class LocalSplitConfig:
     """Which model, cut where, in what precision, on how many threads."""
@@ -37,12 +51,7 @@ class LocalSplitConfig:
     quant: str = "none"  # SCHEME[,PATTERN=SCHEME...] for every stage, see edgellm.quant.scheme.parse_quant
 
     def __post_init__(self) -> None:
-        if self.head not in HEAD_PLACEMENTS:
-            raise ConfigError(f"unknown head placement {self.head!r}; choose from {list(HEAD_PLACEMENTS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPES)}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        check_placement(self.head, self.dtype, self.threads)
         parse_quant(self.quant)  # an unknown scheme fails before the model loads
 
 
