@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if device.address is None:
         raise ConfigError(f"{topology.source}: the device node {device.name!r} has no address to reach it at")
     hop = RemoteHop(device.name, device.address, channel_config(topology), sender="cli")
+    hop.info()  # within the deployment's deadline: an unreachable device fails here, not after a long stream wait
     request = {
         "prompt": args.prompt,
         "chat": not args.no_chat,
