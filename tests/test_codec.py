@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -225,3 +226,45 @@ def test_oversized_lz4_frame_is_refused():
     enc = encode_tensor(torch.zeros(4), CodecSpec("none", "lz4"))
     with pytest.raises(ConfigError, match="past 16 bytes"):
         decode_tensor(dataclasses.replace(enc, payload=lz4.frame.compress(bytes(1_000_000))))
+
+
+# --- int8mu: mu-law companded int8 -------------------------------------------------------------------------------
+
+
+def _outlier_rows(seed: int = 0) -> torch.Tensor:
+    """Hidden-state-like rows: mostly N(0, 1), with a few outlier dimensions 50-100x larger."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 576, generator=g)
+    x[:, [17, 247, 507]] *= torch.empty(8, 3).uniform_(50, 100, generator=g)
+    return x
+
+
+def test_int8mu_error_is_relative_and_bounded():
+    from edgellm.net.codec import MU
+
+    x = _outlier_rows()
+    got = decode_tensor(encode_tensor(x, CodecSpec("int8mu")))
+    a = x.abs().amax(-1, keepdim=True)
+    bound = math.log1p(MU) * (x.abs() + a / MU) / 254 * 1.03 + 1e-6
+    assert bool(((got - x).abs() <= bound).all())
+
+
+def test_int8mu_beats_int8_on_outlier_heavy_rows_at_the_same_size():
+    x = _outlier_rows(1)
+    plain, mu = CodecSpec("int8"), CodecSpec("int8mu")
+    assert bytes_per_token(576, mu) == bytes_per_token(576, plain) == 580
+    typical = torch.ones(576, dtype=torch.bool)
+    typical[[17, 247, 507]] = False
+    err_plain = (decode_tensor(encode_tensor(x, plain)) - x)[:, typical].abs().mean()
+    err_mu = (decode_tensor(encode_tensor(x, mu)) - x)[:, typical].abs().mean()
+    assert err_mu < err_plain / 4, (err_mu, err_plain)
+
+
+def test_int8mu_zero_rows_and_refusals():
+    zeros = torch.zeros(2, 3, 16)
+    assert torch.equal(decode_tensor(encode_tensor(zeros, CodecSpec("int8mu"))), zeros)
+    with pytest.raises(ConfigError):
+        encode_tensor(torch.tensor([[1.0, float("inf")]]), CodecSpec("int8mu"))
+    enc = encode_tensor(torch.randn(2, 8), CodecSpec("int8mu"))
+    with pytest.raises(ConfigError):
+        decode_tensor(dataclasses.replace(enc, scales=enc.scales[:-1]))

@@ -301,5 +301,5 @@ def test_example_file_is_valid():
     assert topo.route == ("phone", "edge1", "edge2")
     assert [n.address for n in topo.nodes] == ["127.0.0.1:50060", "127.0.0.1:50061", "127.0.0.1:50062"]
     assert topo.security.token is not None and topo.security.token.key == "token_env"
-    assert all(link.codec.codec == "int8" and link.profile_name == "6g" for link in topo.links)
+    assert all(link.codec.codec == "int8mu" and link.profile_name == "6g" for link in topo.links)
     assert topo.stage_assignment(30)[-1] == ("phone", StageSpec(30, 30, head=True))

@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="6g", help="link profile (default: 6g)")
     parser.add_argument("--hops", type=int, default=2, help="number of edge nodes in the chain (default: 2)")
     parser.add_argument("--codec", default="fp16",
-                        help="smashed-data codec: none|fp16|bf16|int8, optionally +zstd or +lz4 (default: fp16)")  # fmt: skip
+                        help="smashed-data codec: none|fp16|bf16|int8|int8mu, optionally +zstd or +lz4 (default: fp16)")  # fmt: skip
     parser.add_argument("--head", choices=["device", "server"], default="device",
                         help="where the final norm + LM head run (default: device)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="stop after N tokens (default: 48)")
