@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(
         cfg,
         on_text=None if quiet else _echo,
-        on_phase=None if quiet else (lambda text: print(f"[{text}]", file=sys.stderr, flush=True)),
+        on_phase=None if quiet else (lambda text: print(f"\n[{text}]", file=sys.stderr, flush=True)),
     )
     title = f"{cfg.hops}-hop split over {cfg.profile} ({cfg.codec}, head on {cfg.head}) vs device only vs cloud (wan)"
     report["chart"] = str(breakdown_chart(report["breakdown"], args.chart, title))
