@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgellm.cli.generate import add_sampling_arguments, sampling_from
+from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
 from edgellm.deploy.chart import breakdown_chart
 from edgellm.deploy.demo import DEFAULT_PROMPT, DemoConfig, run_demo
 from edgellm.net.link import PROFILES
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Q: {cfg.prompt}\n")
     report = run_demo(
         cfg,
-        on_text=None if quiet else _echo,
+        on_text=None if quiet else echo_text,
         on_phase=None if quiet else (lambda text: print(f"\n[{text}]", file=sys.stderr, flush=True)),
     )
     title = f"{cfg.hops}-hop split over {cfg.profile} ({cfg.codec}, head on {cfg.head}) vs device only vs cloud (wan)"
@@ -64,11 +64,6 @@ def run(args: argparse.Namespace) -> int:
         print()
         print_breakdown(report)
     return 0
-
-
-def _echo(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 def print_breakdown(report: dict[str, Any]) -> None:

@@ -87,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(generate_text(loaded, args.prompt, options)))
         return 0
-    report = generate_text(loaded, args.prompt, options, on_text=_echo)
+    report = generate_text(loaded, args.prompt, options, on_text=echo_text)
     print()
     print_summary(report)
     return 0
 
 
-def _echo(text: str) -> None:
+def echo_text(text: str) -> None:
+    """Write streamed text as it arrives (the `on_text` of every streaming command)."""
     sys.stdout.write(text)
     sys.stdout.flush()
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from edgellm.cli.generate import add_sampling_arguments, sampling_from
+from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
 from edgellm.deploy.node import channel_config
 from edgellm.deploy.topology import load_topology
 from edgellm.errors import ConfigError
@@ -54,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if "report" in event:
             report = event["report"]
         elif not args.json:
-            sys.stdout.write(event["text"])
-            sys.stdout.flush()
+            echo_text(event["text"])
     if args.json:
         print(json.dumps(report))
     else:
