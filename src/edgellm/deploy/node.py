@@ -25,7 +25,9 @@ from edgellm.split.host import SessionLimits, StageHost
 from edgellm.split.local import load_stages, stage_label
 from edgellm.split.pipeline import Hop
 from edgellm.split.server import StageServer
+from edgellm.split.trainer import TrainHost
 from edgellm.store import resolve_model
+from edgellm.store.paths import checkpoint_root
 from edgellm.store.weights import load_config, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,9 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
     if nxt is not None:
         downstream[nxt.name] = remote_hop(topology, name, nxt.name, route=None)
     host = StageHost(stages[0], limits)
-    return BuiltNode(name, node.address, StageServer(name, host, downstream, {**info, "role": node.role}), stages)
+    trainer = TrainHost(host, arch_for(config).layers, name, checkpoint_root())
+    server = StageServer(name, host, downstream, {**info, "role": node.role}, trainer=trainer)
+    return BuiltNode(name, node.address, server, stages)
 
 
 def device_hops(topology: Topology, name: str, stages: list[Stage], limits: SessionLimits) -> list[Hop]:

@@ -8,40 +8,49 @@ Strings are a varint length + UTF-8; counts and sizes are unsigned LEB128 varint
 is a byte of codec|compression, a dtype byte, the rank, varint dims, varint payload and scale lengths, then its
 bytes. The header of one int8 decode step is ~60 bytes, so a token's smashed data (576 int8 values + scale)
 fits in 640 bytes. Anything that does not parse exactly, to the last byte, is refused.
+
+Split learning adds `TrainOpen`, `TrainForward`, `TrainBackward` and `AdapterSync` (answered by `ForwardReply` or
+`SyncReply`): activations go towards the servers and activation gradients come back, on the link's codec;
+adapter weights always travel losslessly. The byte-level pieces are in `edgellm.net.frame`.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from edgellm.errors import ConfigError
-from edgellm.net.codec import (
-    CODECS,
-    COMPRESSIONS,
-    DTYPES,
-    CodecSpec,
-    EncodedTensor,
-    decode_tensor,
-    encode_tensor,
-    parse_codec,
+from edgellm.net.codec import CodecSpec, parse_codec
+from edgellm.net.frame import (
+    F32,
+    MAX_ITEMS,
+    MAX_RANK,
+    MAX_STRING,
+    MAX_TENSORS,
+    MAX_TEXT,
+    Reader,
+    WireError,
+    codec_byte,
+    codec_from_byte,
+    put_named_tensors,
+    put_str,
+    put_strs,
+    put_tensor,
+    put_varint,
 )
+
+__all__ = [
+    "MAX_ITEMS", "MAX_RANK", "MAX_STRING", "MAX_TENSORS", "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION", "WireError",
+    "ForwardRequest", "ForwardReply", "HopTrace", "CloseSession", "TrainOpen", "TrainForward", "TrainBackward",
+    "AdapterSync", "SyncReply", "SYNC_OPS", "encode", "decode",
+]  # fmt: skip
 
 PROTOCOL_VERSION = 1
 MAGIC = b"EDGL"
 _PREFIX = struct.Struct("<4sHB")
 MAX_MESSAGE_BYTES = 64 << 20
-MAX_STRING = 256
-MAX_ITEMS = 64  # route entries, trace records
-MAX_RANK = 4
-
-
-class WireError(ConfigError):
-    """A message from a peer is malformed, from another protocol version, or out of limits."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +133,105 @@ class CloseSession:
     version: int = PROTOCOL_VERSION
 
 
-_FORWARD, _REPLY, _CLOSE = 1, 2, 3
-_F32 = struct.Struct("<f")
+@dataclass(frozen=True)
+class TrainOpen:
+    """Start (or resume) a split-learning session on the receiver and, in chain mode, on every node of `route`.
+
+    Attributes:
+        session: the training session id (one per client); later training messages name it.
+        run: the training run; names the adapters and the checkpoints, and stays the same across restarts.
+        attempt: one launch of the run; a node holding adapters of another attempt of the same run reloads them
+            (fresh, or from the checkpoint of `resume_step`), so every client of a launch starts from one state.
+        client, clients: this client's index and how many clients train together (the aggregation round size).
+        config: JSON of the server-side settings (`edgellm.split.trainer.ServerTrainConfig`).
+        resume_step: 0 starts fresh; N > 0 loads every node's checkpoint of step N.
+    """
+
+    session: str
+    run: str
+    attempt: str
+    client: int
+    clients: int
+    config: str
+    resume_step: int = 0
+    route: tuple[str, ...] = ()
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class TrainForward:
+    """Run the receiver's stage with its adapters on a training batch and keep what the backward pass needs.
+
+    Attributes:
+        step: the client's training step; the matching `TrainBackward` names it.
+        data: [B, S, D] hidden states; positions: [B, S] int64; token_mask: [B, S] bool or None.
+    """
+
+    session: str
+    step: int
+    data: torch.Tensor
+    positions: torch.Tensor
+    token_mask: torch.Tensor | None = None
+    route: tuple[str, ...] = ()
+    reply_codec: str = "none"
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class TrainBackward:
+    """The gradient of the loss with respect to the receiver's output (in chain mode: the last node's output).
+
+    The receiver passes it down its route first, backpropagates what comes back through its own stage, steps
+    its optimizer, and replies with the gradient with respect to its input ([B, S, D]).
+    """
+
+    session: str
+    step: int
+    grad: torch.Tensor
+    route: tuple[str, ...] = ()
+    reply_codec: str = "none"
+    version: int = PROTOCOL_VERSION
+
+
+SYNC_OPS = ("get", "put", "checkpoint", "aggregate")
+
+
+@dataclass(frozen=True)
+class AdapterSync:
+    """Move adapter weights of a training session.
+
+    Ops:
+        get: every node on the route returns its adapter weights (and, with `grads`, the gradients of its last
+            backward pass); the reply merges them (full-model parameter names never collide).
+        put: every node loads the weights named for its layers (to start from an existing adapter).
+        checkpoint: every node saves its adapters and optimizer as of `step` (the first request for a step wins).
+        aggregate: the receiver only: this client's adapter weights, with `weight` (its samples), for the FedAvg
+            round of `step`; the reply is the round's average once every client sent (or the round timed out).
+    """
+
+    session: str
+    op: str
+    step: int = 0
+    weight: float = 0.0
+    tensors: tuple[tuple[str, torch.Tensor], ...] = ()
+    grads: bool = False
+    route: tuple[str, ...] = ()
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if self.op not in SYNC_OPS:
+            raise WireError(f"unknown adapter sync op {self.op!r}; choose from {list(SYNC_OPS)}")
+
+
+@dataclass(frozen=True)
+class SyncReply:
+    """Answer to `TrainOpen` and `AdapterSync`: named tensors (adapter weights) and a JSON detail."""
+
+    tensors: tuple[tuple[str, torch.Tensor], ...] = ()
+    detail: str = "{}"
+
+
+_FORWARD, _REPLY, _CLOSE, _TRAIN_OPEN, _TRAIN_FORWARD, _TRAIN_BACKWARD, _SYNC, _SYNC_REPLY = range(1, 9)
 
 
 def encode(message: Any, codec: CodecSpec = CodecSpec()) -> bytes:
@@ -133,36 +239,79 @@ def encode(message: Any, codec: CodecSpec = CodecSpec()) -> bytes:
     out = bytearray()
     if isinstance(message, ForwardRequest):
         out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _FORWARD)
-        _put_str(out, message.session)
+        put_str(out, message.session)
         flags = (
             message.new_session | message.last_only << 1 | (message.token_mask is not None) << 2 | message.argmax << 3
         )
         out.append(int(flags))
-        _put_strs(out, message.route)
-        out.append(_codec_byte(parse_codec(message.reply_codec)))
-        _put_tensor(out, message.data, codec)
-        _put_tensor(out, message.positions, codec)
+        put_strs(out, message.route)
+        out.append(codec_byte(parse_codec(message.reply_codec)))
+        put_tensor(out, message.data, codec)
+        put_tensor(out, message.positions, codec)
         if message.token_mask is not None:
-            _put_tensor(out, message.token_mask, codec)
+            put_tensor(out, message.token_mask, codec)
     elif isinstance(message, ForwardReply):
         out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _REPLY)
         out.append(int(message.is_logits))
-        out += _F32.pack(message.compute_ms) + _F32.pack(message.server_ms)
-        _put_varint(out, len(message.trace))
+        out += F32.pack(message.compute_ms) + F32.pack(message.server_ms)
+        put_varint(out, len(message.trace))
         for t in message.trace:
-            _put_str(out, t.node)
-            _put_str(out, t.link)
-            out += _F32.pack(t.compute_ms) + _F32.pack(t.server_ms) + _F32.pack(t.wire_ms)
-            _put_varint(out, t.bytes_up)
-            _put_varint(out, t.bytes_down)
-        _put_tensor(out, message.output, codec)
+            put_str(out, t.node)
+            put_str(out, t.link)
+            out += F32.pack(t.compute_ms) + F32.pack(t.server_ms) + F32.pack(t.wire_ms)
+            put_varint(out, t.bytes_up)
+            put_varint(out, t.bytes_down)
+        put_tensor(out, message.output, codec)
     elif isinstance(message, CloseSession):
         out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _CLOSE)
-        _put_str(out, message.session)
-        _put_strs(out, message.route)
+        put_str(out, message.session)
+        put_strs(out, message.route)
+    else:
+        _encode_training(out, message, codec)
+    return bytes(out)
+
+
+def _encode_training(out: bytearray, message: Any, codec: CodecSpec) -> None:
+    if isinstance(message, TrainOpen):
+        out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _TRAIN_OPEN)
+        for text in (message.session, message.run, message.attempt):
+            put_str(out, text)
+        for number in (message.client, message.clients, message.resume_step):
+            put_varint(out, number)
+        put_str(out, message.config)
+        put_strs(out, message.route)
+    elif isinstance(message, TrainForward):
+        out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _TRAIN_FORWARD)
+        put_str(out, message.session)
+        put_varint(out, message.step)
+        out.append(int(message.token_mask is not None))
+        put_strs(out, message.route)
+        out.append(codec_byte(parse_codec(message.reply_codec)))
+        put_tensor(out, message.data, codec)
+        put_tensor(out, message.positions, codec)
+        if message.token_mask is not None:
+            put_tensor(out, message.token_mask, codec)
+    elif isinstance(message, TrainBackward):
+        out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _TRAIN_BACKWARD)
+        put_str(out, message.session)
+        put_varint(out, message.step)
+        put_strs(out, message.route)
+        out.append(codec_byte(parse_codec(message.reply_codec)))
+        put_tensor(out, message.grad, codec)
+    elif isinstance(message, AdapterSync):
+        out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _SYNC)
+        put_str(out, message.session)
+        out.append(SYNC_OPS.index(message.op) | message.grads << 4)
+        put_varint(out, message.step)
+        out += F32.pack(message.weight)
+        put_strs(out, message.route)
+        put_named_tensors(out, message.tensors)
+    elif isinstance(message, SyncReply):
+        out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _SYNC_REPLY)
+        put_str(out, message.detail)
+        put_named_tensors(out, message.tensors)
     else:
         raise TypeError(f"not a wire message: {type(message).__name__}")
-    return bytes(out)
 
 
 def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
@@ -181,13 +330,13 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
         raise WireError(f"not an edgellm frame (magic {magic!r})")
     if version != PROTOCOL_VERSION:
         raise WireError(f"protocol version {version} is not supported (this node speaks {PROTOCOL_VERSION})")
-    r = _Reader(frame, _PREFIX.size)
+    r = Reader(frame, _PREFIX.size)
     message: Any
     if kind == _FORWARD:
         session, flags, route = r.string("session"), r.byte("flags"), r.strings("route")
         if flags & ~0b1111:
             raise WireError(f"unknown flags {flags:#x} in a forward message")
-        reply_codec = _codec_from_byte(r.byte("reply_codec"))
+        reply_codec = codec_from_byte(r.byte("reply_codec"))
         data, positions = r.tensor("data"), r.tensor("positions")
         mask = r.tensor("token_mask") if flags & 0b100 else None
         message = ForwardRequest(
@@ -206,130 +355,37 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
         message = ForwardReply(r.tensor("output"), compute_ms, server_ms, trace, bool(flags))
     elif kind == _CLOSE:
         message = CloseSession(r.string("session"), r.strings("route"))
+    elif _TRAIN_OPEN <= kind <= _SYNC_REPLY:
+        message = _decode_training(kind, r)
     else:
         raise WireError(f"unknown message type {kind}")
     r.finish()
     return message
 
 
-def _codec_byte(spec: CodecSpec) -> int:
-    return CODECS.index(spec.codec) << 4 | COMPRESSIONS.index(spec.compression)
-
-
-def _codec_from_byte(value: int) -> str:
-    codec, compression = value >> 4, value & 0xF
-    if codec >= len(CODECS) or compression >= len(COMPRESSIONS):
-        raise WireError(f"unknown codec byte {value:#x}")
-    return CODECS[codec] if compression == 0 else f"{CODECS[codec]}+{COMPRESSIONS[compression]}"
-
-
-def _put_varint(out: bytearray, value: int) -> None:
-    if value < 0:
-        raise ValueError(f"varints are unsigned, got {value}")
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-
-
-def _put_str(out: bytearray, text: str) -> None:
-    raw = text.encode()
-    _put_varint(out, len(raw))
-    out += raw
-
-
-def _put_strs(out: bytearray, items: tuple[str, ...]) -> None:
-    _put_varint(out, len(items))
-    for item in items:
-        _put_str(out, item)
-
-
-def _put_tensor(out: bytearray, x: torch.Tensor, codec: CodecSpec) -> None:
-    enc = encode_tensor(x, codec)
-    out.append(_codec_byte(CodecSpec(enc.codec, enc.compression)))
-    out.append(DTYPES.index(enc.dtype))
-    out.append(len(enc.shape))
-    for dim in enc.shape:
-        _put_varint(out, dim)
-    _put_varint(out, len(enc.payload))
-    _put_varint(out, len(enc.scales))
-    out += enc.payload
-    out += enc.scales
-
-
-class _Reader:
-    """Reads a frame front to back; every read names its field in the error if the bytes run out or lie."""
-
-    def __init__(self, frame: bytes, offset: int) -> None:
-        self._frame = frame
-        self._pos = offset
-
-    def _take(self, n: int, field: str) -> bytes:
-        if n < 0 or self._pos + n > len(self._frame):
-            raise WireError(f"message ends inside field {field!r}")
-        chunk = self._frame[self._pos : self._pos + n]
-        self._pos += n
-        return chunk
-
-    def byte(self, field: str) -> int:
-        return self._take(1, field)[0]
-
-    def varint(self, field: str) -> int:
-        value, shift = 0, 0
-        while True:
-            b = self.byte(field)
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return value
-            shift += 7
-            if shift > 63:
-                raise WireError(f"field {field!r}: varint too long")
-
-    def f32(self, field: str) -> float:
-        value = _F32.unpack(self._take(4, field))[0]
-        if not math.isfinite(value):
-            raise WireError(f"field {field!r} is not finite")
-        return value
-
-    def string(self, field: str) -> str:
-        n = self.varint(field)
-        if n > MAX_STRING:
-            raise WireError(f"field {field!r}: string of {n} bytes exceeds {MAX_STRING}")
-        try:
-            return self._take(n, field).decode()
-        except UnicodeDecodeError:
-            raise WireError(f"field {field!r} is not UTF-8") from None
-
-    def count(self, field: str) -> int:
-        n = self.varint(field)
-        if n > MAX_ITEMS:
-            raise WireError(f"field {field!r}: {n} items exceed {MAX_ITEMS}")
-        return n
-
-    def strings(self, field: str) -> tuple[str, ...]:
-        return tuple(self.string(field) for _ in range(self.count(field)))
-
-    def tensor(self, field: str) -> torch.Tensor:
-        codec = _codec_from_byte(self.byte(field))
-        dtype_index, rank = self.byte(field), self.byte(field)
-        if dtype_index >= len(DTYPES):
-            raise WireError(f"tensor {field!r}: unknown dtype code {dtype_index}")
-        if rank > MAX_RANK:
-            raise WireError(f"tensor {field!r}: rank {rank} exceeds {MAX_RANK}")
-        shape = tuple(self.varint(field) for _ in range(rank))
-        payload_len, scales_len = self.varint(field), self.varint(field)
-        payload, scales = self._take(payload_len, field), self._take(scales_len, field)
-        name, _, compression = codec.partition("+")
-        try:
-            tensor = decode_tensor(
-                EncodedTensor(name, compression or "none", DTYPES[dtype_index], shape, payload, scales)
-            )
-        except ConfigError as exc:
-            raise WireError(f"tensor {field!r}: {exc}") from None
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise WireError(f"tensor {field!r} holds NaN or infinite values")
-        return tensor
-
-    def finish(self) -> None:
-        if self._pos != len(self._frame):
-            raise WireError(f"message has {len(self._frame) - self._pos} trailing bytes")
+def _decode_training(kind: int, r: Reader) -> Any:
+    if kind == _TRAIN_OPEN:
+        session, run, attempt = r.string("session"), r.string("run"), r.string("attempt")
+        client, clients, resume_step = r.varint("client"), r.varint("clients"), r.varint("resume_step")
+        config = r.string("config", MAX_TEXT)
+        return TrainOpen(session, run, attempt, client, clients, config, resume_step, r.strings("route"))
+    if kind == _TRAIN_FORWARD:
+        session, step, flags = r.string("session"), r.varint("step"), r.byte("flags")
+        if flags & ~1:
+            raise WireError(f"unknown flags {flags:#x} in a train forward message")
+        route, reply_codec = r.strings("route"), codec_from_byte(r.byte("reply_codec"))
+        data, positions = r.tensor("data"), r.tensor("positions")
+        mask = r.tensor("token_mask") if flags & 1 else None
+        return TrainForward(session, step, data, positions, mask, route, reply_codec)
+    if kind == _TRAIN_BACKWARD:
+        session, step, route = r.string("session"), r.varint("step"), r.strings("route")
+        reply_codec = codec_from_byte(r.byte("reply_codec"))
+        return TrainBackward(session, step, r.tensor("grad"), route, reply_codec)
+    if kind == _SYNC:
+        session, ops = r.string("session"), r.byte("op")
+        if ops & 0x0F >= len(SYNC_OPS) or ops & ~0x1F:
+            raise WireError(f"unknown adapter sync op byte {ops:#x}")
+        step, weight, route = r.varint("step"), r.f32("weight"), r.strings("route")
+        return AdapterSync(session, SYNC_OPS[ops & 0x0F], step, weight, r.named_tensors("tensors"), bool(ops & 0x10), route)
+    detail = r.string("detail", MAX_TEXT)
+    return SyncReply(r.named_tensors("tensors"), detail)

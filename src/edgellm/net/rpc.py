@@ -8,6 +8,8 @@ edgellm's own frames (`edgellm.net.messages`), so no protobuf code generation is
 - `Close` (frame -> empty): drop a session.
 - `Info` (JSON -> JSON): what the node serves; doubles as the readiness probe.
 - `Generate` (JSON -> stream of JSON events): a device node generates text for a prompt.
+- `Train` (frame -> frame): a split-learning message (`TrainOpen`, `TrainForward`, `TrainBackward`,
+  `AdapterSync`), answered with a `ForwardReply` or a `SyncReply`.
 
 Every call carries the deployment's shared token in the `x-edgellm-token` metadata; nodes compare it in
 constant time and refuse calls without it.
@@ -37,6 +39,9 @@ from edgellm.net.messages import (
     ForwardReply,
     ForwardRequest,
     HopTrace,
+    SyncReply,
+    TrainBackward,
+    TrainForward,
     WireError,
     decode,
     encode,
@@ -131,11 +136,13 @@ class RemoteHop:
         self.sender = sender
         self.route = route
         self._metadata = ((TOKEN_HEADER, channel.token),) if channel.token else ()
+        self.sync_bytes = 0  # adapter traffic (open, get, put, checkpoint, aggregate), both directions
         self._grpc = _open_channel(address, channel)
         self._forward = self._grpc.unary_unary(f"/{SERVICE}/Forward")
         self._close = self._grpc.unary_unary(f"/{SERVICE}/Close")
         self._info = self._grpc.unary_unary(f"/{SERVICE}/Info")
         self._generate = self._grpc.unary_stream(f"/{SERVICE}/Generate")
+        self._train = self._grpc.unary_unary(f"/{SERVICE}/Train")
 
     def forward(self, request: ForwardRequest) -> ForwardReply:
         route = request.route if self.route is None else self.route
@@ -151,6 +158,40 @@ class RemoteHop:
         reply = decode(reply_frame, self.channel.max_message_bytes)
         if not isinstance(reply, ForwardReply):
             raise RemoteError(f"node {self.name} answered Forward with a {type(reply).__name__}")
+        own = HopTrace(
+            node=self.name,
+            link=f"{self.sender}->{self.name}",
+            compute_ms=reply.compute_ms,
+            server_ms=reply.server_ms,
+            wire_ms=max(call_ms - reply.server_ms, 0.0),
+            bytes_up=len(frame),
+            bytes_down=len(reply_frame),
+        )
+        return dataclasses.replace(reply, trace=(own, *reply.trace))
+
+    def train(self, message: Any) -> ForwardReply | SyncReply:
+        """Send a split-learning message; activations and gradients use the link's codec, adapters go lossless.
+
+        A `ForwardReply` comes back with this hop's `HopTrace` first, as from `forward`.
+        """
+        route = message.route if self.route is None else self.route
+        message = dataclasses.replace(message, route=route)
+        if isinstance(message, TrainForward | TrainBackward):
+            message = dataclasses.replace(message, reply_codec=codec_name(self.codec))
+        frame = encode(message, self.codec)
+        start = time.perf_counter()
+        if self.link is not None:
+            self.link.send(len(frame), "up")
+        reply_frame = self._call(self._train, frame)
+        if self.link is not None:
+            self.link.send(len(reply_frame), "down")
+        call_ms = (time.perf_counter() - start) * 1e3
+        reply = decode(reply_frame, self.channel.max_message_bytes)
+        if isinstance(reply, SyncReply):
+            self.sync_bytes += len(frame) + len(reply_frame)
+            return reply
+        if not isinstance(reply, ForwardReply):
+            raise RemoteError(f"node {self.name} answered Train with a {type(reply).__name__}")
         own = HopTrace(
             node=self.name,
             link=f"{self.sender}->{self.name}",
@@ -245,6 +286,8 @@ class NodeHandler(Protocol):
 
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]: ...
 
+    def train(self, frame: bytes) -> bytes: ...
+
 
 def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: int = 8) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `handler` on `address`; returns the server and the bound port.
@@ -259,6 +302,7 @@ def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: i
         "Close": grpc.unary_unary_rpc_method_handler(service.close),
         "Info": grpc.unary_unary_rpc_method_handler(service.info),
         "Generate": grpc.unary_stream_rpc_method_handler(service.generate),
+        "Train": grpc.unary_unary_rpc_method_handler(service.train),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
     try:
@@ -293,6 +337,9 @@ class _Service:
 
     def forward(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
         return self._guard(context, lambda: self._handler.forward(frame))
+
+    def train(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(context, lambda: self._handler.train(frame))
 
     def close(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
         def call() -> bytes:

@@ -179,6 +179,11 @@ class DeviceServer:
     def close(self, frame: bytes) -> None:
         raise ConfigError(f"node {self.engine.name} is the device; it holds no sessions for peers")
 
+    def train(self, frame: bytes) -> bytes:
+        raise ConfigError(
+            f"node {self.engine.name} is the device; devices train with `edgellm finetune`, not for peers"
+        )
+
     def info(self) -> dict[str, Any]:
         return self.engine.info()
 

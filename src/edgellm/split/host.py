@@ -53,7 +53,7 @@ class StageHost:
         self.limits = limits
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # also held by the training host: one computation at a time
 
     @property
     def session_count(self) -> int:
@@ -70,7 +70,7 @@ class StageHost:
             raise ConfigError(
                 f"protocol version {request.version} is not supported (this host speaks {PROTOCOL_VERSION})"
             )
-        with self._lock:
+        with self.lock:
             now = self._clock()
             self._expire(now)
             session = self._session_for(request, now)
@@ -86,7 +86,7 @@ class StageHost:
 
     def close(self, request: CloseSession) -> None:
         """Drop a session; closing an unknown session is not an error (it may have expired)."""
-        with self._lock:
+        with self.lock:
             self._sessions.pop(request.session, None)
 
     def _session_for(self, request: ForwardRequest, now: float) -> _Session:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest, HopTrace
+from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest, HopTrace, SyncReply
 
 
 class Hop(Protocol):
@@ -20,6 +20,16 @@ class Hop(Protocol):
     def forward(self, request: ForwardRequest) -> ForwardReply: ...
 
     def close(self, request: CloseSession) -> None: ...
+
+
+class TrainHop(Hop, Protocol):
+    """A hop that also carries split-learning messages (`TrainOpen`, `TrainForward`, `TrainBackward`,
+    `AdapterSync`); forward and backward are answered with a `ForwardReply`, the others with a `SyncReply`."""
+
+    def train(self, message: Any) -> Any: ...
+
+
+TrainReply = ForwardReply | SyncReply
 
 
 @dataclass

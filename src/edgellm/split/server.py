@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -10,17 +12,25 @@ from edgellm.errors import ConfigError
 from edgellm.net.codec import CodecSpec, parse_codec
 from edgellm.net.messages import (
     MAX_MESSAGE_BYTES,
+    AdapterSync,
     CloseSession,
     ForwardReply,
     ForwardRequest,
     HopTrace,
+    SyncReply,
+    TrainBackward,
+    TrainForward,
+    TrainOpen,
     WireError,
     decode,
     encode,
 )
 from edgellm.split.host import StageHost
-from edgellm.split.pipeline import Hop
-from edgellm.split.validate import check_request
+from edgellm.split.pipeline import Hop, TrainHop
+from edgellm.split.trainer import TrainHost
+from edgellm.split.validate import check_hidden, check_request
+
+TrainMessage = TrainOpen | TrainForward | TrainBackward | AdapterSync
 
 
 class StageServer:
@@ -36,6 +46,7 @@ class StageServer:
         downstream: hops to the nodes this one may forward to, by name.
         info: extra fields for `Info` (model name, role, ...).
         max_message_bytes: largest frame accepted.
+        trainer: trains adapters of the stage for split-learning clients; None refuses training messages.
     """
 
     def __init__(
@@ -45,12 +56,14 @@ class StageServer:
         downstream: Mapping[str, Hop] | None = None,
         info: Mapping[str, Any] | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        trainer: TrainHost | None = None,
     ) -> None:
         self.name = name
         self.host = host
         self.downstream = dict(downstream or {})
         self._info = dict(info or {})
         self._max_bytes = max_message_bytes
+        self.trainer = trainer
 
     def forward(self, frame: bytes) -> bytes:
         start = time.perf_counter()
@@ -81,6 +94,8 @@ class StageServer:
         if not isinstance(request, CloseSession):
             raise WireError(f"Close takes a close message, got {type(request).__name__}")
         self.host.close(request)
+        if self.trainer is not None:
+            self.trainer.close(request.session)
         if request.route:
             self._next(request.route[0]).close(CloseSession(request.session, route=request.route[1:]))
 
@@ -99,8 +114,90 @@ class StageServer:
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         raise ConfigError(f"node {self.name} is a stage server; send prompts to the device node")
 
+    def train(self, frame: bytes) -> bytes:
+        """A split-learning message in, its reply out (`handle_train` on the decoded message)."""
+        start = time.perf_counter()
+        message = decode(frame, self._max_bytes)
+        if not isinstance(message, TrainOpen | TrainForward | TrainBackward | AdapterSync):
+            raise WireError(f"Train takes a training message, got {type(message).__name__}")
+        reply = self.handle_train(message)
+        if isinstance(reply, SyncReply):
+            return encode(reply)
+        server_ms = (time.perf_counter() - start) * 1e3
+        codec = parse_codec(message.reply_codec) if isinstance(message, TrainForward | TrainBackward) else CodecSpec()
+        return encode(dataclasses.replace(reply, server_ms=server_ms), codec)
+
+    def handle_train(self, message: TrainMessage) -> ForwardReply | SyncReply:
+        """Run this node's part of a training message and pass it along its route.
+
+        Forward: this stage, then the rest of the route. Backward: the rest of the route first (it returns the
+        gradient with respect to this stage's output), then this stage. Open, get, put and checkpoint: this node
+        and every node of the route, details and tensors merged. Aggregate: this node only.
+        """
+        trainer = self._trainer()
+        route = message.route
+        nxt = self._next_train(route[0]) if route and not (isinstance(message, AdapterSync) and message.op == "aggregate") else None
+        ahead = dataclasses.replace(message, route=route[1:]) if nxt is not None else None
+        if isinstance(message, TrainForward):
+            check_hidden(message.data, message.positions, message.token_mask, self.host.stage)
+            local = trainer.forward(message)
+            if nxt is None:
+                return local
+            down = nxt.train(dataclasses.replace(ahead, data=local.output))  # type: ignore[type-var]
+            return ForwardReply(down.output, local.compute_ms, trace=down.trace)
+        if isinstance(message, TrainBackward):
+            grad, trace, down_ms = message.grad, (), 0.0
+            if nxt is not None:
+                down = nxt.train(ahead)  # type: ignore[arg-type]
+                grad, trace = down.output, down.trace
+            local = trainer.backward(dataclasses.replace(message, grad=grad))
+            return ForwardReply(local.output, local.compute_ms + down_ms, trace=trace)
+        if isinstance(message, TrainOpen):
+            detail: list[Any] = [trainer.open(message)]
+            tensors: dict[str, Any] = {}
+        else:
+            part, info = trainer.sync(message)
+            detail, tensors = [info], dict(part)
+        if nxt is not None:
+            down_sync = nxt.train(ahead)  # type: ignore[arg-type]
+            detail += json.loads(down_sync.detail)
+            tensors.update(dict(down_sync.tensors))
+        return SyncReply(tuple(tensors.items()), json.dumps(detail))
+
+    def _trainer(self) -> TrainHost:
+        if self.trainer is None:
+            raise ConfigError(f"node {self.name} does not train (it serves inference only)")
+        return self.trainer
+
+    def _next_train(self, name: str) -> TrainHop:
+        hop = self._next(name)
+        if not hasattr(hop, "train"):
+            raise ConfigError(f"node {self.name}'s link to {name!r} cannot carry training messages")
+        return hop  # type: ignore[return-value]
+
     def _next(self, name: str) -> Hop:
         hop = self.downstream.get(name)
         if hop is None:
             raise ConfigError(f"node {self.name} has no link to {name!r}; it can forward to {sorted(self.downstream)}")
         return hop
+
+
+class InProcessServer:
+    """A `StageServer` reached without serialization: the handler of an `edgellm.net.local.LocalHop`, for
+    single-process runs and tests of the same routing code the network uses."""
+
+    def __init__(self, server: StageServer) -> None:
+        self.server = server
+
+    def forward(self, request: ForwardRequest) -> ForwardReply:
+        return self.server.host.forward(request)
+
+    def close(self, request: CloseSession) -> None:
+        self.server.host.close(request)
+        if self.server.trainer is not None:
+            self.server.trainer.close(request.session)
+        if request.route:
+            self.server._next(request.route[0]).close(CloseSession(request.session, route=request.route[1:]))
+
+    def handle_train(self, message: TrainMessage) -> ForwardReply | SyncReply:
+        return self.server.handle_train(message)

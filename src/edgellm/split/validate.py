@@ -17,7 +17,32 @@ def check_request(request: ForwardRequest, stage: Stage, max_batch: int = MAX_BA
         WireError: wrong dtype or rank, hidden size other than the model's, token ids outside the vocabulary,
             mismatched positions or mask, negative positions, batch or sequence beyond the limits.
     """
-    data, dims = request.data, stage.dims
+    check_inputs(request.data, request.positions, request.token_mask, stage, max_batch)
+
+
+def check_hidden(
+    data: torch.Tensor,
+    positions: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    stage: Stage,
+    max_batch: int = MAX_BATCH,
+) -> None:
+    """`check_inputs` for a training request: the stage must take hidden states (token ids never leave the
+    device in split learning)."""
+    if stage.spec.embed:
+        raise WireError("this node holds the embedding: split learning sends it hidden states, never token ids")
+    check_inputs(data, positions, token_mask, stage, max_batch)
+
+
+def check_inputs(
+    data: torch.Tensor,
+    positions: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    stage: Stage,
+    max_batch: int = MAX_BATCH,
+) -> None:
+    """The checks of `check_request` on its tensors (see there)."""
+    dims = stage.dims
     if stage.spec.embed:
         if data.dtype != torch.int64 or data.dim() != 2:
             raise WireError(f"the first stage takes int64 token ids [B, S], got {data.dtype} {list(data.shape)}")
@@ -33,11 +58,9 @@ def check_request(request: ForwardRequest, stage: Stage, max_batch: int = MAX_BA
         raise WireError(f"batch size {batch} is outside 1..{max_batch}")
     if not 1 <= seq <= dims.max_length:
         raise WireError(f"sequence chunk of {seq} tokens is outside 1..{dims.max_length}")
-    positions = request.positions
     if positions.dtype != torch.int64 or tuple(positions.shape) != (batch, seq):
         raise WireError(f"positions must be int64 [{batch}, {seq}], got {positions.dtype} {list(positions.shape)}")
     if int(positions.min()) < 0:
         raise WireError("positions must be >= 0")
-    mask = request.token_mask
-    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (batch, seq)):
-        raise WireError(f"token_mask must be bool [{batch}, {seq}], got {mask.dtype} {list(mask.shape)}")
+    if token_mask is not None and (token_mask.dtype != torch.bool or tuple(token_mask.shape) != (batch, seq)):
+        raise WireError(f"token_mask must be bool [{batch}, {seq}], got {token_mask.dtype} {list(token_mask.shape)}")

@@ -19,3 +19,8 @@ def home() -> Path:
 def models_dir() -> Path:
     """Converted models, one Hugging Face-format directory each."""
     return home() / "models"
+
+
+def checkpoint_root() -> Path:
+    """Training checkpoints a server node keeps for its clients: `<home>/checkpoints/<run>/<node>/<adapter>/`."""
+    return home() / "checkpoints"

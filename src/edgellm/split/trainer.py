@@ -1,0 +1,326 @@
+"""Split learning on a server: one stage, its LoRA adapters and optimizers, and the clients training through it.
+
+Per client session the server keeps the activations of the last `TrainForward` until the matching
+`TrainBackward` arrives, backpropagates the gradient it is given, steps the adapter's optimizer and returns the
+gradient with respect to its input. Adapters live in the stage's `LoRALinear` wrappers under a name per run
+(`shared`) or per run and client (`per-client`), so inference sessions on the same stage (adapter inactive) and
+training sessions share one copy of the base weights.
+
+A shared adapter is used by one client at a time, from its forward to its backward ("the turn"): otherwise a
+client's optimizer step would change weights another client's pending backward still needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgellm.errors import ConfigError, SessionError
+from edgellm.lora.inject import (
+    adapter_grads,
+    adapter_parameters,
+    adapter_state,
+    inject_lora,
+    load_adapter_state,
+    set_active,
+    stage_keys,
+    train_mode,
+    use_adapter,
+)
+from edgellm.lora.linear import LoRALinear
+from edgellm.net.messages import AdapterSync, ForwardReply, TrainBackward, TrainForward, TrainOpen
+from edgellm.split.aggregate import Aggregator
+from edgellm.split.host import StageHost
+from edgellm.split.train_config import ServerTrainConfig
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 3
+
+
+@dataclass
+class _Slot:
+    """One adapter on this stage and its optimizer."""
+
+    name: str  # the adapter's name in the stage's LoRALinear wrappers
+    label: str  # "shared" or "clientK": names the checkpoint folder
+    attempt: str
+    config: ServerTrainConfig
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    steps: int = 0  # optimizer steps taken
+    last_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved: set[int] = field(default_factory=set)  # client steps checkpointed in this attempt
+    owner: str | None = None  # the session whose turn it is (shared adapters)
+    owner_since: float = 0.0
+
+
+@dataclass
+class _Session:
+    slot: _Slot
+    run: str
+    attempt: str
+    client: int
+    clients: int
+    last_used: float
+    pending: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, input, output)
+
+
+def seed_for(seed: int, step: int, salt: int = 0) -> int:
+    """The RNG seed of one training step on one side: the same on every run with the same seed."""
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1)
+
+
+class TrainHost:
+    """Trains LoRA adapters of one stage for split-learning clients.
+
+    Args:
+        host: the stage host; its lock serializes training and inference on the stage.
+        layers_path: where the decoder layers sit in the full model ("model.layers"), for adapter names.
+        node: this node's name (checkpoint folder, details).
+        checkpoint_root: where checkpoints go (`<root>/<run>/<node>/<adapter>/step-N.pt`); None disables them.
+        clock: for session expiry and the turn timeout.
+    """
+
+    def __init__(
+        self,
+        host: StageHost,
+        layers_path: str,
+        node: str,
+        checkpoint_root: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.stage = host.stage
+        self.layers_path = layers_path
+        self.node = node
+        self.checkpoint_root = checkpoint_root
+        self._clock = clock
+        self._slots: dict[str, _Slot] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._turns = threading.Condition(host.lock)
+        self.aggregator = Aggregator()
+        self.turn_timeout_s = host.limits.idle_timeout_s
+
+    # -- sessions --------------------------------------------------------------------------------------------
+    def open(self, msg: TrainOpen) -> dict[str, Any]:
+        """Start a client's session; create, reset or reload its adapter as `msg.attempt`/`resume_step` say."""
+        config = ServerTrainConfig.from_json(msg.config)
+        if _safe(msg.run) != msg.run:
+            raise ConfigError(f"run name {msg.run!r} may only hold letters, digits, '.', '_' and '-'")
+        if not 0 <= msg.client < msg.clients:
+            raise ConfigError(f"client {msg.client} is out of range for {msg.clients} client(s)")
+        label = "shared" if config.share == "shared" else f"client{msg.client}"
+        key = f"{msg.run}/{label}"
+        with self.host.lock:
+            slot = self._slots.get(key)
+            if slot is None or slot.attempt != msg.attempt:
+                slot = self._new_slot(key, label, msg.attempt, config)
+                if msg.resume_step:
+                    self._load_checkpoint(slot, msg.run, msg.resume_step)
+            elif slot.config != config:
+                raise ConfigError(f"adapter {key} is already training with other settings in this attempt")
+            if msg.session not in self._sessions and len(self._sessions) >= self.host.limits.max_sessions:
+                raise ConfigError(f"node {self.node} is serving its maximum of {self.host.limits.max_sessions} sessions")
+            self._sessions[msg.session] = _Session(slot, msg.run, msg.attempt, msg.client, msg.clients, self._clock())
+            return {
+                "node": self.node,
+                "adapter": key,
+                "layers": [self.stage.spec.start, self.stage.spec.end],
+                "trainable_params": sum(p.numel() for p in slot.params),
+                "optimizer_steps": slot.steps,
+            }
+
+    def close(self, session: str) -> None:
+        """Forget a session (releasing its turn); closing an unknown session is not an error."""
+        with self.host.lock:
+            gone = self._sessions.pop(session, None)
+            if gone is not None and gone.slot.owner == session:
+                gone.slot.owner = None
+                self._turns.notify_all()
+
+    def _new_slot(self, key: str, label: str, attempt: str, config: ServerTrainConfig) -> _Slot:
+        old = self._slots.get(key)
+        name = old.name if old is not None else f"train{len(self._slots)}"
+        for module in self.stage.modules():
+            if isinstance(module, LoRALinear) and name in module.adapters:
+                module.remove_adapter(name)
+        inject_lora(self.stage, self.layers_path, config.lora, name)
+        set_active(self.stage, None)  # inference sessions on this stage keep running the base model
+        self.stage.requires_grad_(False)
+        params = adapter_parameters(self.stage, name)
+        for p in params:
+            p.requires_grad_(True)
+        train_mode(self.stage, name)  # adapter dropout on; the frozen base stays in eval mode
+        optimizer = torch.optim.AdamW(params, **config.optim.adamw_kwargs())
+        slot = _Slot(name, label, attempt, config, params, optimizer)
+        self._slots[key] = slot
+        return slot
+
+    def _session(self, session: str) -> _Session:
+        found = self._sessions.get(session)
+        if found is None:
+            raise SessionError(
+                f"unknown training session {session!r} on node {self.node} (closed, expired, or the node restarted)"
+            )
+        found.last_used = self._clock()
+        return found
+
+    # -- forward and backward --------------------------------------------------------------------------------
+    def forward(self, msg: TrainForward) -> ForwardReply:
+        """Run the stage with the session's adapter, keeping the graph for the backward pass.
+
+        data: [B, S, D] hidden states -> reply output [B, S, D]
+        """
+        with self.host.lock:
+            s = self._session(msg.session)
+            self._take_turn(s, msg.session)
+            start = time.perf_counter()
+            x = msg.data.detach().to(self.stage.dtype).requires_grad_(True)
+            torch.manual_seed(seed_for(s.slot.config.seed, msg.step, self.stage.spec.start + 1))
+            with torch.enable_grad(), use_adapter(self.stage, s.slot.name):
+                out = self.stage(x, msg.positions, None, msg.token_mask)
+            s.pending = (msg.step, x, out)
+            return ForwardReply(out.detach(), (time.perf_counter() - start) * 1e3)
+
+    def backward(self, msg: TrainBackward) -> ForwardReply:
+        """Backpropagate `msg.grad` (d loss / d output), step the optimizer, return d loss / d input."""
+        with self.host.lock:
+            s = self._session(msg.session)
+            if s.pending is None or s.pending[0] != msg.step:
+                have = "none" if s.pending is None else f"step {s.pending[0]}"
+                raise SessionError(f"no training forward of step {msg.step} is pending on node {self.node} ({have})")
+            _, x, out = s.pending
+            if tuple(msg.grad.shape) != tuple(out.shape):
+                raise ConfigError(f"gradient of shape {tuple(msg.grad.shape)} for an output of {tuple(out.shape)}")
+            start = time.perf_counter()
+            slot = s.slot
+            out.backward(msg.grad.to(out.dtype))
+            slot.last_grads = adapter_grads(self.stage, slot.name)
+            slot.optimizer.step()
+            slot.optimizer.zero_grad(set_to_none=True)
+            slot.steps += 1
+            s.pending = None
+            self._end_turn(s, msg.session)
+            assert x.grad is not None
+            return ForwardReply(x.grad.detach(), (time.perf_counter() - start) * 1e3)
+
+    def _take_turn(self, s: _Session, session: str) -> None:
+        slot = s.slot
+        if slot.config.share != "shared":
+            return
+        deadline = self._clock() + self.turn_timeout_s
+        while slot.owner not in (None, session):
+            if self._clock() - slot.owner_since > self.turn_timeout_s:
+                log.warning("session %s held adapter %s without a backward pass; taking its turn", slot.owner, slot.name)
+                stale = self._sessions.get(slot.owner)
+                if stale is not None:
+                    stale.pending = None
+                break
+            if self._clock() > deadline:
+                raise ConfigError(f"adapter {slot.name} on node {self.node} stayed busy for {self.turn_timeout_s:.0f} s")
+            self._turns.wait(timeout=0.5)
+        slot.owner, slot.owner_since = session, self._clock()
+
+    def _end_turn(self, s: _Session, session: str) -> None:
+        if s.slot.owner == session:
+            s.slot.owner = None
+            self._turns.notify_all()
+
+    # -- adapters ----------------------------------------------------------------------------------------------
+    def sync(self, msg: AdapterSync) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This node's part of an `AdapterSync` (the server routes it on); returns tensors and a detail."""
+        if msg.op == "aggregate":
+            return self._aggregate(msg)
+        with self.host.lock:
+            s = self._session(msg.session)
+            slot = s.slot
+            if msg.op == "get":
+                tensors = adapter_state(self.stage, slot.name)
+                if msg.grads:
+                    tensors.update({f"grad:{k}": v for k, v in slot.last_grads.items()})
+                return tensors, {"node": self.node, "optimizer_steps": slot.steps}
+            if msg.op == "put":
+                mine = stage_keys(self.stage, slot.name)
+                missing = sorted(mine - {k for k, _ in msg.tensors})
+                if missing:
+                    raise ConfigError(f"the adapter lacks {len(missing)} weight(s) of node {self.node}, e.g. {missing[0]}")
+                load_adapter_state(self.stage, slot.name, {k: v for k, v in msg.tensors if k in mine})
+                return {}, {"node": self.node, "loaded": len(mine)}
+            return {}, self._checkpoint(slot, s.run, msg.step)
+
+    def _aggregate(self, msg: AdapterSync) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        with self.host.lock:
+            s = self._session(msg.session)
+            key = (s.run, s.attempt, msg.step)
+            timeout = s.slot.config.round_timeout_s
+        # Waiting for the other clients must not hold the stage: they need it to reach this round.
+        result, included = self.aggregator.submit(key, s.client, s.clients, dict(msg.tensors), msg.weight, timeout)
+        return result, {"node": self.node, "round": msg.step, "clients": list(included)}
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _dir(self, run: str, slot: _Slot) -> Path:
+        assert self.checkpoint_root is not None
+        return self.checkpoint_root / _safe(run) / _safe(self.node) / slot.label
+
+    def _checkpoint(self, slot: _Slot, run: str, step: int) -> dict[str, Any]:
+        if self.checkpoint_root is None:
+            raise ConfigError(f"node {self.node} keeps no checkpoints (no checkpoint directory)")
+        if step not in slot.saved:  # the first request for a step wins: later ones come after newer updates
+            folder = self._dir(run, slot)
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {
+                "adapter": adapter_state(self.stage, slot.name),
+                "optimizer": slot.optimizer.state_dict(),
+                "optimizer_steps": slot.steps,
+                "step": step,
+                "lora": slot.config.lora.to_dict(),
+            }
+            atomic_save(state, folder / f"step-{step:08d}.pt")
+            slot.saved.add(step)
+            for old in sorted(folder.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
+                old.unlink(missing_ok=True)
+        return {"node": self.node, "checkpoint": step}
+
+    def _load_checkpoint(self, slot: _Slot, run: str, step: int) -> None:
+        if self.checkpoint_root is None:
+            raise ConfigError(f"node {self.node} keeps no checkpoints, so it cannot resume from step {step}")
+        path = self._dir(run, slot) / f"step-{step:08d}.pt"
+        if not path.exists():
+            have = sorted(p.name for p in path.parent.glob("step-*.pt")) if path.parent.exists() else []
+            raise ConfigError(f"node {self.node} has no checkpoint of step {step} for run {run!r} (has {have or 'none'})")
+        state = torch.load(path, weights_only=True)
+        if state["lora"] != slot.config.lora.to_dict():
+            raise ConfigError(f"checkpoint {path} was trained with other LoRA settings: {state['lora']}")
+        load_adapter_state(self.stage, slot.name, state["adapter"])
+        slot.optimizer.load_state_dict(state["optimizer"])
+        slot.steps = int(state["optimizer_steps"])
+        slot.saved.add(step)
+        log.info("node %s resumed adapter %s from %s", self.node, slot.name, path)
+
+
+def atomic_save(state: Any, path: Path) -> None:
+    """`torch.save` to a temporary file beside `path`, flushed to disk, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of a run, node or adapter name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if not cleaned or cleaned in (".", ".."):
+        raise ConfigError(f"{name!r} cannot name a checkpoint folder")
+    return cleaned
