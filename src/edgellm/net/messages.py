@@ -165,6 +165,7 @@ class TrainForward:
     Attributes:
         step: the client's training step; the matching `TrainBackward` names it.
         data: [B, S, D] hidden states; positions: [B, S] int64; token_mask: [B, S] bool or None.
+        eval: evaluate only: no graph kept, adapter dropout off, no backward to follow.
     """
 
     session: str
@@ -174,6 +175,7 @@ class TrainForward:
     token_mask: torch.Tensor | None = None
     route: tuple[str, ...] = ()
     reply_codec: str = "none"
+    eval: bool = False
     version: int = PROTOCOL_VERSION
 
 
@@ -284,7 +286,7 @@ def _encode_training(out: bytearray, message: Any, codec: CodecSpec) -> None:
         out += _PREFIX.pack(MAGIC, PROTOCOL_VERSION, _TRAIN_FORWARD)
         put_str(out, message.session)
         put_varint(out, message.step)
-        out.append(int(message.token_mask is not None))
+        out.append(int(message.token_mask is not None) | message.eval << 1)
         put_strs(out, message.route)
         out.append(codec_byte(parse_codec(message.reply_codec)))
         put_tensor(out, message.data, codec)
@@ -371,12 +373,12 @@ def _decode_training(kind: int, r: Reader) -> Any:
         return TrainOpen(session, run, attempt, client, clients, config, resume_step, r.strings("route"))
     if kind == _TRAIN_FORWARD:
         session, step, flags = r.string("session"), r.varint("step"), r.byte("flags")
-        if flags & ~1:
+        if flags & ~0b11:
             raise WireError(f"unknown flags {flags:#x} in a train forward message")
         route, reply_codec = r.strings("route"), codec_from_byte(r.byte("reply_codec"))
         data, positions = r.tensor("data"), r.tensor("positions")
         mask = r.tensor("token_mask") if flags & 1 else None
-        return TrainForward(session, step, data, positions, mask, route, reply_codec)
+        return TrainForward(session, step, data, positions, mask, route, reply_codec, bool(flags & 2))
     if kind == _TRAIN_BACKWARD:
         session, step, route = r.string("session"), r.varint("step"), r.strings("route")
         reply_codec = codec_from_byte(r.byte("reply_codec"))

@@ -35,7 +35,11 @@ class _QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K] -> [..., N] in x's dtype."""
         flat = x.reshape(-1, self.in_features)  # [M, K]
-        out = self._few_rows(flat) if flat.shape[0] <= self.few_rows_max else self._many_rows(flat)
+        # The packed kernels have no backward (or silently detach): a call that must give gradients w.r.t. x
+        # (QLoRA training) takes the dequantize + GEMM path at any number of rows.
+        differentiable = torch.is_grad_enabled() and x.requires_grad
+        few = flat.shape[0] <= self.few_rows_max and not differentiable
+        out = self._few_rows(flat) if few else self._many_rows(flat)
         out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)

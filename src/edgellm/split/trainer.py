@@ -183,6 +183,8 @@ class TrainHost:
         """
         with self.host.lock:
             s = self._session(msg.session)
+            if msg.eval:
+                return self._evaluate(s, msg)
             self._take_turn(s, msg.session)
             start = time.perf_counter()
             x = msg.data.detach().to(self.stage.dtype).requires_grad_(True)
@@ -191,6 +193,16 @@ class TrainHost:
                 out = self.stage(x, msg.positions, None, msg.token_mask)
             s.pending = (msg.step, x, out)
             return ForwardReply(out.detach(), (time.perf_counter() - start) * 1e3)
+
+    def _evaluate(self, s: _Session, msg: TrainForward) -> ForwardReply:
+        start = time.perf_counter()
+        train_mode(self.stage, s.slot.name, False)
+        try:
+            with torch.no_grad(), use_adapter(self.stage, s.slot.name):
+                out = self.stage(msg.data.to(self.stage.dtype), msg.positions, None, msg.token_mask)
+        finally:
+            train_mode(self.stage, s.slot.name, True)
+        return ForwardReply(out, (time.perf_counter() - start) * 1e3)
 
     def backward(self, msg: TrainBackward) -> ForwardReply:
         """Backpropagate `msg.grad` (d loss / d output), step the optimizer, return d loss / d input."""

@@ -1,0 +1,153 @@
+"""`edgellm finetune`: LoRA / QLoRA fine-tuning through a split model, one or many devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import ConfigError
+from edgellm.lora.config import LoraSpec
+from edgellm.split.train_config import SHARE_MODES, OptimSpec
+from edgellm.store.registry import DEFAULT_MODEL
+from edgellm.train.tasks import TASKS
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="LoRA/QLoRA fine-tuning through the split (split learning, split federated learning)",
+        description="Fine-tune LoRA adapters through a split model. With --topology the device runs the embedding, "
+        "its first layers and the head (labels and text stay on it) and the servers run the rest, each training "
+        "its own adapters on activation gradients sent back over the links; --clients K runs K device processes "
+        "whose device-side adapters are averaged (FedAvg) every --aggregate-every steps at the first server. "
+        "Without --topology the whole model trains in this process. The servers are started as local processes "
+        "unless --no-launch. The trained adapter is written in peft format to OUTPUT/adapter.",
+    )
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data", type=Path, metavar="FILE", help="a text file, or JSONL of {prompt, response}")
+    data.add_argument("--task", choices=sorted(TASKS), help="a built-in task (see `edgellm eval task`)")
+    parser.add_argument("--steps", type=int, help="training steps per client (required)")
+    parser.add_argument("--topology", type=Path, metavar="T.toml", help="the split deployment (head must be on the device)")
+    parser.add_argument("--clients", type=int, default=1, help="device processes training together (default: 1)")
+    parser.add_argument("--aggregate-every", type=int, default=10, metavar="I", help="steps between FedAvg rounds (default: 10)")
+    parser.add_argument("--share", choices=sorted(SHARE_MODES), default="shared",
+                        help="server-side adapters: one shared by all clients, or one per client (default: shared)")
+    parser.add_argument("--output", type=Path, default=Path("edgellm-finetune"), metavar="DIR",
+                        help="run folder: checkpoints, logs, the exported adapter (default: ./edgellm-finetune)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="steps between checkpoints; 0: only at the end (default: 0)")
+    parser.add_argument("--init-adapter", type=Path, metavar="DIR", help="a peft LoRA adapter to start from")
+    parser.add_argument("--no-launch", action="store_true", help="use servers that are already running")
+    lora = parser.add_argument_group("adapters and optimizer")
+    lora.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (default: 8)")
+    lora.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default: 0)")
+    lora.add_argument("--target-modules", default=",".join(LoraSpec().target_modules), metavar="M1,M2",
+                      help="module names to adapt, or all-linear (default: %(default)s)")
+    lora.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    lora.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
+    lora.add_argument("--seq-len", type=int, default=128, help="longest row in tokens (default: 128)")
+    lora.add_argument("--seed", type=int, default=0, help="data order, adapter init and dropout (default: 0)")
+    lora.add_argument("--task-examples", type=int, default=2000, metavar="N",
+                      help="training examples generated for --task (default: 2000)")
+    lora.add_argument("--round-timeout", type=float, default=120.0, metavar="S",
+                      help="a FedAvg round closes this long after its first client, without the missing ones (default: 120)")
+    model = parser.add_argument_group("model (without --topology; with one, the topology names it)")
+    model.add_argument("--model", default=DEFAULT_MODEL, help="registered name, model directory or .gguf (default: %(default)s)")
+    model.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight precision (default: fp32)")
+    parser.add_argument("--quant", metavar="SCHEME",
+                        help="quantize the frozen base of every stage (QLoRA), e.g. nf4-g64 or int4-g32")
+    parser.add_argument("--json", action="store_true", help="print one JSON report at the end")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a client process started by finetune
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.quant.scheme import parse_quant
+    from edgellm.train.client import ClientPlan
+    from edgellm.train.config import DataSpec, TrainConfig
+    from edgellm.train.launch import FinetuneJob, finetune, run_name, run_worker
+
+    if args.worker is not None:
+        return run_worker(args.worker)
+    if args.steps is None:
+        raise ConfigError("--steps is required")
+    if args.data is None and args.task is None:
+        raise ConfigError("give the training data: --data FILE or --task NAME")
+
+    parse_quant(args.quant)  # a bad scheme fails here, before any process starts
+    config = TrainConfig(
+        steps=args.steps,
+        data=DataSpec(path=args.data, task=args.task, task_examples=args.task_examples),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lora=LoraSpec(
+            r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+            target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()), init_seed=args.seed,
+        ),  # fmt: skip
+        optim=OptimSpec(lr=args.lr),
+        seed=args.seed,
+        share=args.share,
+        clients=args.clients,
+        aggregate_every=args.aggregate_every,
+        checkpoint_every=args.checkpoint_every,
+        round_timeout_s=args.round_timeout,
+    )
+    plan = ClientPlan(
+        config=config, output=args.output, run=run_name(args.output), attempt="", topology=args.topology,
+        model=args.model, dtype=args.dtype, resume=args.resume, init_adapter=args.init_adapter,
+    )  # fmt: skip
+    progress = _Progress(config.steps * config.clients, enabled=sys.stderr.isatty() or not args.json)
+    try:
+        result = finetune(FinetuneJob(plan, launch=not args.no_launch, quant=args.quant), progress.on_event)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_summary(result)
+    return 0
+
+
+class _Progress:
+    """A tqdm bar over all clients' steps: loss, step time and bytes sent per step."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc="finetune", unit="step", disable=not enabled, file=sys.stderr)
+        self._started = False
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event["event"] == "open" and not self._started:
+            self._bar.update(event["start_step"] * 1)
+            self._started = True
+        if event["event"] != "step":
+            return
+        sent = sum(event["bytes"].values())
+        self._bar.set_postfix_str(
+            f"client {event['client']} loss {event['loss']:.4f} {event['step_ms']:.0f} ms/step {sent / 1e6:.2f} MB/step"
+        )
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    losses = result["losses"]
+    first = {k: v[0] for k, v in losses.items() if v}
+    print(f"run {result['run']}: {result['steps']} steps x {result['clients']} client(s) on {result['data']} "
+          f"in {result['wall_s']:.1f} s ({result['step_ms']:.0f} ms/step)")  # fmt: skip
+    for client, values in losses.items():
+        print(f"  client {client}: loss {first[client]:.4f} -> {values[-1]:.4f}")
+    servers = ", ".join(f"{n} {p:,}" for n, p in result["server_trainable_params"].items()) or "none"
+    print(f"  trainable parameters: device {result['device_trainable_params']:,}; servers: {servers}")
+    for link, nbytes in result["bytes_per_step"].items():
+        print(f"  {link}: {nbytes / 1e6:.3f} MB per step (both directions)")
+    for adapter in result["adapters"]:
+        print(f"  adapter (peft format): {adapter}")

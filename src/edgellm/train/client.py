@@ -1,0 +1,251 @@
+"""One device's fine-tuning run: load its part of the model, open its sessions on the servers, train, aggregate,
+checkpoint, export.
+
+Every decision that makes a run reproducible is a function of the run's seed and the step: the batch
+(`batch_for_step`), the dropout masks (`seed_for`), and the checkpoint a restart resumes from (the latest one
+the device finished, which the servers also kept). A run restarted with `resume` therefore continues the same
+loss curve as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgellm.deploy.node import remote_hop
+from edgellm.deploy.topology import Topology, load_topology
+from edgellm.errors import ConfigError
+from edgellm.lora.peft_io import load_peft_adapter, save_peft_adapter
+from edgellm.model.arch import arch_for
+from edgellm.model.stage import Stage, stage_specs
+from edgellm.net.messages import CloseSession, TrainOpen
+from edgellm.quant.scheme import QuantConfig, parse_quant
+from edgellm.serve.generate import DTYPES
+from edgellm.split.local import load_stages
+from edgellm.split.pipeline import TrainHop
+from edgellm.split.trainer import atomic_save
+from edgellm.store import resolve_model
+from edgellm.store.weights import load_config, load_tokenizer
+from edgellm.train.config import TrainConfig
+from edgellm.train.data import Dataset, InstructionDataset, batch_for_step, load_data
+from edgellm.train.split_model import SplitModel
+from edgellm.train.tasks import task_examples
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """Where and as whom one client trains.
+
+    Attributes:
+        config: the run's training settings.
+        output: the run's folder: device checkpoints (`client-K/step-N.pt`) and the exported adapter(s).
+        run: the run's name (stable across restarts); attempt: this launch (new on every restart).
+        client: this client's index in `0..config.clients-1`.
+        topology: the deployment; None trains the whole model in this process (centralized).
+        model, dtype, quant: the model when there is no topology (the topology's otherwise).
+        resume: continue from the latest checkpoint in `output`.
+        init_adapter: a peft adapter directory to start from (fresh runs only).
+    """
+
+    config: TrainConfig
+    output: Path
+    run: str
+    attempt: str
+    client: int = 0
+    topology: Path | None = None
+    model: str = "smollm2-135m"
+    dtype: str = "fp32"
+    quant: str | None = None
+    resume: bool = False
+    init_adapter: Path | None = None
+
+
+def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
+    """Train one client to `plan.config.steps` steps, emitting events; returns the final summary."""
+    cfg = plan.config
+    side = _load_side(plan)
+    folder = plan.output / f"client-{plan.client}"
+    folder.mkdir(parents=True, exist_ok=True)
+    start_step = latest_checkpoint(folder) if plan.resume else 0
+    if plan.resume and start_step == 0:
+        log.warning("no checkpoint in %s: starting from step 0", folder)
+    session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
+    model = SplitModel(side.stages, side.hops, side.layers_path, cfg.lora, session)
+    open_message = TrainOpen(
+        session, plan.run, plan.attempt, plan.client, cfg.clients, cfg.server_config().to_json(), start_step
+    )
+    servers = model.open(open_message)
+    optimizer = torch.optim.AdamW(model.params, **cfg.optim.adamw_kwargs()) if model.params else None
+    if start_step:
+        state = torch.load(folder / _ckpt_name(start_step), weights_only=True)
+        model.load_device_state(state["adapter"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    elif plan.init_adapter is not None:
+        _start_from(model, plan.init_adapter, cfg)
+    emit({
+        "event": "open", "client": plan.client, "start_step": start_step, "servers": servers,
+        "device_trainable": sum(p.numel() for p in model.params), "examples": len(side.dataset),
+    })  # fmt: skip
+    try:
+        for step in range(start_step, cfg.steps):
+            emit(_train_step(model, optimizer, side, plan, step))
+            done = step + 1
+            if cfg.aggregates_after(done):
+                included = model.aggregate(done, float(cfg.batch_size * cfg.aggregate_every))
+                emit({"event": "aggregate", "client": plan.client, "step": done, "clients": included})
+            if cfg.checkpoints_after(done):
+                _checkpoint(model, optimizer, folder, done)
+                emit({"event": "checkpoint", "client": plan.client, "step": done})
+        adapter = _export(model, plan, side) if plan.client == 0 or cfg.share == "per-client" else None
+    finally:
+        for hop in side.hops:
+            try:
+                hop.close(CloseSession(session))
+            except Exception as exc:  # noqa: BLE001 - a server that is gone has nothing to free
+                log.info("closing session on %s: %s", hop.name, exc)
+    summary = {"event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter) if adapter else None}
+    emit(summary)
+    return summary
+
+
+@dataclass
+class _Side:
+    stages: list[Stage]
+    hops: list[TrainHop]
+    layers_path: str
+    dataset: Dataset
+    pad_id: int
+    model_name: str
+    fan_in_fan_out: bool
+
+
+def _load_side(plan: ClientPlan) -> _Side:
+    topology = load_topology(plan.topology) if plan.topology is not None else None
+    model_name = topology.model.name if topology else plan.model
+    model_dir = resolve_model(model_name)
+    config = load_config(model_dir)
+    arch = arch_for(config)
+    num_layers = int(config.num_hidden_layers)
+    if topology is None:
+        stages = load_stages(model_dir, stage_specs(num_layers, []), DTYPES[plan.dtype], parse_quant(plan.quant))
+        hops: list[TrainHop] = []
+    else:
+        torch.set_num_threads(topology.device.threads)
+        stages, hops = _device_side(topology, model_dir, num_layers)
+    tokenizer = load_tokenizer(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _Side(
+        stages, hops, arch.layers, _dataset(plan, tokenizer), int(pad), model_name, config.model_type == "gpt2"
+    )
+
+
+def _device_side(topology: Topology, model_dir: Path, num_layers: int) -> tuple[list[Stage], list[TrainHop]]:
+    if topology.model.head != "device":
+        raise ConfigError(
+            f'{topology.source}: fine-tuning needs model.head = "device" (U-shaped), so labels stay on the device'
+        )
+    name = topology.device.name
+    specs = [spec for owner, spec in topology.stage_assignment(num_layers) if owner == name]
+    if not specs or not specs[0].embed:
+        raise ConfigError(f"{topology.source}: fine-tuning needs the embedding on the device (a first cut above 0)")
+    quant: QuantConfig | None = parse_quant(topology.device.quant or topology.model.quant)
+    stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype], quant)
+    servers = [n.name for n in topology.servers]
+    if not servers:
+        return stages, []
+    if topology.mode == "chain":
+        return stages, [remote_hop(topology, name, servers[0], route=tuple(servers[1:]))]
+    return stages, [remote_hop(topology, name, s, route=(), seed=i) for i, s in enumerate(servers)]
+
+
+def _dataset(plan: ClientPlan, tokenizer: Any) -> Dataset:
+    data, cfg = plan.config.data, plan.config
+    if data.task is not None:
+        examples = task_examples(data.task, data.task_examples, cfg.seed, "train")
+        return InstructionDataset.from_examples(examples, tokenizer, cfg.seq_len)
+    assert data.path is not None
+    return load_data(data.path, tokenizer, cfg.seq_len)
+
+
+def _train_step(
+    model: SplitModel, optimizer: torch.optim.Optimizer | None, side: _Side, plan: ClientPlan, step: int
+) -> dict[str, Any]:
+    cfg = plan.config
+    start = time.perf_counter()
+    batch = batch_for_step(side.dataset, step, cfg.batch_size, cfg.seed, side.pad_id, plan.client, cfg.clients)
+    loss, traffic = model.loss(batch, step, cfg.seed)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {
+        "event": "step", "client": plan.client, "step": step + 1, "loss": float(loss.detach()),
+        "step_ms": (time.perf_counter() - start) * 1e3, "tokens": batch.label_tokens,
+        "bytes": traffic.bytes_by_link, "compute_ms": traffic.compute_ms_by_node,
+    }  # fmt: skip
+
+
+def _checkpoint(model: SplitModel, optimizer: torch.optim.Optimizer | None, folder: Path, step: int) -> None:
+    # The servers first: a device checkpoint exists only where every server has one of the same step.
+    if model.hops:
+        model.sync("checkpoint", step)
+    state = {
+        "adapter": model.device_state(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "step": step,
+    }
+    atomic_save(state, folder / _ckpt_name(step))
+    for old in sorted(folder.glob("step-*.pt"))[:-3]:
+        old.unlink(missing_ok=True)
+
+
+def _ckpt_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def latest_checkpoint(folder: Path) -> int:
+    """The step of the newest complete device checkpoint in `folder`, or 0."""
+    steps = [int(m.group(1)) for p in folder.glob("step-*.pt") if (m := re.fullmatch(r"step-(\d+)\.pt", p.name))]
+    return max(steps, default=0)
+
+
+def _start_from(model: SplitModel, directory: Path, cfg: TrainConfig) -> None:
+    spec, tensors = load_peft_adapter(directory)
+    if (spec.r, spec.alpha) != (cfg.lora.r, cfg.lora.alpha):
+        raise ConfigError(
+            f"adapter {directory} has r={spec.r}, alpha={spec.alpha}; this run uses r={cfg.lora.r}, "
+            f"alpha={cfg.lora.alpha} (pass the same --lora-rank/--lora-alpha)"
+        )
+    mine = model.device_keys()
+    model.load_device_state({k: v for k, v in tensors.items() if k in mine})
+    if model.hops:
+        model.put_server_adapters(tensors)
+
+
+def gather_adapter(model: SplitModel) -> dict[str, torch.Tensor]:
+    """Every side's adapter weights, by full-model name: the device's and each server's."""
+    tensors = model.device_state()
+    if model.hops:
+        server, _ = model.sync("get")
+        tensors.update(server)
+    return tensors
+
+
+def _export(model: SplitModel, plan: ClientPlan, side: _Side) -> Path:
+    name = "adapter" if plan.config.share == "shared" else f"adapter-client-{plan.client}"
+    directory = plan.output / name
+    save_peft_adapter(directory, plan.config.lora, gather_adapter(model), side.model_name, side.fan_in_fan_out)
+    return directory

@@ -1,0 +1,260 @@
+"""`edgellm finetune`'s engine: start the servers and one process per client, follow their progress, report.
+
+Each client is a real device process (`edgellm finetune --worker PLAN`) that prints one JSON event per line;
+this coordinator only starts processes and reads events, so a client on another machine runs the same code.
+Without a topology there is nothing to split: the whole model trains in this process (centralized).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from edgellm.deploy.launch import LocalDeployment
+from edgellm.deploy.topology import load_topology, write_topology
+from edgellm.errors import ConfigError, EdgellmError
+from edgellm.train.client import ClientPlan, latest_checkpoint, run_client
+from edgellm.train.config import config_from_dict, config_to_dict
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+class TrainingFailed(EdgellmError):
+    """A client process failed; the run can continue from its last checkpoint with `--resume`."""
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """A whole fine-tuning run as the CLI asks for it.
+
+    Attributes:
+        plan: the settings every client shares (`client` is set per process).
+        launch: start the topology's servers as local processes (else they must be running).
+        quant: quantize the frozen base of every stage (QLoRA); written into the run's copy of the topology.
+    """
+
+    plan: ClientPlan
+    launch: bool = True
+    quant: str | None = None
+
+
+def run_name(output: Path) -> str:
+    """The run's name, from its folder: letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", output.resolve().name) or "run"
+
+
+def prepare(job: FinetuneJob) -> FinetuneJob:
+    """Check the run folder (a resumed run must match the recorded settings), record the run, write the run's
+    topology (with the --quant override), and give the launch a fresh attempt id."""
+    plan = job.plan
+    plan.output.mkdir(parents=True, exist_ok=True)
+    record = plan.output / "run.json"
+    settings = {"config": config_to_dict(plan.config), "topology": str(plan.topology), "model": plan.model}
+    if plan.resume and record.exists():
+        recorded = json.loads(record.read_text())
+        if recorded["settings"] != settings:
+            raise ConfigError(f"{plan.output} holds a run with other settings; resume with the same arguments")
+    elif not plan.resume and any(plan.output.glob("client-*/step-*.pt")):
+        raise ConfigError(f"{plan.output} already holds checkpoints: pass --resume to continue, or another --output")
+    record.write_text(json.dumps({"run": plan.run, "settings": settings}, indent=2))
+    topology = plan.topology
+    if topology is not None and job.quant is not None:
+        if not job.launch:
+            raise ConfigError("--quant needs the servers this command launches; set quant in the topology instead")
+        document = tomllib.loads(Path(topology).read_text())
+        document["model"]["quant"] = job.quant
+        for node in document.get("nodes", []):
+            node.pop("quant", None)
+        topology = plan.output / "topology.toml"
+        write_topology(topology, document)
+    attempt = secrets.token_hex(6)
+    return replace(job, plan=replace(plan, topology=topology, attempt=attempt, quant=job.quant or plan.quant))
+
+
+def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, Any]:
+    """Run `job` to the end; `on_event` sees every client event. Returns the run's report.
+
+    Raises:
+        TrainingFailed: a client process exited early (the message says which and from where to resume).
+    """
+    job = prepare(job)
+    plan = job.plan
+    start_steps = latest_checkpoint(plan.output / "client-0") if plan.resume else 0
+    started = time.perf_counter()
+    events: list[Event] = []
+
+    def collect(event: Event) -> None:
+        events.append(event)
+        on_event(event)
+
+    if plan.topology is None and plan.config.clients == 1:
+        run_client(plan, collect)
+    elif plan.topology is None:
+        raise ConfigError("several clients need a topology with a server to aggregate at (--topology)")
+    else:
+        _run_processes(job, collect)
+    return report(plan, events, time.perf_counter() - started, start_steps)
+
+
+def _run_processes(job: FinetuneJob, collect: Callable[[Event], None]) -> None:
+    plan = job.plan
+    assert plan.topology is not None
+    topology = load_topology(plan.topology)
+    logs = plan.output / "logs"
+    logs.mkdir(exist_ok=True)
+    with ExitStack() as stack:
+        servers = [n.name for n in topology.servers]
+        if job.launch and servers:
+            stack.enter_context(LocalDeployment(topology, Path(plan.topology), logs, names=servers))
+        workers = [_Worker(replace(plan, client=k), logs) for k in range(plan.config.clients)]
+        stack.callback(lambda: [w.stop() for w in workers])
+        for event in _merged(workers):
+            collect(event)
+
+
+class _Worker:
+    """One client process and its event stream."""
+
+    def __init__(self, plan: ClientPlan, logs: Path) -> None:
+        self.plan = plan
+        self.log_path = logs / f"client-{plan.client}.log"
+        plan_path = logs / f"client-{plan.client}.plan.json"
+        plan_path.write_text(json.dumps(plan_to_dict(plan)))
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        with open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgellm", "finetune", "--worker", str(plan_path)],
+                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env,
+            )  # fmt: skip
+
+    def events(self) -> Iterator[Event]:
+        assert self.proc.stdout is not None
+        for line in _lines(self.proc.stdout):
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                log.info("client %d: %s", self.plan.client, line.strip())
+        code = self.proc.wait()
+        if code != 0:
+            tail = " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:]) or "(no output)"
+            step = latest_checkpoint(self.plan.output / f"client-{self.plan.client}")
+            raise TrainingFailed(
+                f"client {self.plan.client} exited with code {code}: {tail}; "
+                f"rerun with --resume to continue from step {step}"
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _lines(stream: IO[bytes]) -> Iterator[str]:
+    for raw in iter(stream.readline, b""):
+        yield raw.decode(errors="replace")
+
+
+def _merged(workers: list[_Worker]) -> Iterator[Event]:
+    """Events of all workers as they come; the first failure is raised once its worker is done."""
+    q: queue.Queue[tuple[int, Event | BaseException | None]] = queue.Queue()
+
+    def pump(k: int, worker: _Worker) -> None:
+        try:
+            for event in worker.events():
+                q.put((k, event))
+            q.put((k, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            q.put((k, exc))
+
+    for k, worker in enumerate(workers):
+        threading.Thread(target=pump, args=(k, worker), daemon=True).start()
+    running = len(workers)
+    while running:
+        _, item = q.get()
+        if item is None:
+            running -= 1
+        elif isinstance(item, BaseException):
+            raise item
+        else:
+            yield item
+
+
+def report(plan: ClientPlan, events: list[Event], wall_s: float, start_step: int) -> dict[str, Any]:
+    """The run's summary from its events: losses, step times, bytes per link, trainable parameters, adapters."""
+    steps = [e for e in events if e["event"] == "step"]
+    losses: dict[int, list[float]] = {}
+    for e in steps:
+        losses.setdefault(e["client"], []).append(e["loss"])
+    links: dict[str, int] = {}
+    for e in steps:
+        for link, nbytes in e["bytes"].items():
+            links[link] = links.get(link, 0) + nbytes
+    opened = [e for e in events if e["event"] == "open"]
+    servers = {d["node"]: d["trainable_params"] for e in opened[:1] for d in e["servers"]}
+    done = [e for e in events if e["event"] == "done"]
+    count = max(len(steps), 1)
+    return {
+        "run": plan.run, "output": str(plan.output), "data": plan.config.data.label, "steps": plan.config.steps,
+        "start_step": start_step, "clients": plan.config.clients, "share": plan.config.share,
+        "losses": {str(k): v for k, v in sorted(losses.items())},
+        "final_loss": sum(v[-1] for v in losses.values()) / max(len(losses), 1) if losses else None,
+        "step_ms": sum(e["step_ms"] for e in steps) / count,
+        "bytes_per_step": {link: n / count for link, n in links.items()},
+        "device_trainable_params": opened[0]["device_trainable"] if opened else 0,
+        "server_trainable_params": servers,
+        "adapters": [e["adapter"] for e in done if e["adapter"]],
+        "wall_s": wall_s,
+    }  # fmt: skip
+
+
+def plan_to_dict(plan: ClientPlan) -> dict[str, Any]:
+    return {
+        "config": config_to_dict(plan.config), "output": str(plan.output), "run": plan.run, "attempt": plan.attempt,
+        "client": plan.client, "topology": str(plan.topology) if plan.topology else None, "model": plan.model,
+        "dtype": plan.dtype, "quant": plan.quant, "resume": plan.resume,
+        "init_adapter": str(plan.init_adapter) if plan.init_adapter else None,
+    }  # fmt: skip
+
+
+def plan_from_dict(data: dict[str, Any]) -> ClientPlan:
+    return ClientPlan(
+        config=config_from_dict(data["config"]), output=Path(data["output"]), run=data["run"],
+        attempt=data["attempt"], client=int(data["client"]),
+        topology=Path(data["topology"]) if data["topology"] else None, model=data["model"], dtype=data["dtype"],
+        quant=data["quant"], resume=bool(data["resume"]),
+        init_adapter=Path(data["init_adapter"]) if data["init_adapter"] else None,
+    )  # fmt: skip
+
+
+def run_worker(plan_path: Path) -> int:
+    """The body of a client process: run the plan, print each event as one JSON line."""
+    plan = plan_from_dict(json.loads(Path(plan_path).read_text()))
+
+    def emit(event: Event) -> None:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    run_client(plan, emit)
+    return 0
+

@@ -1,0 +1,236 @@
+"""The device's side of split learning: its own stages with adapters, and the servers as autograd functions.
+
+The device runs the embedding and its first layers, sends the hidden states ("smashed data") through the
+server hops, runs the head on what comes back, and computes the loss against labels that never leave it.
+`loss.backward()` then sends the gradient of the returned hidden states back through the same hops (in reverse
+order), each server backpropagating through its own stage and stepping its own optimizer, and finishes on the
+device's first stage. A server hop is a `torch.autograd.Function`, so the device code is an ordinary training
+step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgellm.errors import ConfigError
+from edgellm.lora.config import LoraSpec
+from edgellm.lora.inject import (
+    adapter_grads,
+    adapter_parameters,
+    adapter_state,
+    inject_lora,
+    load_adapter_state,
+    set_active,
+    stage_keys,
+    train_mode,
+)
+from edgellm.model.stage import Stage
+from edgellm.net.messages import AdapterSync, ForwardReply, HopTrace, SyncReply, TrainBackward, TrainForward, TrainOpen
+from edgellm.split.pipeline import TrainHop
+from edgellm.split.trainer import seed_for
+from edgellm.train.data import Batch, causal_lm_loss
+
+DEVICE_ADAPTER = "device"
+
+
+@dataclass
+class StepTraffic:
+    """What one training step sent over the network: bytes per link ("a->b"), both directions together."""
+
+    bytes_by_link: dict[str, int] = field(default_factory=dict)
+    compute_ms_by_node: dict[str, float] = field(default_factory=dict)
+
+    def add(self, trace: Sequence[HopTrace]) -> None:
+        for t in trace:
+            self.bytes_by_link[t.link] = self.bytes_by_link.get(t.link, 0) + t.bytes_up + t.bytes_down
+            self.compute_ms_by_node[t.node] = self.compute_ms_by_node.get(t.node, 0.0) + t.compute_ms
+
+
+@dataclass
+class _RemoteCall:
+    """One hop's part of one step: what `_Remote` needs to send the forward and the backward."""
+
+    hop: TrainHop
+    session: str
+    step: int
+    positions: torch.Tensor
+    token_mask: torch.Tensor | None
+    traffic: StepTraffic
+
+
+class _Remote(torch.autograd.Function):
+    """Hidden states through a server hop; the gradient back through it."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, call: _RemoteCall) -> torch.Tensor:  # type: ignore[override]
+        ctx.call = call
+        reply = call.hop.train(TrainForward(call.session, call.step, h.detach(), call.positions, call.token_mask))
+        _expect_forward(reply, call.hop.name)
+        call.traffic.add(reply.trace)
+        return reply.output.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        call: _RemoteCall = ctx.call
+        reply = call.hop.train(TrainBackward(call.session, call.step, grad.contiguous()))
+        _expect_forward(reply, call.hop.name)
+        call.traffic.add(reply.trace)
+        return reply.output.to(grad.dtype), None
+
+
+def _expect_forward(reply: Any, name: str) -> None:
+    if not isinstance(reply, ForwardReply):
+        raise ConfigError(f"hop {name} answered a training step with a {type(reply).__name__}")
+
+
+class SplitModel:
+    """A model split between this device (`stages`) and servers (`hops`), with LoRA adapters on every side.
+
+    Args:
+        stages: the device's stages in execution order: the first holds the embedding (and its layers), the
+            last the head; with no hops they may be one stage holding the whole model (centralized training).
+        hops: the server hops, in the order the hidden states visit them (one hop in chain mode).
+        layers_path: where the decoder layers sit in the full model ("model.layers"), for adapter names.
+        lora: the adapters to add to the device's stages (the servers get theirs from `open`).
+        session: this client's training session id on the servers.
+    """
+
+    def __init__(
+        self, stages: Sequence[Stage], hops: Sequence[TrainHop], layers_path: str, lora: LoraSpec, session: str
+    ) -> None:
+        if not stages or not stages[0].spec.embed:
+            raise ConfigError("split learning needs the embedding on the device: token ids never leave it")
+        if not stages[-1].spec.head:
+            raise ConfigError(
+                'split learning needs the head on the device (head = "device"): labels never leave it'
+            )
+        self.stages = list(stages)
+        self.hops = list(hops)
+        self.session = session
+        self.lora = lora
+        for stage in self.stages:
+            stage.requires_grad_(False)
+            if len(stage.blocks):
+                inject_lora(stage, layers_path, lora, DEVICE_ADAPTER)
+                set_active(stage, DEVICE_ADAPTER)
+                train_mode(stage, DEVICE_ADAPTER)
+        self.params = [p for s in self.stages if len(s.blocks) for p in adapter_parameters(s, DEVICE_ADAPTER)]
+        for p in self.params:
+            p.requires_grad_(True)
+        if not self.params and not self.hops:
+            raise ConfigError("no adapters to train: the device holds no decoder layers and there are no servers")
+
+    # -- the training step ---------------------------------------------------------------------------------
+    def loss(self, batch: Batch, step: int, seed: int) -> tuple[torch.Tensor, StepTraffic]:
+        """The loss of `batch` with a graph through every side of the split; `.backward()` trains the servers.
+
+        batch.ids, labels: [B, S] int64, token_mask: [B, S] bool -> scalar loss
+        """
+        traffic = StepTraffic()
+        positions = torch.arange(batch.ids.shape[1]).expand_as(batch.ids)
+        mask = None if bool(batch.token_mask.all()) else batch.token_mask
+        torch.manual_seed(seed_for(seed, step, 0))
+        h = self.stages[0](batch.ids, positions, None, mask)
+        for hop in self.hops:
+            h = _Remote.apply(h, _RemoteCall(hop, self.session, step, positions, mask, traffic))
+        for stage in self.stages[1:]:
+            h = stage(h, positions, None, mask)
+        return causal_lm_loss(h, batch.labels), traffic
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Evaluate the split model with its adapters (dropout off, nothing kept for a backward pass).
+
+        batch.ids: [B, S] int64, token_mask: [B, S] bool -> [B, S, V] float32 logits
+        """
+        positions = torch.arange(batch.ids.shape[1]).expand_as(batch.ids)
+        mask = None if bool(batch.token_mask.all()) else batch.token_mask
+        for stage in self.stages:
+            if len(stage.blocks):
+                train_mode(stage, DEVICE_ADAPTER, False)
+        try:
+            h = self.stages[0](batch.ids, positions, None, mask)
+            for hop in self.hops:
+                reply = hop.train(TrainForward(self.session, 0, h, positions, mask, eval=True))
+                _expect_forward(reply, hop.name)
+                h = reply.output.to(h.dtype)
+            for stage in self.stages[1:]:
+                h = stage(h, positions, None, mask)
+        finally:
+            for stage in self.stages:
+                if len(stage.blocks):
+                    train_mode(stage, DEVICE_ADAPTER, True)
+        return h
+
+    # -- sessions and adapters on the servers --------------------------------------------------------------
+    def open(self, open_message: TrainOpen) -> list[dict[str, Any]]:
+        """Open this client's session on every server; returns each server's detail (adapter, parameters)."""
+        details: list[dict[str, Any]] = []
+        for hop in self.hops:
+            reply = hop.train(open_message)
+            details += json.loads(_sync(reply, hop.name).detail)
+        return details
+
+    def sync(self, op: str, step: int = 0, grads: bool = False) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """`get` or `checkpoint` on every server (merged), e.g. to export or to compare gradients."""
+        tensors: dict[str, torch.Tensor] = {}
+        details: list[Any] = []
+        for hop in self.hops:
+            reply = _sync(hop.train(AdapterSync(self.session, op, step, grads=grads)), hop.name)
+            tensors.update(dict(reply.tensors))
+            details += json.loads(reply.detail)
+        return tensors, details
+
+    def put_server_adapters(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load the server-side part of an adapter into the servers (each takes its own layers' weights)."""
+        mine = self.device_keys()
+        items = tuple((k, v) for k, v in tensors.items() if k not in mine)
+        for hop in self.hops:
+            _sync(hop.train(AdapterSync(self.session, "put", tensors=items)), hop.name)
+
+    def aggregate(self, step: int, weight: float) -> list[int]:
+        """FedAvg of the device-side adapters with the other clients' (at the first server); loads the average.
+
+        Returns the clients the average came from.
+        """
+        if not self.hops:
+            raise ConfigError("federated averaging needs a server to aggregate at; this run has none")
+        state = tuple(self.device_state().items())
+        reply = _sync(self.hops[0].train(AdapterSync(self.session, "aggregate", step, weight, state)), self.hops[0].name)
+        self.load_device_state(dict(reply.tensors))
+        return list(json.loads(reply.detail)[0]["clients"])
+
+    # -- the device's own adapters -------------------------------------------------------------------------
+    def device_keys(self) -> set[str]:
+        return set().union(*(stage_keys(s, DEVICE_ADAPTER) for s in self.stages if len(s.blocks)))
+
+    def device_state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for stage in self.stages:
+            if len(stage.blocks):
+                out.update(adapter_state(stage, DEVICE_ADAPTER))
+        return out
+
+    def device_grads(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for stage in self.stages:
+            if len(stage.blocks):
+                out.update(adapter_grads(stage, DEVICE_ADAPTER))
+        return out
+
+    def load_device_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for stage in self.stages:
+            if len(stage.blocks):
+                mine = stage_keys(stage, DEVICE_ADAPTER)
+                load_adapter_state(stage, DEVICE_ADAPTER, {k: v for k, v in tensors.items() if k in mine})
+
+
+def _sync(reply: Any, name: str) -> SyncReply:
+    if not isinstance(reply, SyncReply):
+        raise ConfigError(f"hop {name} answered an adapter message with a {type(reply).__name__}")
+    return reply

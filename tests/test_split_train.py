@@ -1,0 +1,193 @@
+"""Split learning equals centralized training: one step through the split (in one process, and across 2 and 3
+real processes over gRPC) gives the loss and the LoRA gradients of a peft step on the unsplit model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_LAYERS, reference_model
+from edgellm.deploy.launch import LocalDeployment, free_port
+from edgellm.deploy.node import remote_hop
+from edgellm.deploy.topology import write_topology
+from edgellm.errors import ConfigError, SessionError
+from edgellm.lora.config import LoraSpec
+from edgellm.model.stage import stage_specs
+from edgellm.net.local import LocalHop
+from edgellm.net.messages import AdapterSync, CloseSession, TrainBackward, TrainOpen
+from edgellm.split.host import StageHost
+from edgellm.split.local import load_stages
+from edgellm.split.server import InProcessServer, StageServer
+from edgellm.split.train_config import ServerTrainConfig
+from edgellm.split.trainer import TrainHost
+from edgellm.train.data import IGNORE, Batch, causal_lm_loss
+from edgellm.train.split_model import SplitModel
+
+TOKEN = "train-token-77"
+LORA = LoraSpec(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
+LAYERS = "model.layers"
+
+
+def batch() -> Batch:
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(4, 97, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = IGNORE  # a prompt part without loss
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False  # right padding
+    labels[1, 6:] = IGNORE
+    return Batch(ids, labels, mask)
+
+
+def nonzero_adapter(keys: set[str], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Adapter weights with B != 0, so every gradient (A's too) is non-trivial."""
+    gen = torch.Generator().manual_seed(11)
+    return {k: torch.randn(shapes[k], generator=gen) * 0.3 for k in sorted(keys)}
+
+
+def open_message(session: str, route: tuple[str, ...] = ()) -> TrainOpen:
+    return TrainOpen(session, "run1", "attempt1", 0, 1, ServerTrainConfig(lora=LORA).to_json(), route=route)
+
+
+def peft_step(model_dir: Path, adapter: dict[str, torch.Tensor], b: Batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """The reference: a peft LoRA model on the unsplit transformers model, same adapter weights, same loss."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules), lora_dropout=0.0)
+    model = get_peft_model(reference_model(model_dir), config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in adapter.items():
+            name = "base_model.model." + key.replace(".weight", ".default.weight")
+            params[name].copy_(value)
+    logits = model(input_ids=b.ids, attention_mask=b.token_mask.long()).logits
+    loss = causal_lm_loss(logits, b.labels)
+    loss.backward()
+    grads = {}
+    for key in adapter:
+        grad = params["base_model.model." + key.replace(".weight", ".default.weight")].grad
+        assert grad is not None
+        grads[key] = grad
+    return float(loss), grads
+
+
+def check_against_peft(model: SplitModel, model_dir: Path) -> None:
+    shapes = {k: v.shape for k, v in model.device_state().items()}
+    server, _ = model.sync("get")
+    shapes.update({k: v.shape for k, v in server.items()})
+    adapter = nonzero_adapter(set(shapes), shapes)
+    assert len(server) > 0 and len(model.device_keys()) > 0
+    model.load_device_state({k: adapter[k] for k in model.device_keys()})
+    model.put_server_adapters(adapter)
+
+    b = batch()
+    loss, _ = model.loss(b, step=0, seed=0)
+    loss.backward()
+    ours = model.device_grads()
+    server_grads, details = model.sync("get", grads=True)
+    ours.update({k.removeprefix("grad:"): v for k, v in server_grads.items() if k.startswith("grad:")})
+
+    ref_loss, ref_grads = peft_step(model_dir, adapter, b)
+    base_loss = causal_lm_loss(reference_model(model_dir)(input_ids=b.ids, attention_mask=b.token_mask.long()).logits, b.labels)
+    assert abs(float(base_loss) - ref_loss) > 1e-3, "the adapter must change the loss, or this test proves nothing"
+    assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
+    assert set(ours) == set(ref_grads)
+    for key, ref in ref_grads.items():
+        assert ref.abs().max() > 0, key
+        torch.testing.assert_close(ours[key], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=key)
+    assert all(d["optimizer_steps"] == 1 for d in details)
+
+
+def in_process_servers(model_dir: Path, cuts: list[int]) -> tuple[list, LocalHop]:
+    stages = load_stages(model_dir, stage_specs(TINY_LAYERS, cuts, head="device"))
+    servers: list[StageServer] = []
+    for i, stage in reversed(list(enumerate(stages[1:-1]))):
+        host = StageHost(stage)
+        downstream = {servers[0].name: LocalHop(servers[0].name, InProcessServer(servers[0]))} if servers else {}
+        servers.insert(0, StageServer(f"edge{i + 1}", host, downstream, trainer=TrainHost(host, LAYERS, f"edge{i + 1}")))
+    route = tuple(s.name for s in servers[1:])
+    return [stages[0], stages[-1]], LocalHop(servers[0].name, InProcessServer(servers[0]), route=route)
+
+
+@pytest.mark.parametrize("cuts", [[2], [1, 3]])
+def test_in_process_split_step_equals_peft(tiny_llama_dir, cuts):
+    device, hop = in_process_servers(tiny_llama_dir, cuts)
+    model = SplitModel(device, [hop], LAYERS, LORA, "s")
+    model.open(open_message("s"))
+    check_against_peft(model, tiny_llama_dir)
+
+
+def test_centralized_step_equals_peft(tiny_llama_dir):
+    stages = load_stages(tiny_llama_dir, stage_specs(TINY_LAYERS, []))
+    model = SplitModel(stages, [], LAYERS, LORA, "s")
+    shapes = {k: v.shape for k, v in model.device_state().items()}
+    adapter = nonzero_adapter(set(shapes), shapes)
+    model.load_device_state(adapter)
+    b = batch()
+    loss, _ = model.loss(b, 0, 0)
+    loss.backward()
+    ref_loss, ref_grads = peft_step(tiny_llama_dir, adapter, b)
+    assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
+    for key, ref in ref_grads.items():
+        torch.testing.assert_close(model.device_grads()[key], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def topology_doc(model_dir: Path, servers: int, mode: str = "chain") -> dict:
+    names = ["device", *(f"edge{i + 1}" for i in range(servers))]
+    cuts = [round(TINY_LAYERS * i / (servers + 1)) for i in range(1, servers + 1)]
+    pairs = list(zip(names, names[1:])) if mode == "chain" else [("device", n) for n in names[1:]]
+    return {
+        "model": {"name": str(model_dir), "cuts": cuts, "head": "device"},
+        "deployment": {"route": names, "mode": mode, "token": TOKEN, "deadline_s": 30.0},
+        "nodes": [
+            {"name": n, "role": "device" if i == 0 else "edge", "address": f"127.0.0.1:{free_port()}"}
+            for i, n in enumerate(names)
+        ],
+        "links": [{"between": [a, b], "profile": "none", "codec": "none"} for a, b in pairs],
+    }
+
+
+def remote_model(topology, model_dir: Path, session: str) -> SplitModel:
+    specs = [spec for owner, spec in topology.stage_assignment(TINY_LAYERS) if owner == "device"]
+    servers = [n.name for n in topology.servers]
+    if topology.mode == "chain":
+        hops = [remote_hop(topology, "device", servers[0], route=tuple(servers[1:]))]
+    else:
+        hops = [remote_hop(topology, "device", s, route=()) for s in servers]
+    return SplitModel(load_stages(model_dir, specs), hops, LAYERS, LORA, session)
+
+
+@pytest.mark.parametrize(("servers", "mode"), [(1, "chain"), (2, "chain"), (2, "star")])
+def test_split_step_across_processes_equals_peft(tiny_llama_dir, tmp_path, servers, mode):
+    path = tmp_path / "topology.toml"
+    topology = write_topology(path, topology_doc(tiny_llama_dir, servers, mode))
+    with LocalDeployment(topology, path, tmp_path, names=[n.name for n in topology.servers]):
+        model = remote_model(topology, tiny_llama_dir, "s")
+        details = model.open(open_message("s"))
+        assert [d["node"] for d in details] == [n.name for n in topology.servers]
+        check_against_peft(model, tiny_llama_dir)
+        # What crossed the links: hidden states up, gradients down, on every hop of the route.
+        b = batch()
+        loss, traffic = model.loss(b, 1, 0)
+        loss.backward()
+        expected = {f"{a}->{b_}" for a, b_ in zip(topology.route, topology.route[1:])} if mode == "chain" else {
+            f"device->{n.name}" for n in topology.servers}  # fmt: skip
+        assert set(traffic.bytes_by_link) == expected
+        assert all(n > 2 * 4 * b.ids.numel() * 32 for n in traffic.bytes_by_link.values())
+
+
+def test_server_refuses_out_of_order_backward_and_unknown_sessions(tiny_llama_dir):
+    device, hop = in_process_servers(tiny_llama_dir, [2])
+    model = SplitModel(device, [hop], LAYERS, LORA, "s")
+    model.open(open_message("s"))
+    with pytest.raises(SessionError, match="no training forward of step 5"):
+        hop.train(TrainBackward("s", 5, torch.zeros(1, 3, 32)))
+    with pytest.raises(SessionError, match="unknown training session"):
+        hop.train(AdapterSync("nobody", "get"))
+    with pytest.raises(ConfigError, match="lacks"):
+        hop.train(AdapterSync("s", "put", tensors=(("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(4, 32)),)))
+    hop.close(CloseSession("s"))
+    with pytest.raises(SessionError):
+        hop.train(AdapterSync("s", "get"))
