@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgellm.net.codec import CodecSpec
 from edgellm.net.messages import (
     AdapterSync,
     SyncReply,
@@ -15,7 +16,6 @@ from edgellm.net.messages import (
     decode,
     encode,
 )
-from edgellm.net.codec import CodecSpec
 
 
 def test_training_messages_round_trip():

@@ -1,0 +1,142 @@
+"""`edgellm finetune` end to end: real node and client processes, a tiny model with the real tokenizer.
+
+Kill a process mid-training, restart with --resume: the loss curve continues exactly as an uninterrupted run's.
+Several clients: FedAvg rounds leave every client with the same device-side adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from edgellm.deploy.launch import free_port
+from edgellm.deploy.topology import write_topology
+
+STEPS = 16
+COMMON = ["--task", "dates", "--task-examples", "200", "--batch-size", "2", "--seq-len", "64", "--lr", "5e-3",
+          "--lora-rank", "4", "--json"]  # fmt: skip
+
+
+def topology(model_dir: Path, folder: Path, servers: int = 2) -> Path:
+    names = ["phone", *(f"edge{i + 1}" for i in range(servers))]
+    doc = {
+        "model": {"name": str(model_dir), "cuts": [1, 3][:servers] if servers < 3 else [1, 2, 3], "head": "device"},
+        "deployment": {"route": names, "mode": "chain", "deadline_s": 30.0},
+        "nodes": [
+            {"name": n, "role": "device" if i == 0 else "edge", "address": f"127.0.0.1:{free_port()}"}
+            for i, n in enumerate(names)
+        ],
+        "links": [{"between": [a, b], "profile": "6g", "codec": "none"} for a, b in zip(names, names[1:])],
+    }
+    path = folder / "topology.toml"
+    write_topology(path, doc)
+    return path
+
+
+def env(home: Path) -> dict[str, str]:
+    return {**os.environ, "EDGELLM_HOME": str(home), "OMP_NUM_THREADS": "1"}
+
+
+def finetune(args: list[str], home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "edgellm", "finetune", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(home), timeout=timeout)
+
+
+def report(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_chat_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finetune-ref")
+    topo = topology(tiny_chat_dir, folder)
+    args = ["--topology", str(topo), "--steps", str(STEPS), "--checkpoint-every", "4", "--output", str(folder / "run")]
+    result = report(finetune(args + COMMON, folder / "home"))
+    return topo, result
+
+
+def test_finetune_trains_through_the_split_and_exports_a_peft_adapter(uninterrupted):
+    _, result = uninterrupted
+    losses = result["losses"]["0"]
+    assert len(losses) == STEPS
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, "the loss must go down"
+    assert set(result["bytes_per_step"]) == {"phone->edge1", "edge1->edge2"}
+    assert result["device_trainable_params"] > 0 and set(result["server_trainable_params"]) == {"edge1", "edge2"}
+    adapter = Path(result["adapters"][0])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+def victim(proc: psutil.Process, which: str) -> psutil.Process:
+    for child in proc.children(recursive=True):
+        cmd = " ".join(child.cmdline())
+        if (which == "client" and "--worker" in cmd) or (which != "client" and f"--name {which}" in cmd):
+            return child
+    raise AssertionError(f"no {which} process among {[c.cmdline() for c in proc.children(recursive=True)]}")
+
+
+@pytest.mark.parametrize("which", ["client", "edge2"])
+def test_resume_after_kill_continues_the_same_loss_curve(uninterrupted, tmp_path, which):
+    topo, reference = uninterrupted
+    home, out = tmp_path / "home", tmp_path / "run"
+    args = ["--topology", str(topo), "--steps", str(STEPS), "--checkpoint-every", "4", "--output", str(out), *COMMON]
+    cmd = [sys.executable, "-m", "edgellm", "finetune", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(home))
+    deadline = time.monotonic() + 240
+    while not (out / "client-0" / "step-00000004.pt").exists():  # the first checkpoint
+        assert proc.poll() is None and time.monotonic() < deadline, "finetune ended before its first checkpoint"
+        time.sleep(0.05)
+    victim(psutil.Process(proc.pid), which).send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "--resume" in stderr and ("client 0" in stderr or "edge2" in stderr), stderr[-2000:]
+
+    resumed = report(finetune(args + ["--resume"], home))
+    start = resumed["start_step"]
+    assert 4 <= start < STEPS
+    torch.testing.assert_close(
+        torch.tensor(resumed["losses"]["0"]), torch.tensor(reference["losses"]["0"][start:]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_resume_refuses_a_run_folder_with_other_settings(uninterrupted, tmp_path):
+    topo, reference = uninterrupted
+    out = Path(reference["output"])
+    done = finetune(["--topology", str(topo), "--steps", "3", "--output", str(out), "--resume", *COMMON], tmp_path)
+    assert done.returncode == 2 and "other settings" in done.stderr
+    done = finetune(["--topology", str(topo), "--steps", str(STEPS), "--output", str(out), *COMMON], tmp_path)
+    assert done.returncode == 2 and "--resume" in done.stderr
+
+
+@pytest.mark.parametrize(("clients", "share"), [(3, "shared"), (2, "per-client")])
+def test_split_federated_clients_end_each_round_with_the_same_device_adapter(tiny_chat_dir, tmp_path, clients, share):
+    topo = topology(tiny_chat_dir, tmp_path, servers=1)
+    out = tmp_path / "run"
+    args = ["--topology", str(topo), "--steps", "4", "--clients", str(clients), "--aggregate-every", "2",
+            "--share", share, "--output", str(out), *COMMON]  # fmt: skip
+    result = report(finetune(args, tmp_path / "home"))
+    assert sorted(result["losses"]) == [str(k) for k in range(clients)]
+    states = [torch.load(out / f"client-{k}" / "step-00000004.pt")["adapter"] for k in range(clients)]
+    assert states[0], "the device holds adapters"
+    for other in states[1:]:
+        for key, value in states[0].items():
+            torch.testing.assert_close(other[key], value, rtol=0, atol=0)
+    expected = ["adapter"] if share == "shared" else [f"adapter-client-{k}" for k in range(clients)]
+    assert sorted(Path(a).name for a in result["adapters"]) == expected
+    if share == "per-client":  # the server-side halves differ per client, the device halves do not
+        from edgellm.lora.peft_io import load_peft_adapter
+
+        a = load_peft_adapter(out / "adapter-client-0")[1]
+        b = load_peft_adapter(out / "adapter-client-1")[1]
+        server_keys = [k for k in a if ".layers.1." in k or ".layers.2." in k]
+        assert server_keys and any(not torch.equal(a[k], b[k]) for k in server_keys)
