@@ -118,14 +118,15 @@ def test_resume_refuses_a_run_folder_with_other_settings(uninterrupted, tmp_path
     assert done.returncode == 2 and "--resume" in done.stderr
 
 
-@pytest.mark.parametrize(("clients", "share"), [(3, "shared"), (2, "per-client")])
-def test_split_federated_clients_end_each_round_with_the_same_device_adapter(tiny_chat_dir, tmp_path, clients, share):
-    topo = topology(tiny_chat_dir, tmp_path, servers=1)
+@pytest.mark.parametrize(("clients", "share", "servers"), [(3, "shared", 1), (2, "per-client", 1), (2, "shared", 0)])
+def test_federated_clients_end_each_round_with_the_same_device_adapter(tiny_chat_dir, tmp_path, clients, share, servers):
+    where = ["--topology", str(topology(tiny_chat_dir, tmp_path, servers=1))] if servers else ["--model", str(tiny_chat_dir)]
     out = tmp_path / "run"
-    args = ["--topology", str(topo), "--steps", "4", "--clients", str(clients), "--aggregate-every", "2",
+    args = [*where, "--steps", "4", "--clients", str(clients), "--aggregate-every", "2",
             "--share", share, "--output", str(out), *COMMON]  # fmt: skip
     result = report(finetune(args, tmp_path / "home"))
     assert sorted(result["losses"]) == [str(k) for k in range(clients)]
+    assert all(sum(sync.values()) > 0 for sync in result["sync_bytes_per_client"].values())  # the rounds went out
     states = [torch.load(out / f"client-{k}" / "step-00000004.pt")["adapter"] for k in range(clients)]
     assert states[0], "the device holds adapters"
     for other in states[1:]:

@@ -7,15 +7,20 @@ the pure `edgellm.lora.fedavg.fedavg`; this module only does the waiting.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from edgellm.errors import ConfigError, SessionError
 from edgellm.lora.fedavg import fedavg
+from edgellm.net.messages import AdapterSync, CloseSession, SyncReply, TrainOpen, WireError, decode, encode
+from edgellm.split.train_config import ServerTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +93,58 @@ class Aggregator:
         run, attempt, step = key
         for other in [k for k in self._rounds if k[:2] == (run, attempt) and k[2] < step - 8]:
             del self._rounds[other]
+
+
+class AggregatorServer:
+    """A node that only aggregates: FedAvg rounds for clients that have no server to meet at (federated
+    learning without a split). Implements `edgellm.net.rpc.NodeHandler`; takes `TrainOpen` (to learn each
+    session's run and client) and `AdapterSync(op="aggregate")`, and refuses everything else."""
+
+    def __init__(self, name: str = "aggregator", timeout_s: float = 120.0) -> None:
+        self.name = name
+        self.aggregator = Aggregator(timeout_s)
+        self._sessions: dict[str, tuple[str, str, int, int, float]] = {}  # session -> run, attempt, client, clients, timeout
+        self._lock = threading.Lock()
+
+    def train(self, frame: bytes) -> bytes:
+        message = decode(frame)
+        if isinstance(message, TrainOpen):
+            config = ServerTrainConfig.from_json(message.config)
+            if not 0 <= message.client < message.clients:
+                raise ConfigError(f"client {message.client} is out of range for {message.clients} client(s)")
+            with self._lock:
+                self._sessions[message.session] = (
+                    message.run, message.attempt, message.client, message.clients, config.round_timeout_s
+                )
+            return encode(SyncReply(detail=json.dumps([{"node": self.name, "trainable_params": 0}])))
+        if not isinstance(message, AdapterSync) or message.op != "aggregate":
+            raise WireError(f"node {self.name} only aggregates; got {type(message).__name__}")
+        with self._lock:
+            found = self._sessions.get(message.session)
+        if found is None:
+            raise SessionError(f"unknown training session {message.session!r} on node {self.name}")
+        run, attempt, client, clients, timeout = found
+        result, included = self.aggregator.submit(
+            (run, attempt, message.step), client, clients, dict(message.tensors), message.weight, timeout
+        )
+        detail = json.dumps([{"node": self.name, "round": message.step, "clients": list(included)}])
+        return encode(SyncReply(tuple(result.items()), detail))
+
+    def forward(self, frame: bytes) -> bytes:
+        raise _refuse(self.name)
+
+    def close(self, frame: bytes) -> None:
+        message = decode(frame)
+        if isinstance(message, CloseSession):
+            with self._lock:
+                self._sessions.pop(message.session, None)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "role": "aggregator", "sessions": len(self._sessions)}
+
+    def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise _refuse(self.name)
+
+
+def _refuse(name: str) -> Exception:
+    return ConfigError(f"node {name} only aggregates adapters; it runs no model")

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from edgellm.deploy.node import remote_hop
+from edgellm.deploy.node import channel_config, remote_hop
 from edgellm.deploy.topology import Topology, load_topology
 from edgellm.errors import ConfigError
 from edgellm.lora.peft_io import load_peft_adapter, save_peft_adapter
 from edgellm.model.arch import arch_for
 from edgellm.model.stage import Stage, stage_specs
 from edgellm.net.messages import CloseSession, TrainOpen
+from edgellm.net.rpc import ChannelConfig, RemoteHop
 from edgellm.quant.scheme import QuantConfig, parse_quant
 from edgellm.serve.generate import DTYPES
 from edgellm.split.local import load_stages
@@ -57,6 +58,7 @@ class ClientPlan:
         model, dtype, quant: the model when there is no topology (the topology's otherwise).
         resume: continue from the latest checkpoint in `output`.
         init_adapter: a peft adapter directory to start from (fresh runs only).
+        aggregator: "host:port" of the node FedAvg rounds meet at, when it is not the first server.
     """
 
     config: TrainConfig
@@ -70,6 +72,7 @@ class ClientPlan:
     quant: str | None = None
     resume: bool = False
     init_adapter: Path | None = None
+    aggregator: str | None = None
 
 
 def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
@@ -82,7 +85,7 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     if plan.resume and start_step == 0:
         log.warning("no checkpoint in %s: starting from step 0", folder)
     session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
-    model = SplitModel(side.stages, side.hops, side.layers_path, cfg.lora, session)
+    model = SplitModel(side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator)
     open_message = TrainOpen(
         session, plan.run, plan.attempt, plan.client, cfg.clients, cfg.server_config().to_json(), start_step
     )
@@ -111,12 +114,16 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
                 emit({"event": "checkpoint", "client": plan.client, "step": done})
         adapter = _export(model, plan, side) if plan.client == 0 or cfg.share == "per-client" else None
     finally:
-        for hop in side.hops:
+        for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]:
             try:
                 hop.close(CloseSession(session))
             except Exception as exc:  # noqa: BLE001 - a server that is gone has nothing to free
                 log.info("closing session on %s: %s", hop.name, exc)
-    summary = {"event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter) if adapter else None}
+    sync = {hop.name: getattr(hop, "sync_bytes", 0) for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]}
+    summary = {
+        "event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter) if adapter else None,
+        "sync_bytes": sync,  # adapter traffic (open, aggregation rounds, checkpoints, export), both directions
+    }  # fmt: skip
     emit(summary)
     return summary
 
@@ -125,6 +132,7 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
 class _Side:
     stages: list[Stage]
     hops: list[TrainHop]
+    aggregator: TrainHop | None
     layers_path: str
     dataset: Dataset
     pad_id: int
@@ -145,11 +153,14 @@ def _load_side(plan: ClientPlan) -> _Side:
     else:
         torch.set_num_threads(topology.device.threads)
         stages, hops = _device_side(topology, model_dir, num_layers)
+    aggregator = None
+    if plan.aggregator is not None:
+        channel = channel_config(topology) if topology is not None else ChannelConfig()
+        aggregator = RemoteHop("aggregator", plan.aggregator, channel, sender=f"client{plan.client}")
     tokenizer = load_tokenizer(model_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _Side(
-        stages, hops, arch.layers, _dataset(plan, tokenizer), int(pad), model_name, config.model_type == "gpt2"
-    )
+    dataset = _dataset(plan, tokenizer)
+    return _Side(stages, hops, aggregator, arch.layers, dataset, int(pad), model_name, config.model_type == "gpt2")
 
 
 def _device_side(topology: Topology, model_dir: Path, num_layers: int) -> tuple[list[Stage], list[TrainHop]]:

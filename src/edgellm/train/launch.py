@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from edgellm.deploy.launch import LocalDeployment
+from edgellm.deploy.node import channel_config
 from edgellm.deploy.topology import load_topology, write_topology
 from edgellm.errors import ConfigError, EdgellmError
+from edgellm.net.rpc import ChannelConfig, serve
+from edgellm.split.aggregate import AggregatorServer
 from edgellm.train.client import ClientPlan, latest_checkpoint, run_client
 from edgellm.train.config import config_from_dict, config_to_dict
 
@@ -105,8 +108,6 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
 
     if plan.topology is None and plan.config.clients == 1:
         run_client(plan, collect)
-    elif plan.topology is None:
-        raise ConfigError("several clients need a topology with a server to aggregate at (--topology)")
     else:
         _run_processes(job, collect)
     return report(plan, events, time.perf_counter() - started, start_steps)
@@ -114,14 +115,18 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
 
 def _run_processes(job: FinetuneJob, collect: Callable[[Event], None]) -> None:
     plan = job.plan
-    assert plan.topology is not None
-    topology = load_topology(plan.topology)
+    topology = load_topology(plan.topology) if plan.topology is not None else None
     logs = plan.output / "logs"
     logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
-        servers = [n.name for n in topology.servers]
-        if job.launch and servers:
-            stack.enter_context(LocalDeployment(topology, Path(plan.topology), logs, names=servers))
+        servers = [n.name for n in topology.servers] if topology is not None else []
+        if topology is not None and job.launch and servers:
+            stack.enter_context(LocalDeployment(topology, Path(str(plan.topology)), logs, names=servers))
+        if not servers and plan.config.clients > 1:  # federated without a split: meet at an aggregator here
+            channel = channel_config(topology) if topology is not None else ChannelConfig()
+            server, port = serve(AggregatorServer(), "127.0.0.1:0", channel)
+            stack.callback(lambda: server.stop(grace=1.0))
+            plan = replace(plan, aggregator=f"127.0.0.1:{port}")
         workers = [_Worker(replace(plan, client=k), logs) for k in range(plan.config.clients)]
         stack.callback(lambda: [w.stop() for w in workers])
         for event in _merged(workers):
@@ -224,6 +229,7 @@ def report(plan: ClientPlan, events: list[Event], wall_s: float, start_step: int
         "device_trainable_params": opened[0]["device_trainable"] if opened else 0,
         "server_trainable_params": servers,
         "adapters": [e["adapter"] for e in done if e["adapter"]],
+        "sync_bytes_per_client": {str(e["client"]): e.get("sync_bytes", {}) for e in done},
         "wall_s": wall_s,
     }  # fmt: skip
 
@@ -233,7 +239,7 @@ def plan_to_dict(plan: ClientPlan) -> dict[str, Any]:
         "config": config_to_dict(plan.config), "output": str(plan.output), "run": plan.run, "attempt": plan.attempt,
         "client": plan.client, "topology": str(plan.topology) if plan.topology else None, "model": plan.model,
         "dtype": plan.dtype, "quant": plan.quant, "resume": plan.resume,
-        "init_adapter": str(plan.init_adapter) if plan.init_adapter else None,
+        "init_adapter": str(plan.init_adapter) if plan.init_adapter else None, "aggregator": plan.aggregator,
     }  # fmt: skip
 
 
@@ -243,7 +249,7 @@ def plan_from_dict(data: dict[str, Any]) -> ClientPlan:
         attempt=data["attempt"], client=int(data["client"]),
         topology=Path(data["topology"]) if data["topology"] else None, model=data["model"], dtype=data["dtype"],
         quant=data["quant"], resume=bool(data["resume"]),
-        init_adapter=Path(data["init_adapter"]) if data["init_adapter"] else None,
+        init_adapter=Path(data["init_adapter"]) if data["init_adapter"] else None, aggregator=data["aggregator"],
     )  # fmt: skip
 
 

@@ -98,10 +98,17 @@ class SplitModel:
         layers_path: where the decoder layers sit in the full model ("model.layers"), for adapter names.
         lora: the adapters to add to the device's stages (the servers get theirs from `open`).
         session: this client's training session id on the servers.
+        aggregator: where FedAvg rounds meet when it is not the first server (federated runs without a split).
     """
 
     def __init__(
-        self, stages: Sequence[Stage], hops: Sequence[TrainHop], layers_path: str, lora: LoraSpec, session: str
+        self,
+        stages: Sequence[Stage],
+        hops: Sequence[TrainHop],
+        layers_path: str,
+        lora: LoraSpec,
+        session: str,
+        aggregator: TrainHop | None = None,
     ) -> None:
         if not stages or not stages[0].spec.embed:
             raise ConfigError("split learning needs the embedding on the device: token ids never leave it")
@@ -111,6 +118,7 @@ class SplitModel:
             )
         self.stages = list(stages)
         self.hops = list(hops)
+        self.aggregator = aggregator if aggregator is not None else (self.hops[0] if self.hops else None)
         self.session = session
         self.lora = lora
         for stage in self.stages:
@@ -171,7 +179,10 @@ class SplitModel:
     def open(self, open_message: TrainOpen) -> list[dict[str, Any]]:
         """Open this client's session on every server; returns each server's detail (adapter, parameters)."""
         details: list[dict[str, Any]] = []
-        for hop in self.hops:
+        targets = list(self.hops)
+        if self.aggregator is not None and self.aggregator not in targets:
+            targets.append(self.aggregator)
+        for hop in targets:
             reply = hop.train(open_message)
             details += json.loads(_sync(reply, hop.name).detail)
         return details
@@ -194,14 +205,14 @@ class SplitModel:
             _sync(hop.train(AdapterSync(self.session, "put", tensors=items)), hop.name)
 
     def aggregate(self, step: int, weight: float) -> list[int]:
-        """FedAvg of the device-side adapters with the other clients' (at the first server); loads the average.
-
-        Returns the clients the average came from.
+        """FedAvg of the device-side adapters with the other clients' (at the aggregator, by default the first
+        server); loads the average. Returns the clients the average came from.
         """
-        if not self.hops:
-            raise ConfigError("federated averaging needs a server to aggregate at; this run has none")
+        if self.aggregator is None:
+            raise ConfigError("federated averaging needs a server or an aggregator to meet at; this run has none")
         state = tuple(self.device_state().items())
-        reply = _sync(self.hops[0].train(AdapterSync(self.session, "aggregate", step, weight, state)), self.hops[0].name)
+        message = AdapterSync(self.session, "aggregate", step, weight, state)
+        reply = _sync(self.aggregator.train(message), self.aggregator.name)
         self.load_device_state(dict(reply.tensors))
         return list(json.loads(reply.detail)[0]["clients"])
 
