@@ -141,3 +141,16 @@ def test_federated_clients_end_each_round_with_the_same_device_adapter(tiny_chat
         b = load_peft_adapter(out / "adapter-client-1")[1]
         server_keys = [k for k in a if ".layers.1." in k or ".layers.2." in k]
         assert server_keys and any(not torch.equal(a[k], b[k]) for k in server_keys)
+
+
+def test_qlora_trains_float_adapters_over_a_4bit_base_on_every_node(tiny_chat_dir, tmp_path):
+    out = tmp_path / "run"
+    topo = topology(tiny_chat_dir, tmp_path)
+    args = ["--topology", str(topo), "--steps", "8", "--quant", "int4", "--output", str(out), *COMMON]
+    result = report(finetune(args, tmp_path / "home"))
+    losses = result["losses"]["0"]
+    assert losses[-1] < losses[0]
+    assert 'quant = "int4"' in (out / "topology.toml").read_text()  # what the launched servers loaded
+    assert list((tmp_path / "home" / "quant").iterdir()), "the quantized stages were built and cached"
+    config = json.loads((Path(result["adapters"][0]) / "adapter_config.json").read_text())
+    assert config["r"] == 4
