@@ -228,3 +228,33 @@ def test_exported_adapter_reproduces_the_split_models_logits(tiny_llama_dir, tmp
     whole = SplitModel(load_stages(tiny_llama_dir, stage_specs(TINY_LAYERS, [])), [], LAYERS, spec, "w")
     whole.load_device_state(tensors)
     torch.testing.assert_close(whole.logits(b)[real], peft_logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_training_starts_from_an_adapter_saved_by_peft(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from edgellm.train.client import _start_from, gather_adapter
+    from edgellm.train.config import DataSpec, TrainConfig
+
+    config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules), lora_dropout=0.0)
+    peft_model = get_peft_model(reference_model(tiny_llama_dir), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = {
+        name.removeprefix("base_model.model.").replace(".default.weight", ".weight"): p.detach()
+        for name, p in peft_model.named_parameters() if "lora_" in name
+    }  # fmt: skip
+
+    device, hop = in_process_servers(tiny_llama_dir, [1, 3])
+    model = SplitModel(device, [hop], LAYERS, LORA, "s")
+    model.open(open_message("s"))
+    _start_from(model, tmp_path / "peft", TrainConfig(steps=1, data=DataSpec(task="dates"), lora=LORA))
+    loaded = gather_adapter(model)
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    with pytest.raises(ConfigError, match="r=4"):
+        _start_from(model, tmp_path / "peft", TrainConfig(steps=1, data=DataSpec(task="dates"), lora=LoraSpec(r=8)))
