@@ -1,22 +1,27 @@
-"""`edgellm eval ppl`: perplexity of the (cut, quantized, codec-compressed) model over a text file."""
+"""`edgellm eval ppl`: perplexity of the (cut, quantized, codec-compressed) model over a text file;
+`edgellm eval task`: exact match and response loss on a built-in fine-tuning task."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from edgellm.cli.generate import add_model_arguments
 from edgellm.eval.ppl import PplConfig
 from edgellm.eval.run import EvalConfig, run_ppl
+from edgellm.eval.task import TaskEvalConfig, run_task
 from edgellm.model.stage import parse_cuts
 from edgellm.net.codec import CODECS
 from edgellm.quant.scheme import parse_quant
+from edgellm.serve.generate import LocalSplitConfig
+from edgellm.train.tasks import DEFAULT_TASK, TASKS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="measure the model's accuracy", description="Measure accuracy.")
-    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    tasks = parser.add_subparsers(dest="metric", metavar="METRIC", required=True)
     ppl = tasks.add_parser(
         "ppl",
         help="perplexity over a text file, with a sliding window",
@@ -38,6 +43,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--no-cache", action="store_true", help="do not keep quantized stages on disk")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(run=run)
+    add_task_parser(tasks)
+
+
+def add_task_parser(tasks: argparse._SubParsersAction) -> None:
+    task = tasks.add_parser(
+        "task",
+        help="exact match and response loss on a built-in fine-tuning task",
+        description="Greedy-decode the eval split of a built-in task and report exact match, and the mean "
+        "teacher-forced loss on the responses (as in training). --adapter applies a peft-format LoRA adapter. "
+        f"Tasks: {'; '.join(f'{t.name}: {t.description}' for t in TASKS.values())}.",
+    )
+    task.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS), help="the task (default: %(default)s)")
+    task.add_argument("--n", type=int, default=100, help="eval examples (default: 100)")
+    task.add_argument("--seed", type=int, default=0, help="seed the examples are drawn with (default: 0)")
+    task.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="peft-format LoRA adapter directory")
+    task.add_argument("--batch-size", type=int, default=16, metavar="N", help="examples per batch (default: 16)")
+    task.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="longest answer (default: 32)")
+    add_model_arguments(task)
+    task.add_argument("--json", action="store_true", help="print one JSON object")
+    task.set_defaults(run=run_task_command)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,5 +86,49 @@ def run(args: argparse.Namespace) -> int:
         f"{report['model']} quant={report['quant']} act-codec={report['act_codec']} cuts={report['cuts'] or 'none'}: "
         f"ppl {report['ppl']:.3f} over {report['tokens']} tokens ({report['windows']} windows of {report['ctx']}, "
         f"stride {report['stride']}), weights {report['weight_bytes'] / 1e6:.1f} MB, {report['eval_s']:.1f} s"
+    )
+    return 0
+
+
+def run_task_command(args: argparse.Namespace) -> int:
+    config = TaskEvalConfig(
+        model=LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant),
+        task=args.task,
+        n=args.n,
+        seed=args.seed,
+        adapter=args.adapter,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []  # made when the model is loaded and the batches are counted
+
+    def on_batch(done: int, total: int) -> None:
+        if not bars:
+            bars.append(
+                tqdm(
+                    total=total,
+                    desc=f"eval {args.task}",
+                    unit="batch",
+                    file=sys.stderr,
+                    disable=not sys.stderr.isatty(),
+                )
+            )
+        bars[0].update(done - bars[0].n)
+
+    try:
+        report = run_task(config, on_batch)
+    finally:
+        for bar in bars:
+            bar.close()
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    adapter = f" adapter={report['adapter']}" if report["adapter"] else ""
+    print(
+        f"{report['model']}{adapter} task={report['task']}: exact match {report['exact_match']:.1%} "
+        f"({report['correct']}/{report['n']}), eval loss {report['eval_loss']:.4f} over {report['label_tokens']} "
+        f"response tokens, {report['eval_s']:.1f} s"
     )
     return 0

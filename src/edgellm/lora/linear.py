@@ -45,6 +45,8 @@ def check_adapter_name(name: str) -> None:
     """Raises ConfigError unless `name` can name an adapter (letters, digits, `_` and `-`)."""
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
         raise ConfigError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
+    if hasattr(nn.ModuleDict(), name):  # e.g. "eval", "train", "keys": taken by ModuleDict's own attributes
+        raise ConfigError(f"adapter name {name!r} is reserved (it names a method of torch's ModuleDict)")
 
 
 def init_seed_for(init_seed: int, full_name: str) -> int:

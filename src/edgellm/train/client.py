@@ -25,7 +25,7 @@ from edgellm.deploy.topology import Topology, load_topology
 from edgellm.errors import ConfigError
 from edgellm.lora.peft_io import load_peft_adapter, save_peft_adapter
 from edgellm.model.arch import arch_for
-from edgellm.model.stage import Stage, stage_specs
+from edgellm.model.stage import Stage, StageSpec
 from edgellm.net.messages import CloseSession, TrainOpen
 from edgellm.net.rpc import ChannelConfig, RemoteHop
 from edgellm.quant.scheme import QuantConfig, parse_quant
@@ -147,8 +147,9 @@ def _load_side(plan: ClientPlan) -> _Side:
     config = load_config(model_dir)
     arch = arch_for(config)
     num_layers = int(config.num_hidden_layers)
-    if topology is None:
-        stages = load_stages(model_dir, stage_specs(num_layers, []), DTYPES[plan.dtype], parse_quant(plan.quant))
+    if topology is None:  # the head as its own stage, so the loss can skip positions without a label
+        specs = [StageSpec(0, num_layers, embed=True), StageSpec(num_layers, num_layers, head=True)]
+        stages = load_stages(model_dir, specs, DTYPES[plan.dtype], parse_quant(plan.quant))
         hops: list[TrainHop] = []
     else:
         torch.set_num_threads(topology.device.threads)

@@ -128,7 +128,8 @@ def _run_processes(job: FinetuneJob, collect: Callable[[Event], None]) -> None:
             stack.callback(lambda: server.stop(grace=1.0))
             plan = replace(plan, aggregator=f"127.0.0.1:{port}")
         workers = [_Worker(replace(plan, client=k), logs) for k in range(plan.config.clients)]
-        stack.callback(lambda: [w.stop() for w in workers])
+        for worker in workers:
+            stack.callback(worker.stop)
         for event in _merged(workers):
             collect(event)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
@@ -33,7 +34,7 @@ from edgellm.model.stage import Stage
 from edgellm.net.messages import AdapterSync, ForwardReply, HopTrace, SyncReply, TrainBackward, TrainForward, TrainOpen
 from edgellm.split.pipeline import TrainHop
 from edgellm.split.trainer import seed_for
-from edgellm.train.data import Batch, causal_lm_loss
+from edgellm.train.data import IGNORE, Batch, causal_lm_loss
 
 DEVICE_ADAPTER = "device"
 
@@ -146,6 +147,16 @@ class SplitModel:
         h = self.stages[0](batch.ids, positions, None, mask)
         for hop in self.hops:
             h = _Remote.apply(h, _RemoteCall(hop, self.session, step, positions, mask, traffic))
+        head = self.stages[-1]
+        if len(self.stages) > 1 and not len(head.blocks):
+            # A head-only stage sees each position alone: score only the positions that predict a label (the
+            # response, for instructions), which skips most of the vocabulary-sized matmul and softmax.
+            for stage in self.stages[1:-1]:
+                h = stage(h, positions, None, mask)
+            targets = batch.labels[:, 1:] != IGNORE  # [B, S-1]
+            picked = h[:, :-1][targets].unsqueeze(0)  # [1, N, D]
+            logits = head(picked, torch.zeros(picked.shape[:2], dtype=torch.int64))  # [1, N, V]
+            return F.cross_entropy(logits[0], batch.labels[:, 1:][targets]), traffic
         for stage in self.stages[1:]:
             h = stage(h, positions, None, mask)
         return causal_lm_loss(h, batch.labels), traffic
