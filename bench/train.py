@@ -59,7 +59,7 @@ def topology(path: Path, profile: str, codec: str, base_port: int) -> Path:
 def evaluate(args: argparse.Namespace, adapter: str | None) -> dict[str, Any]:
     extra = ["--adapter", adapter] if adapter else []
     report = edgellm("eval", "task", "--task", args.task, "--n", str(args.eval_n), *extra)
-    return {"exact_match": report["exact_match"], "eval_loss": report["loss"]}
+    return {"exact_match": report["exact_match"], "eval_loss": report["eval_loss"]}
 
 
 def main() -> None:

@@ -105,3 +105,9 @@ def make_tiny_chat_model(directory: Path, tokenizer_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_dir(real_model_dir, tmp_path_factory) -> Path:
     return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tiny_llama_dir):
+    """Tiny llama and gpt2 models by architecture name (the LoRA tests cover a Linear and a Conv1D model)."""
+    return {"llama": tiny_llama_dir, "gpt2": make_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2-lora"))}

@@ -49,3 +49,31 @@ def test_a_late_client_gets_the_closed_rounds_average_without_its_part():
     avg, included = agg.submit(("run", "a", 10), 1, 2, {"w": torch.tensor([100.0])}, 1.0, 0.2)
     assert included == (0,)
     torch.testing.assert_close(avg["w"], torch.tensor([1.0]))
+
+
+def test_a_client_that_missed_a_round_is_not_waited_for_until_it_returns():
+    import time
+
+    agg = Aggregator()
+    w = {"w": torch.tensor([1.0])}
+
+    def round_of(step: int, members: list[int], timeout_s: float) -> tuple[float, dict]:
+        results: dict[int, tuple] = {}
+        threads = [
+            threading.Thread(target=lambda k=k: results.__setitem__(k, agg.submit(("run", "a", step), k, 3, w, 1.0, timeout_s)))
+            for k in members
+        ]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # in the order given
+        for t in threads:
+            t.join(timeout=30)
+        return time.monotonic() - start, results
+
+    took, results = round_of(1, [0, 1], 0.5)  # client 2 is gone: this round waits for it once
+    assert took >= 0.5 and results[0][1] == (0, 1)
+    took, results = round_of(2, [0, 1], 20.0)  # ... and not again
+    assert took < 5.0 and results[0][1] == (0, 1)
+    took, results = round_of(3, [2, 0, 1], 20.0)  # back (first in, so before the round closes): counted again
+    assert results[2][1] == (0, 1, 2)

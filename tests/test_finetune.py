@@ -80,7 +80,9 @@ def test_finetune_trains_through_the_split_and_exports_a_peft_adapter(uninterrup
 def victim(proc: psutil.Process, which: str) -> psutil.Process:
     for child in proc.children(recursive=True):
         cmd = " ".join(child.cmdline())
-        if (which == "client" and "--worker" in cmd) or (which != "client" and f"--name {which}" in cmd):
+        if which.startswith("client") and "--worker" in cmd and (which == "client" or f"{which}.plan" in cmd):
+            return child
+        if not which.startswith("client") and f"--name {which}" in cmd:
             return child
     raise AssertionError(f"no {which} process among {[c.cmdline() for c in proc.children(recursive=True)]}")
 
@@ -132,13 +134,13 @@ def test_federated_clients_end_each_round_with_the_same_device_adapter(tiny_chat
     for other in states[1:]:
         for key, value in states[0].items():
             torch.testing.assert_close(other[key], value, rtol=0, atol=0)
-    expected = ["adapter"] if share == "shared" else [f"adapter-client-{k}" for k in range(clients)]
-    assert sorted(Path(a).name for a in result["adapters"]) == expected
+    expected = ["adapter"] if share == "shared" else [f"client-{k}/adapter" for k in range(clients)]
+    assert sorted(str(Path(a).relative_to(out)) for a in result["adapters"]) == expected
     if share == "per-client":  # the server-side halves differ per client, the device halves do not
         from edgellm.lora.peft_io import load_peft_adapter
 
-        a = load_peft_adapter(out / "adapter-client-0")[1]
-        b = load_peft_adapter(out / "adapter-client-1")[1]
+        a = load_peft_adapter(out / "client-0" / "adapter")[1]
+        b = load_peft_adapter(out / "client-1" / "adapter")[1]
         server_keys = [k for k in a if ".layers.1." in k or ".layers.2." in k]
         assert server_keys and any(not torch.equal(a[k], b[k]) for k in server_keys)
 
@@ -154,3 +156,24 @@ def test_qlora_trains_float_adapters_over_a_4bit_base_on_every_node(tiny_chat_di
     assert list((tmp_path / "home" / "quant").iterdir()), "the quantized stages were built and cached"
     config = json.loads((Path(result["adapters"][0]) / "adapter_config.json").read_text())
     assert config["r"] == 4
+
+
+def test_a_client_that_dies_drops_out_and_the_others_finish(tiny_chat_dir, tmp_path):
+    out = tmp_path / "run"
+    topo = topology(tiny_chat_dir, tmp_path, servers=1)
+    args = ["--topology", str(topo), "--steps", "12", "--clients", "3", "--aggregate-every", "2",
+            "--round-timeout", "3", "--output", str(out), *COMMON]  # fmt: skip
+    cmd = [sys.executable, "-m", "edgellm", "finetune", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path / "home"))
+    deadline = time.monotonic() + 240
+    while not list((out / "logs").glob("client-2.log")) or not (out / "client-2").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    victim(psutil.Process(proc.pid), "client-2").send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-2000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["dropped_clients"] == [2]
+    assert len(result["losses"]["0"]) == len(result["losses"]["1"]) == 12
+    assert Path(result["adapters"][0], "adapter_config.json").exists()

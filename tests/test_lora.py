@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_LAYERS, make_tiny_model, reference_model
+from conftest import TINY_LAYERS, reference_model
 from edgellm.errors import ConfigError
 from edgellm.lora import (
     LoRALinear,
@@ -23,8 +23,6 @@ from edgellm.lora import (
     fedavg,
     inject_lora,
     load_adapter_state,
-    load_peft_adapter,
-    save_peft_adapter,
     set_active,
     stage_keys,
     use_adapter,
@@ -42,11 +40,6 @@ LOGITS_ATOL = 1e-5  # fp32, same blocks in the same order: only summation order 
 GRAD_RTOL = 1e-5  # ||ours - peft|| <= GRAD_RTOL * ||peft|| per tensor
 TARGETS = {"llama": ("q_proj", "v_proj", "o_proj", "down_proj"), "gpt2": ("c_attn", "c_proj", "c_fc")}
 B, S = 2, 7
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tiny_llama_dir):
-    return {"llama": tiny_llama_dir, "gpt2": make_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2-lora"))}
 
 
 def spec_for(arch: str, seed: int = 0) -> LoraSpec:
@@ -328,84 +321,6 @@ def test_qlora_stage_trains_through_quantized_blocks(tiny_llama_dir):
     masked_ce(logits, ids).backward()
     for key, grad in adapter_grads(stage, "a").items():
         assert grad.norm() > 0, key  # gradients reach every adapter, layer 0 included
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_saved_adapter_loads_in_peft(model_dirs, arch, tmp_path):
-    from peft import PeftModel
-
-    spec = spec_for(arch)
-    stages = lora_stages(model_dirs[arch], [2], spec)
-    state = randomize(stages)
-    out = tmp_path / "adapter"
-    save_peft_adapter(out, spec, {k: torch.zeros_like(v) for k, v in state.items()}, str(model_dirs[arch]))
-    save_peft_adapter(out, spec, state, str(model_dirs[arch]), fan_in_fan_out=arch == "gpt2")  # replaces it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary dirs left behind
-    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == sorted(TARGETS[arch])
-    ids = ids_for(2)
-    with torch.no_grad():
-        ours = run(stages, ids)
-        model = PeftModel.from_pretrained(reference_model(model_dirs[arch]), out).eval()
-        theirs = model(input_ids=ids).logits
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-    assert (theirs - base).abs().max() > 1e-2
-    torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="not an adapter directory"):  # never deletes a non-adapter dir
-        save_peft_adapter(tmp_path / "model", spec, state, "x")
-
-
-def test_peft_saved_adapter_loads_into_stages(tiny_llama_dir, tmp_path):
-    ref = peft_model(tiny_llama_dir, "llama")
-    theirs = peft_params(ref)
-    state = random_state({k: v.shape for k, v in theirs.items()}, seed=11)
-    with torch.no_grad():
-        for key, p in theirs.items():
-            p.copy_(state[key])
-    ref.save_pretrained(tmp_path / "peft")
-    spec, tensors = load_peft_adapter(tmp_path / "peft")
-    assert (spec.r, spec.alpha, spec.dropout) == (4, 8.0, 0.0)
-    assert set(spec.target_modules) == set(TARGETS["llama"])
-    assert set(tensors) == set(state) and all(torch.equal(tensors[k], state[k]) for k in state)
-    stages = lora_stages(tiny_llama_dir, [1, 3], spec)
-    for stage in stages:
-        load_adapter_state(stage, "a", tensors, strict=False)
-    ids = ids_for(3)
-    with torch.no_grad():
-        torch.testing.assert_close(run(stages, ids), ref(input_ids=ids).logits, atol=LOGITS_ATOL, rtol=0)
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"use_dora": True}, "field use_dora"),
-        ({"peft_type": "PREFIX_TUNING"}, "field peft_type is 'PREFIX_TUNING'"),
-        ({"bias": "all"}, "field bias"),
-        ({"use_rslora": True}, "field use_rslora"),
-        ({"rank_pattern": {"q_proj": 8}}, "field rank_pattern"),
-        ({"modules_to_save": ["lm_head"]}, "field modules_to_save"),
-        ({"target_modules": ".*proj"}, "regular expression"),
-        ({"r": 8}, "do not fit rank r=8"),
-        (None, "adapter_model.safetensors is missing"),
-    ],
-)
-def test_bad_adapter_dirs_are_refused(tmp_path, change, message):
-    spec = LoraSpec(r=2, target_modules=("q_proj",))
-    tensors = {"x.q_proj.lora_A.weight": torch.ones(2, 8), "x.q_proj.lora_B.weight": torch.ones(8, 2)}
-    save_peft_adapter(tmp_path / "ad", spec, tensors, "tiny")
-    loaded_spec, loaded = load_peft_adapter(tmp_path / "ad")  # the good dir loads
-    assert loaded_spec == spec and loaded.keys() == tensors.keys()
-    config_path = tmp_path / "ad" / "adapter_config.json"
-    if change is None:
-        (tmp_path / "ad" / "adapter_model.safetensors").unlink()
-    else:
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
-    with pytest.raises(ConfigError, match=message):
-        load_peft_adapter(tmp_path / "ad")
-    with pytest.raises(ConfigError, match="needs both lora_A and lora_B"):
-        save_peft_adapter(tmp_path / "ad2", spec, {"x.q_proj.lora_A.weight": torch.ones(2, 8)}, "tiny")
 
 
 def test_lora_spec_validation_and_round_trip():

@@ -14,6 +14,7 @@ from edgellm.deploy.node import remote_hop
 from edgellm.deploy.topology import write_topology
 from edgellm.errors import ConfigError, SessionError
 from edgellm.lora.config import LoraSpec
+from edgellm.lora.inject import wrappers
 from edgellm.model.stage import stage_specs
 from edgellm.net.local import LocalHop
 from edgellm.net.messages import AdapterSync, CloseSession, TrainBackward, TrainOpen
@@ -188,9 +189,12 @@ def test_server_refuses_out_of_order_backward_and_unknown_sessions(tiny_llama_di
         hop.train(AdapterSync("nobody", "get"))
     with pytest.raises(ConfigError, match="lacks"):
         hop.train(AdapterSync("s", "put", tensors=(("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(4, 32)),)))
+    server_stage = hop._handler.server.host.stage  # type: ignore[attr-defined]
+    assert any(w.adapters for w in wrappers(server_stage))
     hop.close(CloseSession("s"))
     with pytest.raises(SessionError):
         hop.train(AdapterSync("s", "get"))
+    assert not any(w.adapters for w in wrappers(server_stage)), "the last session's adapter is freed"
 
 
 def test_exported_adapter_reproduces_the_split_models_logits(tiny_llama_dir, tmp_path):

@@ -55,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lora.add_argument("--task-examples", type=int, default=2000, metavar="N",
                       help="training examples generated for --task (default: 2000)")
     lora.add_argument("--round-timeout", type=float, default=120.0, metavar="S",
-                      help="a FedAvg round closes this long after its first client, without the missing ones (default: 120)")
+                      help="a FedAvg round closes this long after its first client, without the missing ones; a client silent "
+                      "this long between its forward and backward loses a shared adapter's turn (default: 120)")
     model = parser.add_argument_group("model (without --topology; with one, the topology names it)")
     model.add_argument("--model", default=DEFAULT_MODEL, help="registered name, model directory or .gguf (default: %(default)s)")
     model.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight precision (default: fp32)")
@@ -126,6 +127,8 @@ class _Progress:
         if event["event"] == "open" and not self._started:
             self._bar.update(event["start_step"] * 1)
             self._started = True
+        if event["event"] == "dropped":
+            self._bar.write(f"client {event['client']} dropped out: {event['error']}")
         if event["event"] != "step":
             return
         sent = sum(event["bytes"].values())
@@ -151,3 +154,5 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"  {link}: {nbytes / 1e6:.3f} MB per step (both directions)")
     for adapter in result["adapters"]:
         print(f"  adapter (peft format): {adapter}")
+    if result["dropped_clients"]:
+        print(f"  dropped out: client(s) {result['dropped_clients']} (see {result['output']}/logs)")

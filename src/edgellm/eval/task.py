@@ -193,7 +193,7 @@ def run_task(config: TaskEvalConfig, on_batch: OnBatch | None = None) -> dict[st
         "adapter": None if config.adapter is None else str(config.adapter),
         "exact_match": round(result.exact_match, 4),
         "correct": sum(result.correct),
-        "eval_loss": round(result.loss, 4),
+        "eval_loss": result.loss,
         "label_tokens": result.label_tokens,
         "samples": [
             {"prompt": e.prompt, "reference": e.response, "prediction": p, "correct": c}

@@ -147,27 +147,10 @@ class RemoteHop:
     def forward(self, request: ForwardRequest) -> ForwardReply:
         route = request.route if self.route is None else self.route
         request = dataclasses.replace(request, route=route, reply_codec=codec_name(self.codec))
-        frame = encode(request, self.codec)
-        start = time.perf_counter()
-        if self.link is not None:
-            self.link.send(len(frame), "up")
-        reply_frame = self._call(self._forward, frame)
-        if self.link is not None:
-            self.link.send(len(reply_frame), "down")
-        call_ms = (time.perf_counter() - start) * 1e3
-        reply = decode(reply_frame, self.channel.max_message_bytes)
+        reply = self._exchange(self._forward, encode(request, self.codec))
         if not isinstance(reply, ForwardReply):
             raise RemoteError(f"node {self.name} answered Forward with a {type(reply).__name__}")
-        own = HopTrace(
-            node=self.name,
-            link=f"{self.sender}->{self.name}",
-            compute_ms=reply.compute_ms,
-            server_ms=reply.server_ms,
-            wire_ms=max(call_ms - reply.server_ms, 0.0),
-            bytes_up=len(frame),
-            bytes_down=len(reply_frame),
-        )
-        return dataclasses.replace(reply, trace=(own, *reply.trace))
+        return reply
 
     def train(self, message: Any) -> ForwardReply | SyncReply:
         """Send a split-learning message; activations and gradients use the link's codec, adapters go lossless.
@@ -178,20 +161,26 @@ class RemoteHop:
         message = dataclasses.replace(message, route=route)
         if isinstance(message, TrainForward | TrainBackward):
             message = dataclasses.replace(message, reply_codec=codec_name(self.codec))
-        frame = encode(message, self.codec)
+        reply = self._exchange(self._train, encode(message, self.codec))
+        if not isinstance(reply, ForwardReply | SyncReply):
+            raise RemoteError(f"node {self.name} answered Train with a {type(reply).__name__}")
+        return reply
+
+    def _exchange(self, method: Callable[..., bytes], frame: bytes) -> Any:
+        """Send `frame` through the emulated link, decode the answer; a `ForwardReply` gets this hop's trace
+        first, a `SyncReply` (adapter traffic) is counted in `sync_bytes`."""
         start = time.perf_counter()
         if self.link is not None:
             self.link.send(len(frame), "up")
-        reply_frame = self._call(self._train, frame)
+        reply_frame = self._call(method, frame)
         if self.link is not None:
             self.link.send(len(reply_frame), "down")
         call_ms = (time.perf_counter() - start) * 1e3
         reply = decode(reply_frame, self.channel.max_message_bytes)
         if isinstance(reply, SyncReply):
             self.sync_bytes += len(frame) + len(reply_frame)
-            return reply
         if not isinstance(reply, ForwardReply):
-            raise RemoteError(f"node {self.name} answered Train with a {type(reply).__name__}")
+            return reply
         own = HopTrace(
             node=self.name,
             link=f"{self.sender}->{self.name}",

@@ -1,7 +1,9 @@
 """FedAvg rounds at an aggregating node: clients hand in their adapters for a step, all get the average back.
 
 A round closes when every client of the run has sent, or `timeout_s` after its first client arrived (a client
-that dropped out of the round is left out, and the average is over those that came). The averaging itself is
+that dropped out of the round is left out, and the average is over those that came). A client that missed a
+round is not waited for in the next ones, until it sends again: one dead client costs one timeout, not one per
+round. The averaging itself is
 the pure `edgellm.lora.fedavg.fedavg`; this module only does the waiting.
 """
 
@@ -43,6 +45,7 @@ class Aggregator:
         self.timeout_s = timeout_s
         self._clock = clock
         self._rounds: dict[RoundKey, _Round] = {}
+        self._absent: dict[tuple[str, str], set[int]] = {}  # (run, attempt) -> clients that missed a round
         self._cond = threading.Condition()
 
     def submit(
@@ -61,19 +64,23 @@ class Aggregator:
         """
         limit = self.timeout_s if timeout_s is None else timeout_s
         with self._cond:
+            absent = self._absent.setdefault(key[:2], set())
+            absent.discard(client)
             rnd = self._rounds.setdefault(key, _Round(clients, self._clock()))
             if rnd.result is None:
                 rnd.states[client] = (state, weight)
             else:
                 log.warning("client %d reached round %s after it closed; it gets the average without its part", client, key)
             while rnd.result is None:
-                if len(rnd.states) >= rnd.clients:
+                expected = set(range(rnd.clients)) - absent
+                if expected <= set(rnd.states):
                     self._close(key, rnd)
                     break
                 left = rnd.opened + limit - self._clock()
                 if left <= 0:
-                    missing = sorted(set(range(rnd.clients)) - set(rnd.states))
+                    missing = sorted(expected - set(rnd.states))
                     log.warning("round %s closes without client(s) %s after %.0f s", key, missing, limit)
+                    absent.update(missing)
                     self._close(key, rnd)
                     break
                 self._cond.wait(timeout=min(left, 1.0))

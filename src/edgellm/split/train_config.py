@@ -47,7 +47,8 @@ class ServerTrainConfig:
         optim: the optimizer of the server-side adapters.
         share: one of `SHARE_MODES`.
         seed: seeds dropout per (seed, step), so a resumed run draws the same masks.
-        round_timeout_s: an aggregation round closes this long after its first client arrived, with whoever came.
+        round_timeout_s: an aggregation round closes this long after its first client arrived, with whoever came;
+            and a client that holds a shared adapter's turn this long without its backward pass loses it.
     """
 
     lora: LoraSpec = field(default_factory=LoraSpec)

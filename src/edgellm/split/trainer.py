@@ -12,6 +12,7 @@ client's optimizer step would change weights another client's pending backward s
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -106,10 +107,10 @@ class TrainHost:
         self.checkpoint_root = checkpoint_root
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
+        self._names = itertools.count()
         self._sessions: dict[str, _Session] = {}
         self._turns = threading.Condition(host.lock)
         self.aggregator = Aggregator()
-        self.turn_timeout_s = host.limits.idle_timeout_s
 
     # -- sessions --------------------------------------------------------------------------------------------
     def open(self, msg: TrainOpen) -> dict[str, Any]:
@@ -122,6 +123,7 @@ class TrainHost:
         label = "shared" if config.share == "shared" else f"client{msg.client}"
         key = f"{msg.run}/{label}"
         with self.host.lock:
+            self._expire()
             slot = self._slots.get(key)
             if slot is None or slot.attempt != msg.attempt:
                 slot = self._new_slot(key, label, msg.attempt, config)
@@ -141,19 +143,39 @@ class TrainHost:
             }
 
     def close(self, session: str) -> None:
-        """Forget a session (releasing its turn); closing an unknown session is not an error."""
+        """Forget a session (releasing its turn, and its adapter once no session uses it); closing an unknown
+        session is not an error."""
         with self.host.lock:
             gone = self._sessions.pop(session, None)
-            if gone is not None and gone.slot.owner == session:
+            if gone is None:
+                return
+            if gone.slot.owner == session:
                 gone.slot.owner = None
                 self._turns.notify_all()
+            if all(s.slot is not gone.slot for s in self._sessions.values()):
+                self._drop(gone.slot)  # nobody trains it any more; its checkpoints (if any) stay on disk
+
+    def _drop(self, slot: _Slot) -> None:
+        for key in [k for k, v in self._slots.items() if v is slot]:
+            del self._slots[key]
+        for module in self.stage.modules():
+            if isinstance(module, LoRALinear) and slot.name in module.adapters:
+                module.remove_adapter(slot.name)
+
+    def _expire(self) -> None:
+        limit = self.host.limits.idle_timeout_s
+        now = self._clock()
+        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > limit]:
+            log.info("training session %s expired after %.0f s idle", sid, limit)
+            self.close(sid)
 
     def _new_slot(self, key: str, label: str, attempt: str, config: ServerTrainConfig) -> _Slot:
         old = self._slots.get(key)
-        name = old.name if old is not None else f"train{len(self._slots)}"
-        for module in self.stage.modules():
-            if isinstance(module, LoRALinear) and name in module.adapters:
-                module.remove_adapter(name)
+        if old is not None:  # a previous attempt of the run: its sessions are dead clients' sessions
+            for sid in [sid for sid, sess in self._sessions.items() if sess.slot is old]:
+                self.close(sid)
+            self._drop(old)
+        name = f"train{next(self._names)}"
         inject_lora(self.stage, self.layers_path, config.lora, name)
         set_active(self.stage, None)  # inference sessions on this stage keep running the base model
         self.stage.requires_grad_(False)
@@ -167,6 +189,7 @@ class TrainHost:
         return slot
 
     def _session(self, session: str) -> _Session:
+        self._expire()
         found = self._sessions.get(session)
         if found is None:
             raise SessionError(
@@ -230,16 +253,17 @@ class TrainHost:
         slot = s.slot
         if slot.config.share != "shared":
             return
-        deadline = self._clock() + self.turn_timeout_s
+        limit = slot.config.round_timeout_s  # a client silent this long is gone: as for a FedAvg round
+        deadline = self._clock() + 2 * limit
         while slot.owner not in (None, session):
-            if self._clock() - slot.owner_since > self.turn_timeout_s:
+            if self._clock() - slot.owner_since > limit:
                 log.warning("session %s held adapter %s without a backward pass; taking its turn", slot.owner, slot.name)
                 stale = self._sessions.get(slot.owner)
                 if stale is not None:
                     stale.pending = None
                 break
             if self._clock() > deadline:
-                raise ConfigError(f"adapter {slot.name} on node {self.node} stayed busy for {self.turn_timeout_s:.0f} s")
+                raise ConfigError(f"adapter {slot.name} on node {self.node} stayed busy for {2 * limit:.0f} s")
             self._turns.wait(timeout=0.5)
         slot.owner, slot.owner_since = session, self._clock()
 

@@ -112,7 +112,7 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
             if cfg.checkpoints_after(done):
                 _checkpoint(model, optimizer, folder, done)
                 emit({"event": "checkpoint", "client": plan.client, "step": done})
-        adapter = _export(model, plan, side) if plan.client == 0 or cfg.share == "per-client" else None
+        adapter = _export(model, plan, side)
     finally:
         for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]:
             try:
@@ -121,7 +121,7 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
                 log.info("closing session on %s: %s", hop.name, exc)
     sync = {hop.name: getattr(hop, "sync_bytes", 0) for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]}
     summary = {
-        "event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter) if adapter else None,
+        "event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter),
         "sync_bytes": sync,  # adapter traffic (open, aggregation rounds, checkpoints, export), both directions
     }  # fmt: skip
     emit(summary)
@@ -257,7 +257,8 @@ def gather_adapter(model: SplitModel) -> dict[str, torch.Tensor]:
 
 
 def _export(model: SplitModel, plan: ClientPlan, side: _Side) -> Path:
-    name = "adapter" if plan.config.share == "shared" else f"adapter-client-{plan.client}"
-    directory = plan.output / name
+    # Every client exports: with shared server adapters all exports are the same model, and the coordinator
+    # publishes the first client's that finished; with per-client ones each client has its own.
+    directory = plan.output / f"client-{plan.client}" / "adapter"
     save_peft_adapter(directory, plan.config.lora, gather_adapter(model), side.model_name, side.fan_in_fan_out)
     return directory

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -110,7 +111,27 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
         run_client(plan, collect)
     else:
         _run_processes(job, collect)
-    return report(plan, events, time.perf_counter() - started, start_steps)
+    done = sorted((e for e in events if e["event"] == "done"), key=lambda e: e["client"])
+    if plan.config.share == "shared":
+        adapters = [str(publish(Path(done[0]["adapter"]), plan.output / "adapter"))]
+    else:
+        adapters = [e["adapter"] for e in done]
+    return {**report(plan, events, time.perf_counter() - started, start_steps), "adapters": adapters}
+
+
+def publish(source: Path, target: Path) -> Path:
+    """Copy the adapter folder `source` to `target`, replacing an older one only once the copy is complete."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    return target
 
 
 def _run_processes(job: FinetuneJob, collect: Callable[[Event], None]) -> None:
@@ -130,7 +151,7 @@ def _run_processes(job: FinetuneJob, collect: Callable[[Event], None]) -> None:
         workers = [_Worker(replace(plan, client=k), logs) for k in range(plan.config.clients)]
         for worker in workers:
             stack.callback(worker.stop)
-        for event in _merged(workers):
+        for event in _merged(workers, tolerate=plan.config.clients > 1):
             collect(event)
 
 
@@ -181,8 +202,9 @@ def _lines(stream: IO[bytes]) -> Iterator[str]:
         yield raw.decode(errors="replace")
 
 
-def _merged(workers: list[_Worker]) -> Iterator[Event]:
-    """Events of all workers as they come; the first failure is raised once its worker is done."""
+def _merged(workers: list[_Worker], tolerate: bool) -> Iterator[Event]:
+    """Events of all workers as they come. A failed worker raises its error, unless `tolerate`: then it is a
+    "dropped" event and the others go on (their FedAvg rounds close without it), until none is left."""
     q: queue.Queue[tuple[int, Event | BaseException | None]] = queue.Queue()
 
     def pump(k: int, worker: _Worker) -> None:
@@ -195,13 +217,18 @@ def _merged(workers: list[_Worker]) -> Iterator[Event]:
 
     for k, worker in enumerate(workers):
         threading.Thread(target=pump, args=(k, worker), daemon=True).start()
-    running = len(workers)
+    running = finished = len(workers)
     while running:
-        _, item = q.get()
+        k, item = q.get()
         if item is None:
             running -= 1
         elif isinstance(item, BaseException):
-            raise item
+            running -= 1
+            finished -= 1
+            if not tolerate or finished == 0:
+                raise item
+            log.warning("client %d dropped out: %s", k, item)
+            yield {"event": "dropped", "client": k, "error": str(item)}
         else:
             yield item
 
@@ -229,7 +256,7 @@ def report(plan: ClientPlan, events: list[Event], wall_s: float, start_step: int
         "bytes_per_step": {link: n / count for link, n in links.items()},
         "device_trainable_params": opened[0]["device_trainable"] if opened else 0,
         "server_trainable_params": servers,
-        "adapters": [e["adapter"] for e in done if e["adapter"]],
+        "dropped_clients": sorted(e["client"] for e in events if e["event"] == "dropped"),
         "sync_bytes_per_client": {str(e["client"]): e.get("sync_bytes", {}) for e in done},
         "wall_s": wall_s,
     }  # fmt: skip
