@@ -74,19 +74,31 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "train")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--only", default=None, metavar="RUN,...",
+                        help="run only these (base, centralized, split, split-int8mu, federated, split-federated, "
+                        "timing) and merge them into an existing --json file")  # fmt: skip
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
 
     common = ["--task", args.task, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", "0"]
     split_topo = topology(args.work / "train-split.toml", "6g", args.codec, 50310)
+    int8mu_topo = topology(args.work / "train-split-int8mu.toml", "6g", "int8mu", 50320)
     runs = {
         "centralized": [],
         "split": ["--topology", str(split_topo)],
+        "split-int8mu": ["--topology", str(int8mu_topo)],
         "federated": ["--clients", str(args.clients), "--aggregate-every", str(args.aggregate_every)],
         "split-federated": ["--topology", str(split_topo), "--clients", str(args.clients),
                             "--aggregate-every", str(args.aggregate_every)],
     }  # fmt: skip
-    results: dict[str, Any] = {"base": evaluate(args, None)}
+    results: dict[str, Any] = {}
+    if args.json and only and args.json.exists():
+        results = json.loads(args.json.read_text())
+    if only is None or "base" in only:
+        results["base"] = evaluate(args, None)
     for name, extra in runs.items():
+        if only is not None and name not in only:
+            continue
         out = args.work / name
         subprocess.run(["rm", "-rf", str(out)], check=True)
         report = edgellm("finetune", *common, *extra, "--output", str(out))
@@ -100,8 +112,8 @@ def main() -> None:
             "step_ms": report["step_ms"],
             "wall_s": report["wall_s"],
         }
-    timing = {}
-    for profile in ("6g", "5g"):
+    timing = results.get("timing", {})
+    for profile in ("6g", "5g") if only is None or "timing" in only else ():
         out = args.work / f"timing-{profile}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         topo = topology(args.work / f"train-{profile}.toml", profile, args.codec, 50330)
@@ -110,7 +122,7 @@ def main() -> None:
         timing[profile] = {"step_ms": report["step_ms"], "bytes_per_step": report["bytes_per_step"]}
     results["timing"] = timing
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
-    results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "only"}
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +134,9 @@ def table(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|"]  # fmt: skip
     base = results["base"]
     rows.append(f"| base model | {base['exact_match']:.2f} | {base['eval_loss']:.4f} | - | - | - | - |")
-    for name in ("centralized", "split", "federated", "split-federated"):
+    for name in ("centralized", "split", "split-int8mu", "federated", "split-federated"):
+        if name not in results:
+            continue
         r = results[name]
         links = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in r["bytes_per_step"].items()) or "-"
         rows.append(
