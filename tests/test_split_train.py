@@ -71,7 +71,7 @@ def peft_step(model_dir: Path, adapter: dict[str, torch.Tensor], b: Batch) -> tu
         grad = params["base_model.model." + key.replace(".weight", ".default.weight")].grad
         assert grad is not None
         grads[key] = grad
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def check_against_peft(model: SplitModel, model_dir: Path) -> None:

@@ -23,8 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "its first layers and the head (labels and text stay on it) and the servers run the rest, each training "
         "its own adapters on activation gradients sent back over the links; --clients K runs K device processes "
         "whose device-side adapters are averaged (FedAvg) every --aggregate-every steps at the first server. "
-        "Without --topology the whole model trains in this process. The servers are started as local processes "
-        "unless --no-launch. The trained adapter is written in peft format to OUTPUT/adapter.",
+        "Without --topology the whole model trains in this process (centralized), or with --clients K in K "
+        "processes that meet at an aggregator (federated, no split). The servers are started as local processes "
+        "unless --no-launch. The trained adapter is written in peft format to DIR/adapter (--output DIR).",
     )
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data", type=Path, metavar="FILE", help="a text file, or JSONL of {prompt, response}")

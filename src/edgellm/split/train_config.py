@@ -10,6 +10,8 @@ from typing import Any
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
 
+MAX_RANK = 1024
+
 SHARE_MODES = {
     "shared": "one server-side adapter per run, updated by every client in turn (SplitLoRA)",
     "per-client": "each client has its own server-side adapter; only the client-side adapters are averaged",
@@ -62,6 +64,8 @@ class ServerTrainConfig:
             raise ConfigError(f"unknown adapter sharing {self.share!r}; choose from {sorted(SHARE_MODES)}")
         if not self.round_timeout_s > 0:
             raise ConfigError(f"round timeout must be > 0 s, got {self.round_timeout_s}")
+        if self.lora.r > MAX_RANK:  # a peer's settings: an absurd rank would only exhaust the server's memory
+            raise ConfigError(f"LoRA rank {self.lora.r} exceeds this server's limit of {MAX_RANK}")
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "lora": self.lora.to_dict()})

@@ -107,7 +107,9 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
             emit(_train_step(model, optimizer, side, plan, step))
             done = step + 1
             if cfg.aggregates_after(done):
-                included = model.aggregate(done, float(cfg.batch_size * cfg.aggregate_every))
+                # FedAvg weight: the samples this client trained on since the previous round.
+                since = done - (done - 1) // cfg.aggregate_every * cfg.aggregate_every
+                included = model.aggregate(done, float(cfg.batch_size * since))
                 emit({"event": "aggregate", "client": plan.client, "step": done, "clients": included})
             if cfg.checkpoints_after(done):
                 _checkpoint(model, optimizer, folder, done)
