@@ -262,3 +262,30 @@ def test_training_starts_from_an_adapter_saved_by_peft(tiny_llama_dir, tmp_path)
         assert torch.equal(loaded[key], value), key
     with pytest.raises(ConfigError, match="r=4"):
         _start_from(model, tmp_path / "peft", TrainConfig(steps=1, data=DataSpec(task="dates"), lora=LoraSpec(r=8)))
+
+
+def test_shared_adapter_is_used_by_one_client_at_a_time_and_a_silent_one_loses_its_turn(tiny_llama_dir):
+    import threading
+    import time
+
+    from edgellm.net.messages import TrainForward
+
+    _, hop = in_process_servers(tiny_llama_dir, [2])  # one server: layers [2, 4)
+    config = ServerTrainConfig(lora=LORA, round_timeout_s=1.0).to_json()
+    for k, session in enumerate(["a", "b"]):
+        hop.train(TrainOpen(session, "run1", "attempt1", k, 2, config))
+    h, pos, grad = torch.randn(1, 3, 32), torch.arange(3).unsqueeze(0), torch.ones(1, 3, 32)
+
+    hop.train(TrainForward("a", 0, h, pos))
+    done = threading.Event()
+    threading.Thread(target=lambda: (hop.train(TrainForward("b", 0, h, pos)), done.set())).start()
+    assert not done.wait(0.4), "b must wait while a is between its forward and its backward"
+    hop.train(TrainBackward("a", 0, grad))
+    assert done.wait(5), "a's backward ends its turn"
+
+    start = time.monotonic()  # b now holds the turn and goes silent: a waits one timeout, then takes it
+    hop.train(TrainForward("a", 1, h, pos))
+    assert 0.9 < time.monotonic() - start < 5
+    with pytest.raises(SessionError, match="no training forward of step 0"):
+        hop.train(TrainBackward("b", 0, grad))  # b's forward was dropped with its turn
+    hop.train(TrainBackward("a", 1, grad))

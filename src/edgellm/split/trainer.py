@@ -212,8 +212,13 @@ class TrainHost:
             start = time.perf_counter()
             x = msg.data.detach().to(self.stage.dtype).requires_grad_(True)
             torch.manual_seed(seed_for(s.slot.config.seed, msg.step, self.stage.spec.start + 1))
-            with torch.enable_grad(), use_adapter(self.stage, s.slot.name):
-                out = self.stage(x, msg.positions, None, msg.token_mask)
+            try:
+                with torch.enable_grad(), use_adapter(self.stage, s.slot.name):
+                    out = self.stage(x, msg.positions, None, msg.token_mask)
+            except BaseException:
+                s.pending = None
+                self._end_turn(s, msg.session)
+                raise
             s.pending = (msg.step, x, out)
             return ForwardReply(out.detach(), (time.perf_counter() - start) * 1e3)
 
@@ -239,13 +244,15 @@ class TrainHost:
                 raise ConfigError(f"gradient of shape {tuple(msg.grad.shape)} for an output of {tuple(out.shape)}")
             start = time.perf_counter()
             slot = s.slot
-            out.backward(msg.grad.to(out.dtype))
-            slot.last_grads = adapter_grads(self.stage, slot.name)
-            slot.optimizer.step()
-            slot.optimizer.zero_grad(set_to_none=True)
+            try:
+                out.backward(msg.grad.to(out.dtype))
+                slot.last_grads = adapter_grads(self.stage, slot.name)
+                slot.optimizer.step()
+            finally:  # a failed step leaves no half-accumulated gradient and frees the adapter for the others
+                slot.optimizer.zero_grad(set_to_none=True)
+                s.pending = None
+                self._end_turn(s, msg.session)
             slot.steps += 1
-            s.pending = None
-            self._end_turn(s, msg.session)
             assert x.grad is not None
             return ForwardReply(x.grad.detach(), (time.perf_counter() - start) * 1e3)
 
