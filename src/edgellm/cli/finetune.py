@@ -119,15 +119,21 @@ class _Progress:
     """A tqdm bar over all clients' steps: loss, step time and bytes sent per step."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        from tqdm import tqdm
+        self._total = total
+        self._enabled = enabled
+        self._made: Any = None  # the bar appears with the first event, once the processes are up
 
-        self._bar = tqdm(total=total, desc="finetune", unit="step", disable=not enabled, file=sys.stderr)
-        self._started = False
+    @property
+    def _bar(self) -> Any:
+        if self._made is None:
+            from tqdm import tqdm
+
+            self._made = tqdm(total=self._total, desc="finetune", unit="step", disable=not self._enabled, file=sys.stderr)
+        return self._made
 
     def on_event(self, event: dict[str, Any]) -> None:
-        if event["event"] == "open" and not self._started:
-            self._bar.update(event["start_step"] * 1)
-            self._started = True
+        if event["event"] == "open":  # a resumed client starts past its checkpoint
+            self._bar.update(event["start_step"])
         if event["event"] == "dropped":
             self._bar.write(f"client {event['client']} dropped out: {event['error']}")
         if event["event"] != "step":
@@ -139,7 +145,8 @@ class _Progress:
         self._bar.update(1)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._made is not None:
+            self._made.close()
 
 
 def _print_summary(result: dict[str, Any]) -> None:

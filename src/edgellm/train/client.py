@@ -130,6 +130,21 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     return summary
 
 
+def check_topology(topology: Topology) -> None:
+    """Refuse, before anything starts, a topology split learning cannot use.
+
+    Raises:
+        ConfigError: the head is on a server (the labels would leave the device), or the first cut is 0 (the
+            token ids would).
+    """
+    if topology.model.head != "device":
+        raise ConfigError(
+            f'{topology.source}: fine-tuning needs model.head = "device" (U-shaped), so the labels stay on the device'
+        )
+    if topology.servers and topology.model.cuts[0] == 0:
+        raise ConfigError(f"{topology.source}: fine-tuning needs the device to hold the embedding: a first cut above 0")
+
+
 @dataclass
 class _Side:
     stages: list[Stage]
@@ -167,14 +182,9 @@ def _load_side(plan: ClientPlan) -> _Side:
 
 
 def _device_side(topology: Topology, model_dir: Path, num_layers: int) -> tuple[list[Stage], list[TrainHop]]:
-    if topology.model.head != "device":
-        raise ConfigError(
-            f'{topology.source}: fine-tuning needs model.head = "device" (U-shaped), so labels stay on the device'
-        )
+    check_topology(topology)
     name = topology.device.name
     specs = [spec for owner, spec in topology.stage_assignment(num_layers) if owner == name]
-    if not specs or not specs[0].embed:
-        raise ConfigError(f"{topology.source}: fine-tuning needs the embedding on the device (a first cut above 0)")
     quant: QuantConfig | None = parse_quant(topology.device.quant or topology.model.quant)
     stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype], quant)
     servers = [n.name for n in topology.servers]

@@ -31,7 +31,7 @@ from edgellm.deploy.topology import load_topology, write_topology
 from edgellm.errors import ConfigError, EdgellmError
 from edgellm.net.rpc import ChannelConfig, serve
 from edgellm.split.aggregate import AggregatorServer
-from edgellm.train.client import ClientPlan, latest_checkpoint, run_client
+from edgellm.train.client import ClientPlan, check_topology, latest_checkpoint, run_client
 from edgellm.train.config import config_from_dict, config_to_dict
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ def prepare(job: FinetuneJob) -> FinetuneJob:
     """Check the run folder (a resumed run must match the recorded settings), record the run, write the run's
     topology (with the --quant override), and give the launch a fresh attempt id."""
     plan = job.plan
+    if plan.topology is not None:
+        check_topology(load_topology(plan.topology))
+    data = plan.config.data.path
+    if data is not None and not data.is_file():
+        raise ConfigError(f"training data {data} is not a file")
     plan.output.mkdir(parents=True, exist_ok=True)
     record = plan.output / "run.json"
     settings = {"config": config_to_dict(plan.config), "topology": str(plan.topology), "model": plan.model}
@@ -182,10 +187,8 @@ class _Worker:
         if code != 0:
             tail = " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:]) or "(no output)"
             step = latest_checkpoint(self.plan.output / f"client-{self.plan.client}")
-            raise TrainingFailed(
-                f"client {self.plan.client} exited with code {code}: {tail}; "
-                f"rerun with --resume to continue from step {step}"
-            )
+            hint = f"rerun with --resume to continue from step {step}" if step else "no checkpoint was written yet"
+            raise TrainingFailed(f"client {self.plan.client} exited with code {code}: {tail}; {hint}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
