@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +47,29 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
     cfg = DemoConfig(args.prompt, args.profile, args.hops, args.codec, args.head, args.max_new_tokens, sampling,
                      threads=args.threads)  # fmt: skip
-    # SIGTERM unwinds like Ctrl-C, so the nodes started below are stopped either way.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM unwinds like Ctrl-C, so the nodes started below are stopped either way. The flag catches an
+    # interrupt that lands inside a gRPC wait, which may end the call quietly instead of raising.
+    interrupted = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     quiet = args.json
     if not quiet:
         print(f"Q: {cfg.prompt}\n")
-    report = run_demo(
-        cfg,
-        on_text=None if quiet else echo_text,
-        on_phase=None if quiet else (lambda text: print(f"\n[{text}]", file=sys.stderr, flush=True)),
-    )
+
+    def on_phase(text: str) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        if not quiet:
+            print(f"\n[{text}]", file=sys.stderr, flush=True)
+
+    report = run_demo(cfg, on_text=None if quiet else echo_text, on_phase=on_phase)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     title = f"{cfg.hops}-hop split over {cfg.profile} ({cfg.codec}, head on {cfg.head}) vs device only vs cloud (wan)"
     report["chart"] = str(breakdown_chart(report["breakdown"], args.chart, title))
     if quiet:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         config=config, output=args.output, run=run_name(args.output), attempt="", topology=args.topology,
         model=args.model, dtype=args.dtype, resume=args.resume, init_adapter=args.init_adapter,
     )  # fmt: skip
+    # Ctrl-C and SIGTERM unwind (stopping every process this command started), even where the parent shell
+    # started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     progress = _Progress(config.steps * config.clients, enabled=sys.stderr.isatty() or not args.json)
     try:
         result = finetune(FinetuneJob(plan, launch=not args.no_launch, quant=args.quant), progress.on_event)
@@ -113,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(result)
     return 0
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
 
 
 class _Progress:
