@@ -177,3 +177,34 @@ def test_a_client_that_dies_drops_out_and_the_others_finish(tiny_chat_dir, tmp_p
     assert result["dropped_clients"] == [2]
     assert len(result["losses"]["0"]) == len(result["losses"]["1"]) == 12
     assert Path(result["adapters"][0], "adapter_config.json").exists()
+
+
+def test_devices_started_separately_join_one_run(tiny_chat_dir, tmp_path):
+    from edgellm.deploy.launch import LocalDeployment
+    from edgellm.deploy.topology import load_topology
+
+    path = topology(tiny_chat_dir, tmp_path, servers=1)
+    topo = load_topology(path)
+    home = tmp_path / "home"
+    os.environ["EDGELLM_HOME"], old = str(home), os.environ.get("EDGELLM_HOME")
+    try:
+        with LocalDeployment(topo, path, tmp_path, names=["edge1"]):  # the server, already running
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "edgellm", "finetune", "--topology", str(path), "--steps", "4",
+                     "--clients", "2", "--client", str(k), "--aggregate-every", "2", "--no-launch",
+                     "--run", "r1", "--attempt", "launch-1", "--output", str(tmp_path / f"device{k}"), *COMMON],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(home),
+                )  # fmt: skip
+                for k in range(2)
+            ]
+            outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        if old is None:
+            del os.environ["EDGELLM_HOME"]
+        else:
+            os.environ["EDGELLM_HOME"] = old
+    for p, (_, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-2000:]
+    states = [torch.load(tmp_path / f"device{k}" / f"client-{k}" / "step-00000004.pt")["adapter"] for k in range(2)]
+    assert states[0] and all(torch.equal(states[0][key], states[1][key]) for key in states[0])

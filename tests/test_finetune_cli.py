@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_finetune import topology
 
 from edgellm.cli.main import main
-from test_finetune import topology
 
 FAST = ["--steps", "2", "--batch-size", "2", "--seq-len", "48", "--lora-rank", "2", "--json"]
 

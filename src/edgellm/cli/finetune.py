@@ -44,6 +44,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="steps between checkpoints; 0: only at the end (default: 0)")
     parser.add_argument("--init-adapter", type=Path, metavar="DIR", help="a peft LoRA adapter to start from")
     parser.add_argument("--no-launch", action="store_true", help="use servers that are already running")
+    parser.add_argument("--client", type=int, metavar="K",
+                        help="run only device client K, in this process, against running servers (with --no-launch): "
+                        "how each device joins from its own machine")
+    parser.add_argument("--run", dest="run_label", metavar="NAME",
+                        help="the run's name on the servers (adapters, checkpoints, FedAvg rounds); clients of one run "
+                        "must agree on it (default: the --output folder's name)")
+    parser.add_argument("--attempt", metavar="ID",
+                        help="launch id shared by separately started clients (--client); a new id makes the servers "
+                        "restart the run's adapters (fresh, or from the --resume checkpoint)")
     lora = parser.add_argument_group("adapters and optimizer")
     lora.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (default: 8)")
     lora.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
@@ -101,16 +110,18 @@ def run(args: argparse.Namespace) -> int:
         round_timeout_s=args.round_timeout,
     )
     plan = ClientPlan(
-        config=config, output=args.output, run=run_name(args.output), attempt="", topology=args.topology,
+        config=config, output=args.output, run=args.run_label or run_name(args.output), attempt="", topology=args.topology,
         model=args.model, dtype=args.dtype, resume=args.resume, init_adapter=args.init_adapter,
     )  # fmt: skip
     # Ctrl-C and SIGTERM unwind (stopping every process this command started), even where the parent shell
     # started us with SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    progress = _Progress(config.steps * config.clients, enabled=sys.stderr.isatty() or not args.json)
+    total = config.steps * (config.clients if args.client is None else 1)
+    progress = _Progress(total, enabled=sys.stderr.isatty() or not args.json)
     try:
-        result = finetune(FinetuneJob(plan, launch=not args.no_launch, quant=args.quant), progress.on_event)
+        job = FinetuneJob(plan, not args.no_launch, args.quant, args.client, args.attempt)
+        result = finetune(job, progress.on_event)
     finally:
         progress.close()
     if args.json:

@@ -31,7 +31,7 @@ class LocalHop:
     def close(self, request: CloseSession) -> None:
         self._handler.close(self._routed(request))
 
-    def train(self, message: Any) -> Any:
+    def train(self, message: Any, wait_s: float = 0.0) -> Any:
         """A split-learning message to a handler that trains (one with `handle_train`)."""
         handle = getattr(self._handler, "handle_train", None)
         if handle is None:

@@ -152,27 +152,29 @@ class RemoteHop:
             raise RemoteError(f"node {self.name} answered Forward with a {type(reply).__name__}")
         return reply
 
-    def train(self, message: Any) -> ForwardReply | SyncReply:
+    def train(self, message: Any, wait_s: float = 0.0) -> ForwardReply | SyncReply:
         """Send a split-learning message; activations and gradients use the link's codec, adapters go lossless.
 
-        A `ForwardReply` comes back with this hop's `HopTrace` first, as from `forward`.
+        A `ForwardReply` comes back with this hop's `HopTrace` first, as from `forward`. `wait_s` extends the
+        deadline by how long the receiver may rightly keep the call waiting (for a FedAvg round to fill, or for
+        another client's turn on a shared adapter).
         """
         route = message.route if self.route is None else self.route
         message = dataclasses.replace(message, route=route)
         if isinstance(message, TrainForward | TrainBackward):
             message = dataclasses.replace(message, reply_codec=codec_name(self.codec))
-        reply = self._exchange(self._train, encode(message, self.codec))
+        reply = self._exchange(self._train, encode(message, self.codec), self.channel.deadline_s + wait_s)
         if not isinstance(reply, ForwardReply | SyncReply):
             raise RemoteError(f"node {self.name} answered Train with a {type(reply).__name__}")
         return reply
 
-    def _exchange(self, method: Callable[..., bytes], frame: bytes) -> Any:
+    def _exchange(self, method: Callable[..., bytes], frame: bytes, timeout_s: float | None = None) -> Any:
         """Send `frame` through the emulated link, decode the answer; a `ForwardReply` gets this hop's trace
         first, a `SyncReply` (adapter traffic) is counted in `sync_bytes`."""
         start = time.perf_counter()
         if self.link is not None:
             self.link.send(len(frame), "up")
-        reply_frame = self._call(method, frame)
+        reply_frame = self._call(method, frame, timeout_s)
         if self.link is not None:
             self.link.send(len(reply_frame), "down")
         call_ms = (time.perf_counter() - start) * 1e3

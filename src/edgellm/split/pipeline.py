@@ -24,9 +24,10 @@ class Hop(Protocol):
 
 class TrainHop(Hop, Protocol):
     """A hop that also carries split-learning messages (`TrainOpen`, `TrainForward`, `TrainBackward`,
-    `AdapterSync`); forward and backward are answered with a `ForwardReply`, the others with a `SyncReply`."""
+    `AdapterSync`); forward and backward are answered with a `ForwardReply`, the others with a `SyncReply`.
+    `wait_s` is how much longer than usual the receiver may rightly take (a FedAvg round, a shared adapter)."""
 
-    def train(self, message: Any) -> Any: ...
+    def train(self, message: Any, wait_s: float = 0.0) -> Any: ...
 
 
 TrainReply = ForwardReply | SyncReply

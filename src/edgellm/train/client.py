@@ -85,7 +85,7 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     if plan.resume and start_step == 0:
         log.warning("no checkpoint in %s: starting from step 0", folder)
     session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
-    model = SplitModel(side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator)
+    model = SplitModel(side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator, cfg.round_timeout_s)
     open_message = TrainOpen(
         session, plan.run, plan.attempt, plan.client, cfg.clients, cfg.server_config().to_json(), start_step
     )

@@ -51,11 +51,25 @@ class FinetuneJob:
         plan: the settings every client shares (`client` is set per process).
         launch: start the topology's servers as local processes (else they must be running).
         quant: quantize the frozen base of every stage (QLoRA); written into the run's copy of the topology.
+        client: run only this client, here, against running servers (a device joining from its own machine).
+        attempt: the launch id every separately started client of one launch shares (default: a fresh one).
     """
 
     plan: ClientPlan
     launch: bool = True
     quant: str | None = None
+    client: int | None = None
+    attempt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.client is None:
+            return
+        if not 0 <= self.client < self.plan.config.clients:
+            raise ConfigError(f"--client {self.client} is out of range for --clients {self.plan.config.clients}")
+        if self.launch:
+            raise ConfigError("--client K joins servers that are already running: add --no-launch")
+        if self.plan.config.clients > 1 and not self.attempt:
+            raise ConfigError("clients that start separately must share one launch id: pass the same --attempt ID to each")
 
 
 def run_name(output: Path) -> str:
@@ -67,6 +81,8 @@ def prepare(job: FinetuneJob) -> FinetuneJob:
     """Check the run folder (a resumed run must match the recorded settings), record the run, write the run's
     topology (with the --quant override), and give the launch a fresh attempt id."""
     plan = job.plan
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", plan.run):
+        raise ConfigError(f"run name {plan.run!r} may only hold letters, digits, '.', '_' and '-'")
     if plan.topology is not None:
         check_topology(load_topology(plan.topology))
     data = plan.config.data.path
@@ -79,7 +95,7 @@ def prepare(job: FinetuneJob) -> FinetuneJob:
         recorded = json.loads(record.read_text())
         if recorded["settings"] != settings:
             raise ConfigError(f"{plan.output} holds a run with other settings; resume with the same arguments")
-    elif not plan.resume and any(plan.output.glob("client-*/step-*.pt")):
+    elif not plan.resume and any(plan.output.glob(f"client-{'*' if job.client is None else job.client}/step-*.pt")):
         raise ConfigError(f"{plan.output} already holds checkpoints: pass --resume to continue, or another --output")
     record.write_text(json.dumps({"run": plan.run, "settings": settings}, indent=2))
     topology = plan.topology
@@ -92,8 +108,10 @@ def prepare(job: FinetuneJob) -> FinetuneJob:
             node.pop("quant", None)
         topology = plan.output / "topology.toml"
         write_topology(topology, document)
-    attempt = secrets.token_hex(6)
-    return replace(job, plan=replace(plan, topology=topology, attempt=attempt, quant=job.quant or plan.quant))
+    attempt = job.attempt or secrets.token_hex(6)
+    client = plan.client if job.client is None else job.client
+    plan = replace(plan, topology=topology, attempt=attempt, quant=job.quant or plan.quant, client=client)
+    return replace(job, plan=plan)
 
 
 def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, Any]:
@@ -104,7 +122,7 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
     """
     job = prepare(job)
     plan = job.plan
-    start_steps = latest_checkpoint(plan.output / "client-0") if plan.resume else 0
+    start_steps = latest_checkpoint(plan.output / f"client-{plan.client}") if plan.resume else 0
     started = time.perf_counter()
     events: list[Event] = []
 
@@ -112,7 +130,9 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
         events.append(event)
         on_event(event)
 
-    if plan.topology is None and plan.config.clients == 1:
+    if job.client is not None or (plan.topology is None and plan.config.clients == 1):
+        if plan.topology is None and plan.config.clients > 1:
+            raise ConfigError("a client joining a federated run needs the topology of its servers (--topology)")
         run_client(plan, collect)
     else:
         _run_processes(job, collect)

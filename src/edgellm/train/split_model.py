@@ -62,6 +62,7 @@ class _RemoteCall:
     positions: torch.Tensor
     token_mask: torch.Tensor | None
     traffic: StepTraffic
+    wait_s: float  # another client may hold a shared adapter this long
 
 
 class _Remote(torch.autograd.Function):
@@ -70,7 +71,8 @@ class _Remote(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, call: _RemoteCall) -> torch.Tensor:  # type: ignore[override]
         ctx.call = call
-        reply = call.hop.train(TrainForward(call.session, call.step, h.detach(), call.positions, call.token_mask))
+        message = TrainForward(call.session, call.step, h.detach(), call.positions, call.token_mask)
+        reply = call.hop.train(message, call.wait_s)
         _expect_forward(reply, call.hop.name)
         call.traffic.add(reply.trace)
         return reply.output.to(h.dtype)
@@ -100,6 +102,8 @@ class SplitModel:
         lora: the adapters to add to the device's stages (the servers get theirs from `open`).
         session: this client's training session id on the servers.
         aggregator: where FedAvg rounds meet when it is not the first server (federated runs without a split).
+        wait_s: how long a server may rightly hold a call (the run's round timeout): a FedAvg round filling up,
+            or another client's turn on a shared adapter.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class SplitModel:
         lora: LoraSpec,
         session: str,
         aggregator: TrainHop | None = None,
+        wait_s: float = 0.0,
     ) -> None:
         if not stages or not stages[0].spec.embed:
             raise ConfigError("split learning needs the embedding on the device: token ids never leave it")
@@ -122,6 +127,7 @@ class SplitModel:
         self.aggregator = aggregator if aggregator is not None else (self.hops[0] if self.hops else None)
         self.session = session
         self.lora = lora
+        self.wait_s = wait_s
         for stage in self.stages:
             stage.requires_grad_(False)
             if len(stage.blocks):
@@ -146,7 +152,7 @@ class SplitModel:
         torch.manual_seed(seed_for(seed, step, 0))
         h = self.stages[0](batch.ids, positions, None, mask)
         for hop in self.hops:
-            h = _Remote.apply(h, _RemoteCall(hop, self.session, step, positions, mask, traffic))
+            h = _Remote.apply(h, _RemoteCall(hop, self.session, step, positions, mask, traffic, 2 * self.wait_s))
         head = self.stages[-1]
         if len(self.stages) > 1 and not len(head.blocks):
             # A head-only stage sees each position alone: score only the positions that predict a label (the
@@ -223,7 +229,7 @@ class SplitModel:
             raise ConfigError("federated averaging needs a server or an aggregator to meet at; this run has none")
         state = tuple(self.device_state().items())
         message = AdapterSync(self.session, "aggregate", step, weight, state)
-        reply = _sync(self.aggregator.train(message), self.aggregator.name)
+        reply = _sync(self.aggregator.train(message, self.wait_s), self.aggregator.name)
         self.load_device_state(dict(reply.tensors))
         return list(json.loads(reply.detail)[0]["clients"])
 
