@@ -208,3 +208,14 @@ def test_devices_started_separately_join_one_run(tiny_chat_dir, tmp_path):
         assert p.returncode == 0, stderr[-2000:]
     states = [torch.load(tmp_path / f"device{k}" / f"client-{k}" / "step-00000004.pt")["adapter"] for k in range(2)]
     assert states[0] and all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+def test_several_clients_resume_together_from_the_newest_step_all_of_them_have(tiny_chat_dir, tmp_path):
+    out, home = tmp_path / "run", tmp_path / "home"
+    args = ["--topology", str(topology(tiny_chat_dir, tmp_path, servers=1)), "--steps", "4", "--clients", "2",
+            "--aggregate-every", "2", "--checkpoint-every", "2", "--output", str(out), *COMMON]  # fmt: skip
+    report(finetune(args, home))
+    (out / "client-1" / "step-00000004.pt").unlink()  # client 1 died before its last checkpoint
+    resumed = report(finetune([*args, "--resume"], home))
+    assert resumed["start_step"] == 2
+    assert [len(v) for v in resumed["losses"].values()] == [2, 2]

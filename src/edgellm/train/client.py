@@ -59,6 +59,7 @@ class ClientPlan:
         resume: continue from the latest checkpoint in `output`.
         init_adapter: a peft adapter directory to start from (fresh runs only).
         aggregator: "host:port" of the node FedAvg rounds meet at, when it is not the first server.
+        resume_step: with several clients, the step all of them resume from (the newest every one has).
     """
 
     config: TrainConfig
@@ -73,6 +74,7 @@ class ClientPlan:
     resume: bool = False
     init_adapter: Path | None = None
     aggregator: str | None = None
+    resume_step: int | None = None  # resume from this step, not from this client's latest checkpoint
 
 
 def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
@@ -82,6 +84,10 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     folder = plan.output / f"client-{plan.client}"
     folder.mkdir(parents=True, exist_ok=True)
     start_step = latest_checkpoint(folder) if plan.resume else 0
+    if plan.resume and plan.resume_step is not None:
+        start_step = plan.resume_step
+        if start_step and not (folder / _ckpt_name(start_step)).exists():
+            raise ConfigError(f"client {plan.client} has no checkpoint of step {start_step} in {folder}")
     if plan.resume and start_step == 0:
         log.warning("no checkpoint in %s: starting from step 0", folder)
     session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
@@ -240,10 +246,14 @@ def _ckpt_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
+def checkpoint_steps(folder: Path) -> list[int]:
+    """The steps of the complete device checkpoints in `folder` (a partial write has another name)."""
+    return [int(m.group(1)) for p in folder.glob("step-*.pt") if (m := re.fullmatch(r"step-(\d+)\.pt", p.name))]
+
+
 def latest_checkpoint(folder: Path) -> int:
     """The step of the newest complete device checkpoint in `folder`, or 0."""
-    steps = [int(m.group(1)) for p in folder.glob("step-*.pt") if (m := re.fullmatch(r"step-(\d+)\.pt", p.name))]
-    return max(steps, default=0)
+    return max(checkpoint_steps(folder), default=0)
 
 
 def _start_from(model: SplitModel, directory: Path, cfg: TrainConfig) -> None:

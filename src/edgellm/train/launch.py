@@ -31,7 +31,7 @@ from edgellm.deploy.topology import load_topology, write_topology
 from edgellm.errors import ConfigError, EdgellmError
 from edgellm.net.rpc import ChannelConfig, serve
 from edgellm.split.aggregate import AggregatorServer
-from edgellm.train.client import ClientPlan, check_topology, latest_checkpoint, run_client
+from edgellm.train.client import ClientPlan, check_topology, checkpoint_steps, latest_checkpoint, run_client
 from edgellm.train.config import config_from_dict, config_to_dict
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,11 @@ def prepare(job: FinetuneJob) -> FinetuneJob:
     attempt = job.attempt or secrets.token_hex(6)
     client = plan.client if job.client is None else job.client
     plan = replace(plan, topology=topology, attempt=attempt, quant=job.quant or plan.quant, client=client)
+    if plan.resume and job.client is None and plan.config.clients > 1:
+        # Every client must resume from the same step (the servers load one checkpoint): the newest all have.
+        steps = [set(checkpoint_steps(plan.output / f"client-{k}")) for k in range(plan.config.clients)]
+        common = set.intersection(*steps)
+        plan = replace(plan, resume_step=max(common, default=0))
     return replace(job, plan=plan)
 
 
@@ -123,6 +128,8 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
     job = prepare(job)
     plan = job.plan
     start_steps = latest_checkpoint(plan.output / f"client-{plan.client}") if plan.resume else 0
+    if plan.resume_step is not None:
+        start_steps = plan.resume_step
     started = time.perf_counter()
     events: list[Event] = []
 
@@ -291,6 +298,7 @@ def plan_to_dict(plan: ClientPlan) -> dict[str, Any]:
         "client": plan.client, "topology": str(plan.topology) if plan.topology else None, "model": plan.model,
         "dtype": plan.dtype, "quant": plan.quant, "resume": plan.resume,
         "init_adapter": str(plan.init_adapter) if plan.init_adapter else None, "aggregator": plan.aggregator,
+        "resume_step": plan.resume_step,
     }  # fmt: skip
 
 
@@ -301,6 +309,7 @@ def plan_from_dict(data: dict[str, Any]) -> ClientPlan:
         topology=Path(data["topology"]) if data["topology"] else None, model=data["model"], dtype=data["dtype"],
         quant=data["quant"], resume=bool(data["resume"]),
         init_adapter=Path(data["init_adapter"]) if data["init_adapter"] else None, aggregator=data["aggregator"],
+        resume_step=data["resume_step"],
     )  # fmt: skip
 
 
