@@ -121,7 +121,11 @@ def main() -> None:
                          str(args.batch_size), "--topology", str(topo), "--output", str(out))  # fmt: skip
         timing[profile] = {"step_ms": report["step_ms"], "bytes_per_step": report["bytes_per_step"]}
     results["timing"] = timing
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    results["machine"] = {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+        "git_commit": commit.strip(), "load_average_at_end": os.getloadavg(),
+    }  # fmt: skip
     results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "only"}
     print(table(results))
     if args.json:
