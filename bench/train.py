@@ -56,8 +56,9 @@ def topology(path: Path, profile: str, codec: str, base_port: int) -> Path:
     return path
 
 
-def evaluate(args: argparse.Namespace, adapter: str | None) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace, adapter: str | None, quant: str | None = None) -> dict[str, Any]:
     extra = ["--adapter", adapter] if adapter else []
+    extra += ["--quant", quant] if quant else []
     report = edgellm("eval", "task", "--task", args.task, "--n", str(args.eval_n), *extra)
     return {"exact_match": report["exact_match"], "eval_loss": report["eval_loss"]}
 
@@ -75,8 +76,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "train")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--only", default=None, metavar="RUN,...",
-                        help="run only these (base, centralized, split, split-int8mu, federated, split-federated, "
-                        "timing) and merge them into an existing --json file")  # fmt: skip
+                        help="run only these (base, centralized, split, split-int8mu, split-qlora-nf4, federated, "
+                        "split-federated, timing) and merge them into an existing --json file")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
 
@@ -87,6 +88,7 @@ def main() -> None:
         "centralized": [],
         "split": ["--topology", str(split_topo)],
         "split-int8mu": ["--topology", str(int8mu_topo)],
+        "split-qlora-nf4": ["--topology", str(split_topo), "--quant", "nf4"],
         "federated": ["--clients", str(args.clients), "--aggregate-every", str(args.aggregate_every)],
         "split-federated": ["--topology", str(split_topo), "--clients", str(args.clients),
                             "--aggregate-every", str(args.aggregate_every)],
@@ -102,8 +104,11 @@ def main() -> None:
         out = args.work / name
         subprocess.run(["rm", "-rf", str(out)], check=True)
         report = edgellm("finetune", *common, *extra, "--output", str(out))
+        quant = extra[extra.index("--quant") + 1] if "--quant" in extra else None
+        if quant is not None and "base-" + quant not in results:  # the quantized base model, before training
+            results["base-" + quant] = evaluate(args, None, quant)
         results[name] = {
-            **evaluate(args, report["adapters"][0]),
+            **evaluate(args, report["adapters"][0], quant),  # scored on the base it was trained on
             "final_train_loss": report["final_loss"],
             "client_trainable_params": report["device_trainable_params"],
             "server_trainable_params": report["server_trainable_params"],
@@ -138,7 +143,7 @@ def table(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|"]  # fmt: skip
     base = results["base"]
     rows.append(f"| base model | {base['exact_match']:.2f} | {base['eval_loss']:.4f} | - | - | - | - |")
-    for name in ("centralized", "split", "split-int8mu", "federated", "split-federated"):
+    for name in ("centralized", "split", "split-int8mu", "split-qlora-nf4", "federated", "split-federated"):
         if name not in results:
             continue
         r = results[name]
