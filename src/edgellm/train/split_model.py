@@ -235,27 +235,18 @@ class SplitModel:
 
     # -- the device's own adapters -------------------------------------------------------------------------
     def device_keys(self) -> set[str]:
-        return set().union(*(stage_keys(s, DEVICE_ADAPTER) for s in self.stages if len(s.blocks)))
+        return set().union(*(stage_keys(s, DEVICE_ADAPTER) for s in self.stages))
 
     def device_state(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for stage in self.stages:
-            if len(stage.blocks):
-                out.update(adapter_state(stage, DEVICE_ADAPTER))
-        return out
+        return {k: v for s in self.stages for k, v in adapter_state(s, DEVICE_ADAPTER).items()}
 
     def device_grads(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for stage in self.stages:
-            if len(stage.blocks):
-                out.update(adapter_grads(stage, DEVICE_ADAPTER))
-        return out
+        return {k: v for s in self.stages for k, v in adapter_grads(s, DEVICE_ADAPTER).items()}
 
     def load_device_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load the device's adapter weights out of `tensors` (which may also hold the servers')."""
         for stage in self.stages:
-            if len(stage.blocks):
-                mine = stage_keys(stage, DEVICE_ADAPTER)
-                load_adapter_state(stage, DEVICE_ADAPTER, {k: v for k, v in tensors.items() if k in mine})
+            load_adapter_state(stage, DEVICE_ADAPTER, tensors, strict=False)
 
 
 def _sync(reply: Any, name: str) -> SyncReply:
