@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup model demo test bench lint clean
+.PHONY: setup model demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "edgellm needs Python 3.11, found " + sys.version'
@@ -24,6 +24,10 @@ demo: model
 
 test: model
 	$(BIN)/pytest -q
+
+# The quick tier: no real model, no node processes, nothing marked slow (a couple of minutes).
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not multiprocess and not real_model"
 
 bench: model
 	$(BIN)/python bench/decode.py

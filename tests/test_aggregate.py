@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from edgellm.split.aggregate import Aggregator
+from edgellm.splitlearn.rounds import Aggregator
 
 
 def run_round(agg: Aggregator, submissions: dict[int, tuple[dict, float]], clients: int, timeout_s: float) -> dict:

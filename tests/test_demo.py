@@ -68,7 +68,7 @@ def test_ctrl_c_during_the_demo_stops_every_node(real_model_dir, tmp_path):
 
 
 def test_run_against_a_device_that_is_not_running_fails_naming_it(tmp_path):
-    from edgellm.deploy.launch import free_port
+    from edgellm.deploy.local_deployment import free_port
 
     port = free_port()
     topology = tmp_path / "t.toml"

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from conftest import TINY_LAYERS, reference_model
-from edgellm.deploy.launch import LaunchError, LocalDeployment, free_port
-from edgellm.deploy.node import device_hops
+from edgellm.deploy.local_deployment import LaunchError, LocalDeployment, free_port
+from edgellm.deploy.node_builder import device_hops
 from edgellm.deploy.topology import write_topology
 from edgellm.errors import SessionError
 from edgellm.net.messages import ForwardRequest, encode
 from edgellm.net.rpc import SERVICE, TOKEN_HEADER, AuthError, ChannelConfig, NodeUnreachable, RemoteError, RemoteHop
-from edgellm.split.generate import GenerationConfig, Generator
+from edgellm.split.generator import GenerationConfig, Generator
 from edgellm.split.host import SessionLimits
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 from edgellm.split.pipeline import Pipeline
 
 TOKEN = "test-token-4b1d"

@@ -18,7 +18,7 @@ from edgellm.errors import ConfigError
 from edgellm.eval.ppl import PplConfig, codec_hop, evaluate_ppl, windows
 from edgellm.model.stage import stage_specs
 from edgellm.net.codec import parse_codec
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 
 TEXT = Path(__file__).parent / "data" / "eb1911_shakespeare.txt"  # public domain (Encyclopaedia Britannica, 1911)
 IDS = torch.randint(4, 97, (200,), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""`edgellm finetune` end to end: real node and client processes, a tiny model with the real tokenizer.
+"""`edgellm finetune` end to end: real node and client processes, a tiny model with a tiny tokenizer.
 
 Kill a process mid-training, restart with --resume: the loss curve continues exactly as an uninterrupted run's.
 Several clients: FedAvg rounds leave every client with the same device-side adapter.
@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from edgellm.deploy.launch import free_port
+from edgellm.deploy.local_deployment import free_port
 from edgellm.deploy.topology import write_topology
 
 STEPS = 16
@@ -180,7 +180,7 @@ def test_a_client_that_dies_drops_out_and_the_others_finish(tiny_chat_dir, tmp_p
 
 
 def test_devices_started_separately_join_one_run(tiny_chat_dir, tmp_path):
-    from edgellm.deploy.launch import LocalDeployment
+    from edgellm.deploy.local_deployment import LocalDeployment
     from edgellm.deploy.topology import load_topology
 
     path = topology(tiny_chat_dir, tmp_path, servers=1)

@@ -1,5 +1,5 @@
-"""`edgellm finetune` in one process (no topology) on the tiny model with the real tokenizer: text and JSONL data,
-and bad input refused before anything starts, each with a one-line error."""
+"""`edgellm finetune` in one process (no topology) on the tiny chat model (tiny tokenizer, no download): text and
+JSONL data, and bad input refused before anything starts, each with a one-line error."""
 
 from __future__ import annotations
 

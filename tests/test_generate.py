@@ -12,11 +12,11 @@ from edgellm.errors import ConfigError, SessionError
 from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import stage_specs
-from edgellm.net.local import LocalHop
+from edgellm.net.direct_hop import LocalHop
 from edgellm.net.messages import CloseSession, ForwardRequest
-from edgellm.split.generate import GenerationConfig, Generator, pad_prompts, positions_for
+from edgellm.split.generator import GenerationConfig, Generator, pad_prompts, positions_for
 from edgellm.split.host import SessionLimits, StageHost
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 from edgellm.split.pipeline import Pipeline
 
 PROMPTS = [[1, 5, 17, 42, 8, 66, 23], [1, 9, 71], [1, 30, 12, 88, 4]]

@@ -33,7 +33,7 @@ from edgellm.quant.modules import Int4Linear, quant_linear
 from edgellm.quant.scheme import QuantConfig
 from edgellm.quant.tensor import dequantize, quantize
 from edgellm.quant.walker import quantize_module
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 from edgellm.store.weights import load_config
 
 LOGITS_ATOL = 1e-5  # fp32, same blocks in the same order: only summation order may differ

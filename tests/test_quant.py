@@ -27,7 +27,7 @@ from edgellm.quant import (
 from edgellm.quant.memory import stage_memory
 from edgellm.quant.tensor import NF4_LEVELS, error_bound, pack_int4, unpack_int4
 from edgellm.quant.walker import quantized_modules
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 
 ALL = sorted(SCHEMES)
 # bf16 activations: |x - bf16(x)| <= 2^-9 |x| per element, and the output is rounded once more, so a quantized

@@ -11,10 +11,10 @@ from edgellm.errors import ModelError
 from edgellm.model.stage import stage_specs
 from edgellm.quant import QuantConfig, QuantEmbedding, parse_quant, quantize_module, weight_bytes
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
-from edgellm.quant.store import cache_path, load_or_quantize, load_stage, save_stage
+from edgellm.quant.stage_files import cache_path, load_or_quantize, load_stage, save_stage
 from edgellm.quant.walker import quantized_modules
 from edgellm.serve.report import weight_bytes as report_weight_bytes
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 from edgellm.store.weights import load_config
 
 IDS = torch.tensor([[1, 5, 17, 42, 8, 66, 23]])

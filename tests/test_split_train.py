@@ -9,22 +9,22 @@ import pytest
 import torch
 
 from conftest import TINY_LAYERS, reference_model
-from edgellm.deploy.launch import LocalDeployment, free_port
-from edgellm.deploy.node import remote_hop
+from edgellm.deploy.local_deployment import LocalDeployment, free_port
+from edgellm.deploy.node_builder import remote_hop
 from edgellm.deploy.topology import write_topology
 from edgellm.errors import ConfigError, SessionError
 from edgellm.lora.config import LoraSpec
 from edgellm.lora.inject import wrappers
 from edgellm.model.stage import stage_specs
-from edgellm.net.local import LocalHop
+from edgellm.net.direct_hop import LocalHop
 from edgellm.net.messages import AdapterSync, CloseSession, TrainBackward, TrainOpen
 from edgellm.split.host import StageHost
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 from edgellm.split.server import InProcessServer, StageServer
-from edgellm.split.train_config import ServerTrainConfig
-from edgellm.split.trainer import TrainHost
+from edgellm.splitlearn.settings import ServerTrainConfig
+from edgellm.splitlearn.server_host import TrainHost
 from edgellm.train.data import IGNORE, Batch, causal_lm_loss
-from edgellm.train.split_model import SplitModel
+from edgellm.splitlearn.device_model import SplitModel
 
 TOKEN = "train-token-77"
 LORA = LoraSpec(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))

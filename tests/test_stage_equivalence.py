@@ -10,8 +10,8 @@ import torch
 
 from conftest import TINY_LAYERS, reference_model
 from edgellm.model.stage import stage_specs
-from edgellm.split.generate import positions_for
-from edgellm.split.local import load_stages
+from edgellm.split.generator import positions_for
+from edgellm.split.one_process import load_stages
 
 ATOL = 1e-4
 DECODE_STEPS = 20

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgellm.deploy.launch import free_port
+from edgellm.deploy.local_deployment import free_port
 from edgellm.model.stage import stage_specs
 from edgellm.net.messages import ForwardRequest
 from edgellm.net.rpc import ChannelConfig, NodeUnreachable, RemoteHop, TlsFiles, serve
 from edgellm.split.host import StageHost
-from edgellm.split.local import load_stages
+from edgellm.split.one_process import load_stages
 from edgellm.split.server import StageServer
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

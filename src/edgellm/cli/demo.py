@@ -12,7 +12,7 @@ from typing import Any
 
 from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
 from edgellm.deploy.chart import breakdown_chart
-from edgellm.deploy.demo import DEFAULT_PROMPT, DemoConfig, run_demo
+from edgellm.deploy.demo_scenarios import DEFAULT_PROMPT, DemoConfig, run_demo
 from edgellm.net.link import PROFILES
 
 

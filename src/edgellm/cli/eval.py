@@ -10,12 +10,12 @@ from pathlib import Path
 
 from edgellm.cli.generate import add_model_arguments
 from edgellm.eval.ppl import PplConfig
-from edgellm.eval.run import EvalConfig, run_ppl
+from edgellm.eval.ppl_engine import EvalConfig, run_ppl
 from edgellm.eval.task import TaskEvalConfig, run_task
 from edgellm.model.stage import parse_cuts
 from edgellm.net.codec import CODECS
 from edgellm.quant.scheme import parse_quant
-from edgellm.serve.generate import LocalSplitConfig
+from edgellm.serve.local_engine import LocalSplitConfig
 from edgellm.train.tasks import DEFAULT_TASK, TASKS
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
-from edgellm.split.train_config import SHARE_MODES, OptimSpec
+from edgellm.splitlearn.settings import SHARE_MODES, OptimSpec
 from edgellm.store.registry import DEFAULT_MODEL
 from edgellm.train.tasks import TASKS
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.quant.scheme import parse_quant
     from edgellm.train.client import ClientPlan
     from edgellm.train.config import DataSpec, TrainConfig
-    from edgellm.train.launch import FinetuneJob, finetune, run_name, run_worker
+    from edgellm.train.coordinator import FinetuneJob, finetune, run_name, run_worker
 
     if args.worker is not None:
         return run_worker(args.worker)

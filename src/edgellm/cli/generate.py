@@ -10,7 +10,7 @@ from edgellm.errors import ConfigError
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import HEAD_PLACEMENTS, parse_cuts
 from edgellm.quant.scheme import NO_QUANT, PART_PATTERNS, SCHEMES
-from edgellm.serve.generate import DTYPES, LocalSplitConfig, PromptConfig, generate_text, load_split
+from edgellm.serve.local_engine import DTYPES, LocalSplitConfig, PromptConfig, generate_text, load_split
 from edgellm.store import DEFAULT_MODEL
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from edgellm.deploy.node import run_node
+from edgellm.deploy.node_builder import run_node
 from edgellm.deploy.topology import load_topology
 
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
-from edgellm.deploy.node import channel_config
+from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import load_topology
 from edgellm.errors import ConfigError
 from edgellm.net.rpc import RemoteHop

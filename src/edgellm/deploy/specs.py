@@ -27,7 +27,7 @@ DTYPE_NAMES = (
     "bf16",
     "fp16",
     "fp32",
-)  # the keys of edgellm.serve.generate.DTYPES, without importing the engine
+)  # the keys of edgellm.serve.local_engine.DTYPES, without importing the engine
 TOKEN_KEYS = {"token_env": "env", "token_file": "file", "token": "inline"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d+)")

@@ -23,9 +23,9 @@ from edgellm.model.arch import arch_for
 from edgellm.model.prompt import stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import Stage
-from edgellm.serve.generate import LoadedSplit, LocalSplitConfig, load_split
-from edgellm.split.generate import GenerationConfig, Generator, pad_prompts
-from edgellm.split.local import local_pipeline
+from edgellm.serve.local_engine import LoadedSplit, LocalSplitConfig, load_split
+from edgellm.split.generator import GenerationConfig, Generator, pad_prompts
+from edgellm.split.one_process import local_pipeline
 from edgellm.train.data import causal_lm_loss, encode_example, pad_right, prompt_ids
 from edgellm.train.tasks import DEFAULT_TASK, Example, exact_match, get_task, task_examples
 

@@ -1,6 +1,6 @@
 """Every message that crosses between a device and its stages, and their binary encoding, in one place.
 
-In one process the message objects are passed as they are (`edgellm.net.local`); network transports send
+In one process the message objects are passed as they are (`edgellm.net.direct_hop`); network transports send
 `encode(message)` bytes and rebuild them with `decode(bytes)`, which validates everything a peer controls.
 
 Frame: b"EDGL" | u16 protocol version | u8 message type | the type's fields in a fixed order.
@@ -143,7 +143,7 @@ class TrainOpen:
         attempt: one launch of the run; a node holding adapters of another attempt of the same run reloads them
             (fresh, or from the checkpoint of `resume_step`), so every client of a launch starts from one state.
         client, clients: this client's index and how many clients train together (the aggregation round size).
-        config: JSON of the server-side settings (`edgellm.split.trainer.ServerTrainConfig`).
+        config: JSON of the server-side settings (`edgellm.splitlearn.settings.ServerTrainConfig`).
         resume_step: 0 starts fresh; N > 0 loads every node's checkpoint of step N.
     """
 

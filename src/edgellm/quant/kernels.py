@@ -20,7 +20,6 @@ import torch
 COMPUTE_DTYPE = torch.bfloat16
 KERNEL_MAX_ROWS = 16  # at most this many rows go through the packed kernels; more take the dequantize + GEMM path
 INT4_N_MULTIPLE = 16  # the int4 kernel needs N divisible by 16: weights are padded with zero rows
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -87,7 +86,3 @@ def int4_from_kernel(packed: torch.Tensor, k: int) -> torch.Tensor:
         raise RuntimeError("unknown int4 kernel layout in this torch build; cannot unpack int4 weights")
     return _unblock(packed, block_n, k)
 
-
-def rows_of(x: torch.Tensor) -> int:
-    """Number of rows a linear layer sees in x: [..., K]."""
-    return x.numel() // max(x.shape[-1], 1)

@@ -14,8 +14,8 @@ from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import StageSpec
 from edgellm.serve.report import link_report, node_compute, timing_report
-from edgellm.split.generate import GenerationConfig, Generator
-from edgellm.split.local import stage_label
+from edgellm.split.generator import GenerationConfig, Generator
+from edgellm.split.one_process import stage_label
 from edgellm.split.pipeline import Hop, Pipeline
 
 # Field -> (type, default) of a Generate request.

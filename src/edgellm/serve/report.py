@@ -8,7 +8,7 @@ from typing import Any
 
 from edgellm.model.stage import Stage
 from edgellm.net.messages import HopTrace
-from edgellm.split.generate import GenerationResult
+from edgellm.split.generator import GenerationResult
 from edgellm.split.pipeline import HopStats
 
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest, HopTrace, SyncReply
+from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest, HopTrace
 
 
 class Hop(Protocol):
@@ -30,9 +30,6 @@ class TrainHop(Hop, Protocol):
     def train(self, message: Any, wait_s: float = 0.0) -> Any: ...
 
 
-TrainReply = ForwardReply | SyncReply
-
-
 @dataclass
 class HopStats:
     """What one hop cost over a run: the stage's own compute, and the whole call as the device saw it."""
@@ -49,11 +46,6 @@ class HopStats:
         if self.calls < 2:
             return None
         return (self.compute_ms - self.first_compute_ms) / (self.calls - 1)
-
-    @property
-    def overhead_ms(self) -> float:
-        """Time in the call that was not the stage computing: transport, (de)serialization, queueing."""
-        return self.call_ms - self.compute_ms
 
 
 class Pipeline:
@@ -107,6 +99,3 @@ class Pipeline:
         if first is not None:
             raise first
 
-    def reset_stats(self) -> None:
-        self.stats = [HopStats(h.name) for h in self.hops]
-        self.traces = []

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from edgellm.errors import ConfigError
 from edgellm.net.codec import CodecSpec, parse_codec
@@ -27,10 +27,23 @@ from edgellm.net.messages import (
 )
 from edgellm.split.host import StageHost
 from edgellm.split.pipeline import Hop, TrainHop
-from edgellm.split.trainer import TrainHost
 from edgellm.split.validate import check_hidden, check_request
 
 TrainMessage = TrainOpen | TrainForward | TrainBackward | AdapterSync
+
+
+class Trainer(Protocol):
+    """What a stage server needs from the split-learning side of a node (`edgellm.splitlearn.TrainHost`)."""
+
+    def open(self, msg: TrainOpen) -> dict[str, Any]: ...
+
+    def close(self, session: str) -> None: ...
+
+    def forward(self, msg: TrainForward) -> ForwardReply: ...
+
+    def backward(self, msg: TrainBackward) -> ForwardReply: ...
+
+    def sync(self, msg: AdapterSync) -> tuple[dict[str, Any], dict[str, Any]]: ...
 
 
 class StageServer:
@@ -56,7 +69,7 @@ class StageServer:
         downstream: Mapping[str, Hop] | None = None,
         info: Mapping[str, Any] | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
-        trainer: TrainHost | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -164,7 +177,7 @@ class StageServer:
             tensors.update(dict(down_sync.tensors))
         return SyncReply(tuple(tensors.items()), json.dumps(detail))
 
-    def _trainer(self) -> TrainHost:
+    def _trainer(self) -> Trainer:
         if self.trainer is None:
             raise ConfigError(f"node {self.name} does not train (it serves inference only)")
         return self.trainer
@@ -183,7 +196,7 @@ class StageServer:
 
 
 class InProcessServer:
-    """A `StageServer` reached without serialization: the handler of an `edgellm.net.local.LocalHop`, for
+    """A `StageServer` reached without serialization: the handler of an `edgellm.net.direct_hop.LocalHop`, for
     single-process runs and tests of the same routing code the network uses."""
 
     def __init__(self, server: StageServer) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from edgellm.deploy.node import channel_config, remote_hop
+from edgellm.deploy.node_builder import channel_config, remote_hop
 from edgellm.deploy.topology import Topology, load_topology
 from edgellm.errors import ConfigError
 from edgellm.lora.peft_io import load_peft_adapter, save_peft_adapter
@@ -29,15 +29,15 @@ from edgellm.model.stage import Stage, StageSpec
 from edgellm.net.messages import CloseSession, TrainOpen
 from edgellm.net.rpc import ChannelConfig, RemoteHop
 from edgellm.quant.scheme import QuantConfig, parse_quant
-from edgellm.serve.generate import DTYPES
-from edgellm.split.local import load_stages
+from edgellm.serve.local_engine import DTYPES
+from edgellm.split.one_process import load_stages
 from edgellm.split.pipeline import TrainHop
-from edgellm.split.trainer import atomic_save
+from edgellm.splitlearn.checkpoints import atomic_save
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 from edgellm.train.config import TrainConfig
 from edgellm.train.data import Dataset, InstructionDataset, batch_for_step, load_data
-from edgellm.train.split_model import SplitModel
+from edgellm.splitlearn.device_model import SplitModel
 from edgellm.train.tasks import task_examples
 
 log = logging.getLogger(__name__)

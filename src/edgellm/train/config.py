@@ -8,7 +8,7 @@ from typing import Any
 
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
-from edgellm.split.train_config import SHARE_MODES, OptimSpec, ServerTrainConfig
+from edgellm.splitlearn.settings import SHARE_MODES, OptimSpec, ServerTrainConfig
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import torch
 from edgellm.errors import ConfigError
 from edgellm.model.build import build_stages
 from edgellm.model.stage import Stage, StageSpec
-from edgellm.net.local import LocalHop
+from edgellm.net.direct_hop import LocalHop
 from edgellm.quant.scheme import QuantConfig
-from edgellm.quant.store import load_or_quantize
+from edgellm.quant.stage_files import load_or_quantize
 from edgellm.split.host import SessionLimits, StageHost
 from edgellm.split.pipeline import Pipeline
 from edgellm.store.weights import SafetensorsSource, load_config

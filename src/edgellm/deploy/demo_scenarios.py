@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgellm.deploy.launch import LocalDeployment, free_port
-from edgellm.deploy.node import channel_config
+from edgellm.deploy.local_deployment import LocalDeployment, free_port
+from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import Topology, write_topology
 from edgellm.errors import ConfigError
 from edgellm.model.sampling import SamplingConfig

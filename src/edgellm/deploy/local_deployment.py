@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from edgellm.deploy.node import channel_config
+from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import Topology
 from edgellm.errors import EdgellmError
 from edgellm.net.rpc import NodeUnreachable, RemoteHop

@@ -102,3 +102,8 @@ def _known(data: Mapping[str, Any], keys: set[str], what: str) -> None:
     unknown = set(data) - keys
     if unknown:
         raise ConfigError(f"{what}: unknown field(s) {sorted(unknown)}; expected {sorted(keys)}")
+
+
+def seed_for(seed: int, step: int, salt: int = 0) -> int:
+    """The RNG seed of one training step on one side: the same on every run with the same seed."""
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1)

@@ -22,7 +22,7 @@ import torch
 from edgellm.errors import ConfigError, SessionError
 from edgellm.lora.fedavg import fedavg
 from edgellm.net.messages import AdapterSync, CloseSession, SyncReply, TrainOpen, WireError, decode, encode
-from edgellm.split.train_config import ServerTrainConfig
+from edgellm.splitlearn.settings import ServerTrainConfig
 
 log = logging.getLogger(__name__)
 

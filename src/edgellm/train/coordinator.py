@@ -25,12 +25,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from edgellm.deploy.launch import LocalDeployment
-from edgellm.deploy.node import channel_config
+from edgellm.deploy.local_deployment import LocalDeployment
+from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import load_topology, write_topology
 from edgellm.errors import ConfigError, EdgellmError
 from edgellm.net.rpc import ChannelConfig, serve
-from edgellm.split.aggregate import AggregatorServer
+from edgellm.splitlearn.rounds import AggregatorServer
 from edgellm.train.client import ClientPlan, check_topology, checkpoint_steps, latest_checkpoint, run_client
 from edgellm.train.config import config_from_dict, config_to_dict
 

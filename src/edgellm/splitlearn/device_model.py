@@ -33,7 +33,7 @@ from edgellm.lora.inject import (
 from edgellm.model.stage import Stage
 from edgellm.net.messages import AdapterSync, ForwardReply, HopTrace, SyncReply, TrainBackward, TrainForward, TrainOpen
 from edgellm.split.pipeline import TrainHop
-from edgellm.split.trainer import seed_for
+from edgellm.splitlearn.settings import seed_for
 from edgellm.train.data import IGNORE, Batch, causal_lm_loss
 
 DEVICE_ADAPTER = "device"

@@ -6,79 +6,43 @@ gradient with respect to its input. Adapters live in the stage's `LoRALinear` wr
 (`shared`) or per run and client (`per-client`), so inference sessions on the same stage (adapter inactive) and
 training sessions share one copy of the base weights.
 
-A shared adapter is used by one client at a time, from its forward to its backward ("the turn"): otherwise a
-client's optimizer step would change weights another client's pending backward still needs.
+A shared adapter is used by one client at a time, from its forward to its backward (`turns.Turns`); adapters
+and their optimizers are `adapter_slot.AdapterSlot`s; checkpoints are `checkpoints.CheckpointStore`'s.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
-import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edgellm.errors import ConfigError, SessionError
-from edgellm.lora.inject import (
-    adapter_grads,
-    adapter_parameters,
-    adapter_state,
-    inject_lora,
-    load_adapter_state,
-    set_active,
-    stage_keys,
-    train_mode,
-    use_adapter,
-)
-from edgellm.lora.linear import LoRALinear
+from edgellm.errors import BusyError, ConfigError, SessionError
+from edgellm.lora.inject import adapter_grads, adapter_state, load_adapter_state, stage_keys, train_mode, use_adapter
 from edgellm.net.messages import AdapterSync, ForwardReply, TrainBackward, TrainForward, TrainOpen
-from edgellm.split.aggregate import Aggregator
 from edgellm.split.host import StageHost
-from edgellm.split.train_config import ServerTrainConfig
+from edgellm.splitlearn.adapter_slot import AdapterSlot, drop_slot, new_slot
+from edgellm.splitlearn.checkpoints import CheckpointStore, safe_name
+from edgellm.splitlearn.rounds import Aggregator
+from edgellm.splitlearn.settings import ServerTrainConfig, seed_for
+from edgellm.splitlearn.turns import Turns
 
 log = logging.getLogger(__name__)
 
-KEEP_CHECKPOINTS = 3
-
-
-@dataclass
-class _Slot:
-    """One adapter on this stage and its optimizer."""
-
-    name: str  # the adapter's name in the stage's LoRALinear wrappers
-    label: str  # "shared" or "clientK": names the checkpoint folder
-    attempt: str
-    config: ServerTrainConfig
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    steps: int = 0  # optimizer steps taken
-    last_grads: dict[str, torch.Tensor] = field(default_factory=dict)
-    saved: set[int] = field(default_factory=set)  # client steps checkpointed in this attempt
-    owner: str | None = None  # the session whose turn it is (shared adapters)
-    owner_since: float = 0.0
-
-
 @dataclass
 class _Session:
-    slot: _Slot
+    slot: AdapterSlot
     run: str
     attempt: str
     client: int
     clients: int
     last_used: float
     pending: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, input, output)
-
-
-def seed_for(seed: int, step: int, salt: int = 0) -> int:
-    """The RNG seed of one training step on one side: the same on every run with the same seed."""
-    return (seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1)
 
 
 class TrainHost:
@@ -106,17 +70,18 @@ class TrainHost:
         self.node = node
         self.checkpoint_root = checkpoint_root
         self._clock = clock
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, AdapterSlot] = {}
         self._names = itertools.count()
         self._sessions: dict[str, _Session] = {}
-        self._turns = threading.Condition(host.lock)
+        self._turns = Turns(host.lock, clock, node)
+        self.checkpoints = CheckpointStore(checkpoint_root, node)
         self.aggregator = Aggregator()
 
     # -- sessions --------------------------------------------------------------------------------------------
     def open(self, msg: TrainOpen) -> dict[str, Any]:
         """Start a client's session; create, reset or reload its adapter as `msg.attempt`/`resume_step` say."""
         config = ServerTrainConfig.from_json(msg.config)
-        if _safe(msg.run) != msg.run:
+        if safe_name(msg.run) != msg.run:
             raise ConfigError(f"run name {msg.run!r} may only hold letters, digits, '.', '_' and '-'")
         if not 0 <= msg.client < msg.clients:
             raise ConfigError(f"client {msg.client} is out of range for {msg.clients} client(s)")
@@ -128,11 +93,11 @@ class TrainHost:
             if slot is None or slot.attempt != msg.attempt:
                 slot = self._new_slot(key, label, msg.attempt, config)
                 if msg.resume_step:
-                    self._load_checkpoint(slot, msg.run, msg.resume_step)
+                    self.checkpoints.load(self.stage, slot, msg.run, msg.resume_step)
             elif slot.config != config:
                 raise ConfigError(f"adapter {key} is already training with other settings in this attempt")
             if msg.session not in self._sessions and len(self._sessions) >= self.host.limits.max_sessions:
-                raise ConfigError(f"node {self.node} is serving its maximum of {self.host.limits.max_sessions} sessions")
+                raise BusyError(f"node {self.node} is serving its maximum of {self.host.limits.max_sessions} sessions")
             self._sessions[msg.session] = _Session(slot, msg.run, msg.attempt, msg.client, msg.clients, self._clock())
             return {
                 "node": self.node,
@@ -149,18 +114,14 @@ class TrainHost:
             gone = self._sessions.pop(session, None)
             if gone is None:
                 return
-            if gone.slot.owner == session:
-                gone.slot.owner = None
-                self._turns.notify_all()
+            self._turns.release(gone.slot, session)
             if all(s.slot is not gone.slot for s in self._sessions.values()):
                 self._drop(gone.slot)  # nobody trains it any more; its checkpoints (if any) stay on disk
 
-    def _drop(self, slot: _Slot) -> None:
+    def _drop(self, slot: AdapterSlot) -> None:
         for key in [k for k, v in self._slots.items() if v is slot]:
             del self._slots[key]
-        for module in self.stage.modules():
-            if isinstance(module, LoRALinear) and slot.name in module.adapters:
-                module.remove_adapter(slot.name)
+        drop_slot(self.stage, slot)
 
     def _expire(self) -> None:
         limit = self.host.limits.idle_timeout_s
@@ -169,22 +130,13 @@ class TrainHost:
             log.info("training session %s expired after %.0f s idle", sid, limit)
             self.close(sid)
 
-    def _new_slot(self, key: str, label: str, attempt: str, config: ServerTrainConfig) -> _Slot:
+    def _new_slot(self, key: str, label: str, attempt: str, config: ServerTrainConfig) -> AdapterSlot:
         old = self._slots.get(key)
         if old is not None:  # a previous attempt of the run: its sessions are dead clients' sessions
             for sid in [sid for sid, sess in self._sessions.items() if sess.slot is old]:
                 self.close(sid)
             self._drop(old)
-        name = f"train{next(self._names)}"
-        inject_lora(self.stage, self.layers_path, config.lora, name)
-        set_active(self.stage, None)  # inference sessions on this stage keep running the base model
-        self.stage.requires_grad_(False)
-        params = adapter_parameters(self.stage, name)
-        for p in params:
-            p.requires_grad_(True)
-        train_mode(self.stage, name)  # adapter dropout on; the frozen base stays in eval mode
-        optimizer = torch.optim.AdamW(params, **config.optim.adamw_kwargs())
-        slot = _Slot(name, label, attempt, config, params, optimizer)
+        slot = new_slot(self.stage, self.layers_path, f"train{next(self._names)}", label, attempt, config)
         self._slots[key] = slot
         return slot
 
@@ -257,27 +209,15 @@ class TrainHost:
             return ForwardReply(x.grad.detach(), (time.perf_counter() - start) * 1e3)
 
     def _take_turn(self, s: _Session, session: str) -> None:
-        slot = s.slot
-        if slot.config.share != "shared":
-            return
-        limit = slot.config.round_timeout_s  # a client silent this long is gone: as for a FedAvg round
-        deadline = self._clock() + 2 * limit
-        while slot.owner not in (None, session):
-            if self._clock() - slot.owner_since > limit:
-                log.warning("session %s held adapter %s without a backward pass; taking its turn", slot.owner, slot.name)
-                stale = self._sessions.get(slot.owner)
-                if stale is not None:
-                    stale.pending = None
-                break
-            if self._clock() > deadline:
-                raise ConfigError(f"adapter {slot.name} on node {self.node} stayed busy for {2 * limit:.0f} s")
-            self._turns.wait(timeout=0.5)
-        slot.owner, slot.owner_since = session, self._clock()
+        def forget_pending(owner: str) -> None:
+            stale = self._sessions.get(owner)
+            if stale is not None:
+                stale.pending = None
+
+        self._turns.take(s.slot, session, forget_pending)
 
     def _end_turn(self, s: _Session, session: str) -> None:
-        if s.slot.owner == session:
-            s.slot.owner = None
-            self._turns.notify_all()
+        self._turns.release(s.slot, session)
 
     # -- adapters ----------------------------------------------------------------------------------------------
     def sync(self, msg: AdapterSync) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -299,7 +239,7 @@ class TrainHost:
                     raise ConfigError(f"the adapter lacks {len(missing)} weight(s) of node {self.node}, e.g. {missing[0]}")
                 load_adapter_state(self.stage, slot.name, {k: v for k, v in msg.tensors if k in mine})
                 return {}, {"node": self.node, "loaded": len(mine)}
-            return {}, self._checkpoint(slot, s.run, msg.step)
+            return {}, self.checkpoints.save(self.stage, slot, s.run, msg.step)
 
     def _aggregate(self, msg: AdapterSync) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         with self.host.lock:
@@ -309,61 +249,3 @@ class TrainHost:
         # Waiting for the other clients must not hold the stage: they need it to reach this round.
         result, included = self.aggregator.submit(key, s.client, s.clients, dict(msg.tensors), msg.weight, timeout)
         return result, {"node": self.node, "round": msg.step, "clients": list(included)}
-
-    # -- checkpoints -------------------------------------------------------------------------------------------
-    def _dir(self, run: str, slot: _Slot) -> Path:
-        assert self.checkpoint_root is not None
-        return self.checkpoint_root / _safe(run) / _safe(self.node) / slot.label
-
-    def _checkpoint(self, slot: _Slot, run: str, step: int) -> dict[str, Any]:
-        if self.checkpoint_root is None:
-            raise ConfigError(f"node {self.node} keeps no checkpoints (no checkpoint directory)")
-        if step not in slot.saved:  # the first request for a step wins: later ones come after newer updates
-            folder = self._dir(run, slot)
-            folder.mkdir(parents=True, exist_ok=True)
-            state = {
-                "adapter": adapter_state(self.stage, slot.name),
-                "optimizer": slot.optimizer.state_dict(),
-                "optimizer_steps": slot.steps,
-                "step": step,
-                "lora": slot.config.lora.to_dict(),
-            }
-            atomic_save(state, folder / f"step-{step:08d}.pt")
-            slot.saved.add(step)
-            for old in sorted(folder.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
-                old.unlink(missing_ok=True)
-        return {"node": self.node, "checkpoint": step}
-
-    def _load_checkpoint(self, slot: _Slot, run: str, step: int) -> None:
-        if self.checkpoint_root is None:
-            raise ConfigError(f"node {self.node} keeps no checkpoints, so it cannot resume from step {step}")
-        path = self._dir(run, slot) / f"step-{step:08d}.pt"
-        if not path.exists():
-            have = sorted(p.name for p in path.parent.glob("step-*.pt")) if path.parent.exists() else []
-            raise ConfigError(f"node {self.node} has no checkpoint of step {step} for run {run!r} (has {have or 'none'})")
-        state = torch.load(path, weights_only=True)
-        if state["lora"] != slot.config.lora.to_dict():
-            raise ConfigError(f"checkpoint {path} was trained with other LoRA settings: {state['lora']}")
-        load_adapter_state(self.stage, slot.name, state["adapter"])
-        slot.optimizer.load_state_dict(state["optimizer"])
-        slot.steps = int(state["optimizer_steps"])
-        slot.saved.add(step)
-        log.info("node %s resumed adapter %s from %s", self.node, slot.name, path)
-
-
-def atomic_save(state: Any, path: Path) -> None:
-    """`torch.save` to a temporary file beside `path`, flushed to disk, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _safe(name: str) -> str:
-    """A file-name-safe version of a run, node or adapter name."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    if not cleaned or cleaned in (".", ".."):
-        raise ConfigError(f"{name!r} cannot name a checkpoint folder")
-    return cleaned

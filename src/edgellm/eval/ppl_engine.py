@@ -16,9 +16,9 @@ from edgellm.model.stage import HeadPlacement, Stage, stage_specs
 from edgellm.net.codec import CodecSpec, parse_codec
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import QuantConfig
-from edgellm.quant.store import load_or_quantize
-from edgellm.serve.generate import DTYPES, check_placement
-from edgellm.split.local import load_stages, stage_name
+from edgellm.quant.stage_files import load_or_quantize
+from edgellm.serve.local_engine import DTYPES, check_placement
+from edgellm.split.one_process import load_stages, stage_name
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 

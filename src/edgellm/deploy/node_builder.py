@@ -15,17 +15,17 @@ from edgellm.errors import ConfigError
 from edgellm.model.arch import arch_for
 from edgellm.model.stage import Stage
 from edgellm.net.link import EmulatedLink
-from edgellm.net.local import LocalHop
+from edgellm.net.direct_hop import LocalHop
 from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, serve
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer
-from edgellm.serve.generate import DTYPES
+from edgellm.serve.local_engine import DTYPES
 from edgellm.serve.report import weight_bytes
 from edgellm.split.host import SessionLimits, StageHost
-from edgellm.split.local import load_stages, stage_label
+from edgellm.split.one_process import load_stages, stage_label
 from edgellm.split.pipeline import Hop
 from edgellm.split.server import StageServer
-from edgellm.split.trainer import TrainHost
+from edgellm.splitlearn.server_host import TrainHost
 from edgellm.store import resolve_model
 from edgellm.store.paths import checkpoint_root
 from edgellm.store.weights import load_config, load_tokenizer

@@ -17,8 +17,8 @@ from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_spe
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.report import stage_report, timing_report
-from edgellm.split.generate import GenerationConfig, Generator
-from edgellm.split.local import load_stages, local_pipeline
+from edgellm.split.generator import GenerationConfig, Generator
+from edgellm.split.one_process import load_stages, local_pipeline
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 

@@ -1,0 +1,49 @@
+"""One adapter being trained on a stage: its name in the stage's `LoRALinear` wrappers and its optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from edgellm.lora.inject import adapter_parameters, inject_lora, set_active, train_mode
+from edgellm.lora.linear import LoRALinear
+from edgellm.model.stage import Stage
+from edgellm.splitlearn.settings import ServerTrainConfig
+
+
+@dataclass
+class AdapterSlot:
+    """One adapter on a stage and its optimizer."""
+
+    name: str  # the adapter's name in the stage's LoRALinear wrappers
+    label: str  # "shared" or "clientK": names the checkpoint folder
+    attempt: str
+    config: ServerTrainConfig
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    steps: int = 0  # optimizer steps taken
+    last_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved: set[int] = field(default_factory=set)  # client steps checkpointed in this attempt
+    owner: str | None = None  # the session whose turn it is (shared adapters)
+    owner_since: float = 0.0
+
+
+def new_slot(stage: Stage, layers_path: str, name: str, label: str, attempt: str, config: ServerTrainConfig) -> AdapterSlot:
+    """Inject a fresh adapter `name` into `stage` (inactive for inference) with its own AdamW."""
+    inject_lora(stage, layers_path, config.lora, name)
+    set_active(stage, None)  # inference sessions on this stage keep running the base model
+    stage.requires_grad_(False)
+    params = adapter_parameters(stage, name)
+    for p in params:
+        p.requires_grad_(True)
+    train_mode(stage, name)  # adapter dropout on; the frozen base stays in eval mode
+    optimizer = torch.optim.AdamW(params, **config.optim.adamw_kwargs())
+    return AdapterSlot(name, label, attempt, config, params, optimizer)
+
+
+def drop_slot(stage: Stage, slot: AdapterSlot) -> None:
+    """Remove the slot's adapter from every wrapper of the stage."""
+    for module in stage.modules():
+        if isinstance(module, LoRALinear) and slot.name in module.adapters:
+            module.remove_adapter(slot.name)
