@@ -17,9 +17,9 @@ from conftest import TINY_LAYERS, reference_model
 from edgellm.deploy.local_deployment import LaunchError, LocalDeployment, free_port
 from edgellm.deploy.node_builder import device_hops
 from edgellm.deploy.topology import write_topology
-from edgellm.errors import SessionError
+from edgellm.errors import ConfigError, SessionError
 from edgellm.net.messages import ForwardRequest, encode
-from edgellm.net.rpc import SERVICE, TOKEN_HEADER, AuthError, ChannelConfig, NodeUnreachable, RemoteError, RemoteHop
+from edgellm.net.rpc import SERVICE, TOKEN_HEADER, AuthError, ChannelConfig, NodeUnreachable, RemoteHop
 from edgellm.split.generator import GenerationConfig, Generator
 from edgellm.split.host import SessionLimits
 from edgellm.split.one_process import load_stages
@@ -200,11 +200,12 @@ def test_node_that_cannot_start_leaves_no_processes(tiny_llama_dir, tmp_path):
     path = tmp_path / "broken.toml"
     topology = write_topology(path, doc)
     deployment = LocalDeployment(topology, path, tmp_path, names=["edge1", "edge2"])
-    with pytest.raises(LaunchError, match="no-such-model"), deployment:
+    with pytest.raises(LaunchError, match="no-such-model") as failed, deployment:
         pass
+    assert failed.value.exit_code == 2  # the node's own verdict: bad input, not a failed peer
     assert deployment.processes == {}
 
 
 def test_stage_server_refuses_a_route_it_has_no_link_for(three_node_device_head):
-    with pytest.raises(RemoteError, match="no link"):
+    with pytest.raises(ConfigError, match="no link"):  # a bad route is bad input, whoever relays it
         remote(three_node_device_head, "edge2").forward(hidden_request("s-route", True, route=("edge7",)))

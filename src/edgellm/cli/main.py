@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code (0 ok, 1 failed, 2 bad input)."""
+    """Run the CLI; returns the process exit code, which says whose fault a failure is (`edgellm.errors`).
+
+    0 ok; 1 internal error (a bug: its traceback is printed); 2 bad input (arguments, files, topology);
+    3 a peer or the network failed (retry); 4 a node is busy (back off and retry); 130 interrupted.
+    An expected error prints one line, `edgellm: error: ...`; --debug (or EDGELLM_DEBUG=1) raises it instead.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -49,11 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
         print(f"edgellm: error: {detail}", file=sys.stderr)
-        return 2
+        return int(exc.exit_code)
     except KeyboardInterrupt:
         print("edgellm: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: the traceback, as an uncaught exception would print it
+        if debug:
+            raise
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        print(f"edgellm: internal error (a bug; please report it with the traceback above): {exc!r}", file=sys.stderr)
         return 1
 
 

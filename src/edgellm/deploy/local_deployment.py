@@ -15,14 +15,19 @@ from types import TracebackType
 
 from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import Topology
-from edgellm.errors import EdgellmError
+from edgellm.errors import ProcessFailed
 from edgellm.net.rpc import NodeUnreachable, RemoteHop
 
 log = logging.getLogger(__name__)
 
 
-class LaunchError(EdgellmError):
-    """A node process exited or never became ready."""
+class LaunchError(ProcessFailed):
+    """A node process exited or never became ready.
+
+    A `ProcessFailed` (so a `PeerError`): a node that never answers is a failed peer, and rerunning may help. A
+    node that exited says why in its log (quoted in the message), and the CLI exits with the node's own code:
+    2 when the node rejected its topology or model, as most failed starts do.
+    """
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,7 +84,9 @@ class LocalDeployment:
             while True:
                 code = self.processes[name].poll()
                 if code is not None:
-                    raise LaunchError(f"node {name} exited with code {code} before serving: {self.log_tail(name)}")
+                    raise LaunchError(
+                        f"node {name} exited with code {code} before serving: {self.log_tail(name)}", code
+                    )
                 try:
                     hop.info(timeout_s=1.0)
                     return

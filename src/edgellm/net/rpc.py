@@ -12,7 +12,8 @@ edgellm's own frames (`edgellm.net.messages`), so no protobuf code generation is
   `AdapterSync`), answered with a `ForwardReply` or a `SyncReply`.
 
 Every call carries the deployment's shared token in the `x-edgellm-token` metadata; nodes compare it in
-constant time and refuse calls without it.
+constant time and refuse calls without it. Errors cross as gRPC statuses, one per kind (`edgellm.net.rpc_status`):
+a caller gets back the kind the node raised.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
-import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from edgellm.errors import ConfigError, EdgellmError, SessionError
+from edgellm.errors import ConfigError
 from edgellm.net.codec import CodecSpec
 from edgellm.net.link import EmulatedLink
 from edgellm.net.messages import (
@@ -46,23 +46,11 @@ from edgellm.net.messages import (
     decode,
     encode,
 )
-
-log = logging.getLogger(__name__)
+from edgellm.net.rpc_status import AuthError as AuthError  # re-exported: RemoteHop's callers catch it from here
+from edgellm.net.rpc_status import NodeUnreachable, RemoteError, abort_with, error_from
 
 SERVICE = "edgellm.Node"
 TOKEN_HEADER = "x-edgellm-token"
-
-
-class NodeUnreachable(EdgellmError):
-    """A node did not answer within the deadline, or refused the connection."""
-
-
-class AuthError(EdgellmError):
-    """A node refused the call's token."""
-
-
-class RemoteError(EdgellmError):
-    """A node answered with an error (bad request, server failure)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +166,10 @@ class RemoteHop:
         if self.link is not None:
             self.link.send(len(reply_frame), "down")
         call_ms = (time.perf_counter() - start) * 1e3
-        reply = decode(reply_frame, self.channel.max_message_bytes)
+        try:
+            reply = decode(reply_frame, self.channel.max_message_bytes)
+        except WireError as exc:  # the peer's fault, not this side's input
+            raise RemoteError(f"node {self.name} sent a reply that does not decode: {exc}") from exc
         if isinstance(reply, SyncReply):
             self.sync_bytes += len(frame) + len(reply_frame)
         if not isinstance(reply, ForwardReply):
@@ -200,15 +191,24 @@ class RemoteHop:
 
     def info(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The node's description (name, layers, model); raises NodeUnreachable if it does not answer."""
-        return json.loads(self._call(self._info, b"{}", timeout_s))
+        return self._json(self._call(self._info, b"{}", timeout_s), "Info")
 
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Ask a device node to generate; yields its events (tokens, then a final report)."""
         try:
             for event in self._generate(json.dumps(request).encode(), timeout=None, metadata=self._metadata):
-                yield json.loads(event)
+                yield self._json(event, "Generate")
         except grpc.RpcError as exc:
-            raise self._translate(exc) from None
+            raise error_from(exc, f"node {self.name} at {self.address}") from None
+
+    def _json(self, payload: bytes, method: str) -> dict[str, Any]:
+        try:
+            answer = json.loads(payload)
+        except ValueError as exc:  # JSON and UTF-8 errors: the peer's fault
+            raise RemoteError(f"node {self.name} answered {method} with invalid JSON: {exc}") from None
+        if not isinstance(answer, dict):
+            raise RemoteError(f"node {self.name} answered {method} with JSON that is not an object")
+        return answer
 
     def wait_ready(self, timeout_s: float) -> dict[str, Any]:
         """Poll `Info` until the node answers or `timeout_s` passes."""
@@ -228,18 +228,7 @@ class RemoteHop:
         try:
             return method(payload, timeout=timeout_s or self.channel.deadline_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise self._translate(exc) from None
-
-    def _translate(self, exc: grpc.RpcError) -> EdgellmError:
-        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-        where = f"node {self.name} at {self.address}"
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return NodeUnreachable(f"{where} is unreachable ({code.name.lower()}): {details}")
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            return AuthError(f"{where} refused the deployment token: {details}")
-        if code == grpc.StatusCode.NOT_FOUND:
-            return SessionError(f"{where}: {details}")
-        return RemoteError(f"{where} answered {code.name}: {details}")
+            raise error_from(exc, f"node {self.name} at {self.address}") from None
 
 
 def _open_channel(address: str, channel: ChannelConfig) -> grpc.Channel:
@@ -267,7 +256,8 @@ def _read(path: Path | None) -> bytes | None:
 
 
 class NodeHandler(Protocol):
-    """What a node does with each call; `edgellm.deploy.node` implements it. Raise EdgellmErrors for bad input."""
+    """What a node does with each call; `edgellm.deploy.node_builder` builds one. Raise an `EdgellmError` of the
+    right kind (bad input, a failed peer, busy); any other exception is answered as an internal error."""
 
     def forward(self, frame: bytes) -> bytes: ...
 
@@ -320,7 +310,8 @@ def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
 
 
 class _Service:
-    """Adapts a NodeHandler to gRPC: token check, error codes, and a node that keeps serving after bad input."""
+    """Adapts a NodeHandler to gRPC: token check, one status per error kind, and a node that keeps serving after
+    bad input and after its own bugs."""
 
     def __init__(self, handler: NodeHandler, token: str | None) -> None:
         self._handler = handler
@@ -345,24 +336,17 @@ class _Service:
     def generate(self, payload: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         self._check_token(context)
         try:
-            request = json.loads(payload)
-            if not isinstance(request, dict):
-                raise ConfigError("a generate request must be a JSON object")
-            for event in self._handler.generate(request):
+            for event in self._handler.generate(_generate_request(payload)):
                 yield json.dumps(event).encode()
-        except ValueError as exc:  # EdgellmErrors and JSON errors are ValueErrors
-            context.abort(_status_for(exc), str(exc))
+        except Exception as exc:  # noqa: BLE001 - abort_with answers each kind, and logs a bug with its traceback
+            abort_with(context, exc)
 
     def _guard(self, context: grpc.ServicerContext, call: Callable[[], bytes]) -> bytes:
         self._check_token(context)
         try:
             return call()
-        except ValueError as exc:
-            context.abort(_status_for(exc), str(exc))
-        except Exception as exc:  # a bug must not take the node down: report it and keep serving
-            log.exception("request failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        raise AssertionError("unreachable: context.abort raises")
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the node down either: abort_with logs it
+            abort_with(context, exc)
 
     def _check_token(self, context: grpc.ServicerContext) -> None:
         if self._token is None:
@@ -372,11 +356,11 @@ class _Service:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong deployment token")
 
 
-def _status_for(exc: Exception) -> grpc.StatusCode:
-    if isinstance(exc, SessionError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, NodeUnreachable):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, (WireError, ConfigError, json.JSONDecodeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.FAILED_PRECONDITION
+def _generate_request(payload: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(payload)
+    except ValueError as exc:  # JSON and UTF-8 errors
+        raise ConfigError(f"a generate request must be JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ConfigError("a generate request must be a JSON object")
+    return request

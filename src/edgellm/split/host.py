@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgellm.errors import ConfigError, SessionError
+from edgellm.errors import BusyError, ConfigError, SessionError
 from edgellm.model.kv import KVCache
 from edgellm.model.stage import Stage
 from edgellm.net.messages import PROTOCOL_VERSION, CloseSession, ForwardReply, ForwardRequest
@@ -64,7 +64,8 @@ class StageHost:
 
         Raises:
             SessionError: the session is unknown (and the request is not a session start).
-            ConfigError: protocol mismatch, too many sessions, or a sequence past the model's limits.
+            BusyError: the host already serves its maximum of sessions.
+            ConfigError: protocol mismatch, or a sequence past the model's limits.
         """
         if request.version != PROTOCOL_VERSION:
             raise ConfigError(
@@ -92,7 +93,7 @@ class StageHost:
     def _session_for(self, request: ForwardRequest, now: float) -> _Session:
         if request.new_session:
             if request.session not in self._sessions and len(self._sessions) >= self.limits.max_sessions:
-                raise ConfigError(f"stage is serving its maximum of {self.limits.max_sessions} sessions")
+                raise BusyError(f"stage is serving its maximum of {self.limits.max_sessions} sessions")
             self._sessions[request.session] = _Session(self.stage.new_cache(), now)
         session = self._sessions.get(request.session)
         if session is None:

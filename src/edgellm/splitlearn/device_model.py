@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edgellm.errors import ConfigError
+from edgellm.errors import ConfigError, PeerError
 from edgellm.lora.config import LoraSpec
 from edgellm.lora.inject import (
     adapter_grads,
@@ -88,7 +88,7 @@ class _Remote(torch.autograd.Function):
 
 def _expect_forward(reply: Any, name: str) -> None:
     if not isinstance(reply, ForwardReply):
-        raise ConfigError(f"hop {name} answered a training step with a {type(reply).__name__}")
+        raise PeerError(f"hop {name} answered a training step with a {type(reply).__name__}")
 
 
 class SplitModel:
@@ -251,5 +251,5 @@ class SplitModel:
 
 def _sync(reply: Any, name: str) -> SyncReply:
     if not isinstance(reply, SyncReply):
-        raise ConfigError(f"hop {name} answered an adapter message with a {type(reply).__name__}")
+        raise PeerError(f"hop {name} answered an adapter message with a {type(reply).__name__}")
     return reply

