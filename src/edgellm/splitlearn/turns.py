@@ -25,7 +25,7 @@ class Turns:
         node: this node's name, for errors.
     """
 
-    def __init__(self, lock: threading.Lock, clock: Callable[[], float], node: str) -> None:
+    def __init__(self, lock: threading.RLock, clock: Callable[[], float], node: str) -> None:
         self._cond = threading.Condition(lock)
         self._clock = clock
         self._node = node
