@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from edgellm.cli.choices import DEMO_PROMPT
 from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
-from edgellm.deploy.chart import breakdown_chart
-from edgellm.deploy.demo_scenarios import DEFAULT_PROMPT, DemoConfig, run_demo
+from edgellm.deploy.chart import PLOT_INSTALL, breakdown_chart, plotting_available
 from edgellm.net.link import PROFILES
 
 
@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "a per-token latency breakdown and bytes per link, writes it as a PNG chart, and stops every process it "
         "started (also on Ctrl-C).",
     )
-    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, metavar="PROMPT",
+    parser.add_argument("prompt", nargs="?", default=DEMO_PROMPT, metavar="PROMPT",
                         help="the question (default: a built-in one); the chat template is always applied")  # fmt: skip
     parser.add_argument("--profile", choices=sorted(PROFILES), default="6g", help="link profile (default: 6g)")
     parser.add_argument("--hops", type=int, default=2, help="number of edge nodes in the chain (default: 2)")
@@ -44,6 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.deploy.demo_scenarios import DemoConfig, run_demo  # heavy (torch): not at import, for --help
+
     sampling = sampling_from(args)
     cfg = DemoConfig(args.prompt, args.profile, args.hops, args.codec, args.head, args.max_new_tokens, sampling,
                      threads=args.threads)  # fmt: skip
@@ -71,12 +73,15 @@ def run(args: argparse.Namespace) -> int:
     if interrupted.is_set():
         raise KeyboardInterrupt
     title = f"{cfg.hops}-hop split over {cfg.profile} ({cfg.codec}, head on {cfg.head}) vs device only vs cloud (wan)"
-    report["chart"] = str(breakdown_chart(report["breakdown"], args.chart, title))
+    drawn = plotting_available()  # matplotlib is the optional `plot` extra
+    report["chart"] = str(breakdown_chart(report["breakdown"], args.chart, title)) if drawn else None
     if quiet:
         print(json.dumps(report))
     else:
         print()
         print_breakdown(report)
+    if not drawn:
+        print(f"chart skipped: matplotlib is not installed ({PLOT_INSTALL})", file=sys.stderr, flush=True)
     return 0
 
 
@@ -101,7 +106,8 @@ def print_breakdown(report: dict[str, Any]) -> None:
             )
             label = f"{link['from']}->{link['to']}"
             print(f"{label:<18} {_num(up):>11} {_num(down):>13} {_num(wire, 2):>14}   ({name})")
-    print(f"\nchart: {report['chart']}")
+    if report["chart"] is not None:
+        print(f"\nchart: {report['chart']}")
 
 
 def _num(value: float | None, digits: int = 0) -> str:

@@ -8,15 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+from edgellm.cli.choices import CODECS
 from edgellm.cli.generate import add_model_arguments
-from edgellm.eval.ppl import PplConfig
-from edgellm.eval.ppl_engine import EvalConfig, run_ppl
-from edgellm.eval.task import TaskEvalConfig, run_task
-from edgellm.model.stage import parse_cuts
-from edgellm.net.codec import CODECS
-from edgellm.quant.scheme import parse_quant
-from edgellm.serve.local_engine import LocalSplitConfig
 from edgellm.train.tasks import DEFAULT_TASK, TASKS
+
+# The library (torch, transformers) is imported inside the functions that run a command, not here: building the
+# parser for `edgellm --help` must stay light (tests/test_cli_light.py).
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +63,11 @@ def add_task_parser(tasks: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.eval.ppl import PplConfig
+    from edgellm.eval.ppl_engine import EvalConfig, run_ppl
+    from edgellm.model.stage import parse_cuts
+    from edgellm.quant.scheme import parse_quant
+
     config = EvalConfig(
         model=args.model,
         text=args.text,
@@ -91,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_task_command(args: argparse.Namespace) -> int:
+    from edgellm.eval.task import TaskEvalConfig, run_task
+    from edgellm.model.stage import parse_cuts
+    from edgellm.serve.local_engine import LocalSplitConfig
+
     config = TaskEvalConfig(
         model=LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant),
         task=args.task,

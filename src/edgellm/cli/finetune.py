@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgellm.cli.choices import LORA_TARGETS, SHARE_MODES
 from edgellm.errors import ConfigError
-from edgellm.lora.config import LoraSpec
-from edgellm.splitlearn.settings import SHARE_MODES, OptimSpec
 from edgellm.store.registry import DEFAULT_MODEL
 from edgellm.train.tasks import TASKS
+
+# The library (torch, transformers) is imported inside the functions that run a command, not here: building the
+# parser for `edgellm --help` must stay light (tests/test_cli_light.py).
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--topology", type=Path, metavar="T.toml", help="the split deployment (head must be on the device)")
     parser.add_argument("--clients", type=int, default=1, help="device processes training together (default: 1)")
     parser.add_argument("--aggregate-every", type=int, default=10, metavar="I", help="steps between FedAvg rounds (default: 10)")
-    parser.add_argument("--share", choices=sorted(SHARE_MODES), default="shared",
+    parser.add_argument("--share", choices=list(SHARE_MODES), default="shared",
                         help="server-side adapters: one shared by all clients, or one per client (default: shared)")
     parser.add_argument("--output", type=Path, default=Path("edgellm-finetune"), metavar="DIR",
                         help="run folder: checkpoints, logs, the exported adapter (default: ./edgellm-finetune)")
@@ -57,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lora.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (default: 8)")
     lora.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
     lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default: 0)")
-    lora.add_argument("--target-modules", default=",".join(LoraSpec().target_modules), metavar="M1,M2",
+    lora.add_argument("--target-modules", default=",".join(LORA_TARGETS), metavar="M1,M2",
                       help="module names to adapt, or all-linear (default: %(default)s)")
     lora.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     lora.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
@@ -79,7 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.lora.config import LoraSpec
     from edgellm.quant.scheme import parse_quant
+    from edgellm.splitlearn.settings import OptimSpec
     from edgellm.train.client import ClientPlan
     from edgellm.train.config import DataSpec, TrainConfig
     from edgellm.train.coordinator import FinetuneJob, finetune, run_name, run_worker

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
+from edgellm.cli.choices import DTYPE_NAMES, HEAD_PLACEMENTS, NO_QUANT, QUANT_PARTS, QUANT_SCHEMES
 from edgellm.errors import ConfigError
-from edgellm.model.sampling import SamplingConfig
-from edgellm.model.stage import HEAD_PLACEMENTS, parse_cuts
-from edgellm.quant.scheme import NO_QUANT, PART_PATTERNS, SCHEMES
-from edgellm.serve.local_engine import DTYPES, LocalSplitConfig, PromptConfig, generate_text, load_split
 from edgellm.store import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from edgellm.model.sampling import SamplingConfig
+
+# The library (torch, transformers) is imported inside the functions that run a command, not here: building the
+# parser for `edgellm --help` must stay light (tests/test_cli_light.py).
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +55,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the final norm + LM head run: the last server stage, or the device (U-shaped) "
         "(default: %(default)s)",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision (default: fp32)")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="weight precision (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     add_quant_arguments(parser)
 
@@ -67,6 +71,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_from(args: argparse.Namespace) -> SamplingConfig:
     """The decoding flags as a config. Raises ConfigError on a contradiction or a bad value."""
+    from edgellm.model.sampling import SamplingConfig
+
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     if args.greedy and sampled:
         raise ConfigError("--greedy cannot be combined with --temperature/--top-k/--top-p")
@@ -80,6 +86,9 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.model.stage import parse_cuts
+    from edgellm.serve.local_engine import LocalSplitConfig, PromptConfig, generate_text, load_split
+
     sampling = sampling_from(args)
     split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant)
     options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
@@ -122,6 +131,6 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
         default=NO_QUANT,
         metavar="SCHEME",
         help=f"weight-only quantization of every stage's linear layers and embeddings: one of "
-        f"{[NO_QUANT, *SCHEMES]}, then optional per-module rules PATTERN=SCHEME|none with PATTERN one of "
-        f"{sorted(PART_PATTERNS)} or a module-name pattern, e.g. int4-g32,head=int8 (default: none)",
+        f"{[NO_QUANT, *QUANT_SCHEMES]}, then optional per-module rules PATTERN=SCHEME|none with PATTERN one of "
+        f"{list(QUANT_PARTS)} or a module-name pattern, e.g. int4-g32,head=int8 (default: none)",
     )

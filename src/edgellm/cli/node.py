@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from edgellm.deploy.node_builder import run_node
-from edgellm.deploy.topology import load_topology
+# The library (torch, grpc) is imported inside `run`, not here: building the parser for `edgellm --help` must stay
+# light (tests/test_cli_light.py).
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.deploy.node_builder import run_node
+    from edgellm.deploy.topology import load_topology
+
     topology = load_topology(args.topology)
     code = run_node(topology, args.name, on_ready=_announce)
     # The server has drained; skip interpreter teardown (seconds of module finalization with torch loaded),

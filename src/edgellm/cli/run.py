@@ -7,10 +7,10 @@ import json
 from typing import Any
 
 from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
-from edgellm.deploy.node_builder import channel_config
-from edgellm.deploy.topology import load_topology
 from edgellm.errors import ConfigError
-from edgellm.net.rpc import RemoteHop
+
+# The library (torch, grpc) is imported inside `run`, not here: building the parser for `edgellm --help` must stay
+# light (tests/test_cli_light.py).
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.deploy.node_builder import channel_config
+    from edgellm.deploy.topology import load_topology
+    from edgellm.net.rpc import RemoteHop
+
     sampling = sampling_from(args)
     topology = load_topology(args.topology)
     device = topology.device

@@ -1,13 +1,28 @@
-"""A stacked bar chart of per-token latency per scenario (compute per node, wire per link, other)."""
+"""A stacked bar chart of per-token latency per scenario (compute per node, wire per link, other).
+
+matplotlib is an optional dependency (the `plot` extra), imported only when a chart is drawn.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
+PLOT_INSTALL = "pip install 'edgellm[plot]'"  # what installs matplotlib, for messages that skip the chart
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (the `plot` extra) is installed, without importing it."""
+    return importlib.util.find_spec("matplotlib") is not None
+
 
 def breakdown_chart(breakdown: dict[str, dict[str, float]], path: Path, title: str) -> Path:
-    """Draw `{scenario: {"total": ms, "compute X": ms, "wire A->B": ms, "other": ms}}` as horizontal stacked bars."""
+    """Draw `{scenario: {"total": ms, "compute X": ms, "wire A->B": ms, "other": ms}}` as horizontal stacked bars.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed (check `plotting_available()` first).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -3,8 +3,10 @@
 Decode reads every weight once per token, so what matters is touching only the packed bytes: the kernel decodes
 each 4-bit code through a 16-entry table held in one AVX-512 register (NF4) or widens int8 in registers, and
 accumulates in float32, one OpenMP thread block of output rows per thread. It is compiled with the system C
-compiler the first time it is needed and cached under the edgellm home; without a compiler (or on a CPU without
-AVX-512, where the portable C loop is used) everything still works, through the slower dequantize path.
+compiler for `-march=native` the first time it is needed and cached under the edgellm home, keyed by what the
+compiler targets on this CPU (so a home shared between machines never hands an AVX-512 build to a CPU without
+AVX-512); without a compiler (or on a CPU without AVX-512, where the portable C loop is used) everything still
+works, through the slower dequantize path.
 """
 
 from __future__ import annotations
@@ -171,6 +173,27 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def target_macros(compiler: str, march: str = "native") -> str:
+    """What `compiler -march=march` targets on this machine: its predefined macros, one per line.
+
+    They name exactly the instruction sets the build may use (`__AVX2__`, `__AVX512F__`, `__AVX512BW__`,
+    `__AVX512VNNI__`, `__AMX_TILE__`, ...) and the compiler's version (`__VERSION__`).
+
+    Raises:
+        OSError, subprocess.SubprocessError: the compiler cannot be run.
+    """
+    cmd = [compiler, *_FLAGS, f"-march={march}", "-dM", "-E", "-"]
+    return subprocess.run(cmd, check=True, capture_output=True, input=b"", timeout=60).stdout.decode()
+
+
+def cache_key(compiler: str, machine: str, target: str) -> str:
+    """The name of a kernel build: the source and flags, the compiler, the machine, and `target` (the output
+    of `target_macros`, in any order), so that builds for different CPU features never share a file."""
+    features = sorted({line.strip() for line in target.splitlines() if line.strip()})
+    parts = [SOURCE, compiler, *_FLAGS, machine, *features]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def build(path: Path, march: str = "native") -> Path:
     """Compile the kernel into `path` for `-march=march` (atomically: concurrent builders do not collide).
 
@@ -210,15 +233,17 @@ def library() -> ctypes.CDLL | None:
     if compiler is None or not sys.platform.startswith("linux"):
         log.info("no C compiler: NF4 and group-wise int8 use the (slower) dequantize path")
         return None
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
-    path = home() / "kernels" / f"quant-{key}.so"
-    if not path.is_file():
-        try:
+    try:
+        # Per CPU, not per compiler alone: a home shared between machines must not load an AVX-512 (or AMX)
+        # build on a CPU without it, which would die of SIGILL at the first call.
+        key = cache_key(compiler, os.uname().machine, target_macros(compiler))
+        path = home() / "kernels" / f"quant-{key}.so"
+        if not path.is_file():
             build(path)
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = (getattr(exc, "stderr", None) or b"")[:300]
-            log.warning("cannot build the quantized-matmul kernel (%s %s); using the dequantize path", exc, detail)
-            return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = (getattr(exc, "stderr", None) or b"")[:300]
+        log.warning("cannot build the quantized-matmul kernel (%s %s); using the dequantize path", exc, detail)
+        return None
     return load(path)
 
 
