@@ -21,10 +21,10 @@ from edgellm.net.messages import AdapterSync, CloseSession, TrainBackward, Train
 from edgellm.split.host import StageHost
 from edgellm.split.one_process import load_stages
 from edgellm.split.server import InProcessServer, StageServer
-from edgellm.splitlearn.settings import ServerTrainConfig
-from edgellm.splitlearn.server_host import TrainHost
-from edgellm.train.data import IGNORE, Batch, causal_lm_loss
 from edgellm.splitlearn.device_model import SplitModel
+from edgellm.splitlearn.server_host import TrainHost
+from edgellm.splitlearn.settings import ServerTrainConfig
+from edgellm.train.data import IGNORE, Batch, causal_lm_loss
 
 TOKEN = "train-token-77"
 LORA = LoraSpec(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))

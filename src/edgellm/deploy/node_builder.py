@@ -14,8 +14,8 @@ from edgellm.deploy.topology import Topology
 from edgellm.errors import ConfigError
 from edgellm.model.arch import arch_for
 from edgellm.model.stage import Stage
-from edgellm.net.link import EmulatedLink
 from edgellm.net.direct_hop import LocalHop
+from edgellm.net.link import EmulatedLink
 from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, serve
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer

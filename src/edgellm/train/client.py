@@ -33,11 +33,11 @@ from edgellm.serve.local_engine import DTYPES
 from edgellm.split.one_process import load_stages
 from edgellm.split.pipeline import TrainHop
 from edgellm.splitlearn.checkpoints import atomic_save
+from edgellm.splitlearn.device_model import SplitModel
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 from edgellm.train.config import TrainConfig
 from edgellm.train.data import Dataset, InstructionDataset, batch_for_step, load_data
-from edgellm.splitlearn.device_model import SplitModel
 from edgellm.train.tasks import task_examples
 
 log = logging.getLogger(__name__)
