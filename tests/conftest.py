@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny seeded models of every supported architecture, and the real default model."""
+"""Shared fixtures: tiny seeded models of every supported architecture, a tiny chat model with a tokenizer trained
+in-process (no download), and the real default model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+DATA = Path(__file__).parent / "data"
 TINY_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 TINY_LAYERS = 4
 
@@ -80,19 +82,72 @@ def reference_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
+# SmolLM2's chat template, verbatim: ChatML turns, and a default system turn when the chat has none.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2, as in SmolLM2
+TINY_CHAT_VOCAB = 768
+
+
+def make_tiny_tokenizer(directory: Path) -> Path:
+    """Save a byte-level BPE tokenizer shaped like SmolLM2's (single digits, ChatML specials and template, EOS =
+    `<|im_end|>`) to `directory` as `tokenizer.json` + `tokenizer_config.json` + `chat_template.jinja`.
+
+    Trained in well under a second on the text the tests ship and on the built-in tasks' train examples as chats, so
+    the task prompts take about as many tokens as with the real tokenizer; byte-level, so any text round-trips.
+    """
+    from jinja2 import Template
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgellm.train.tasks import TASKS, task_examples
+
+    lines = (DATA / "eb1911_shakespeare.txt").read_text(encoding="utf-8").splitlines()
+    template = Template(CHAT_TEMPLATE)
+    for name in sorted(TASKS):  # each example as its chat turns, so the scaffold is merged as the real one is
+        for e in task_examples(name, 200, 0, "train"):
+            chat = [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.response}]
+            lines.append(template.render(messages=chat, add_generation_prompt=False))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_CHAT_VOCAB, special_tokens=list(CHAT_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tokenizer.train_from_iterator(lines, trainer)
+    unk, bos, eos = CHAT_SPECIAL_TOKENS
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=unk
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
 def make_tiny_chat_model(directory: Path, tokenizer_dir: Path) -> Path:
-    """A 4-layer llama with the real model's vocabulary, tokenizer and chat template: the whole `finetune` and
+    """A 4-layer llama with the tokenizer (and chat template) saved in `tokenizer_dir`: the whole `finetune` and
     `eval task` path (tokenizing, chat prompts, EOS) in milliseconds per step."""
-    import json
     import shutil
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    real = json.loads((tokenizer_dir / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
         "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, vocab_size=real["vocab_size"], tie_word_embeddings=True,
-        bos_token_id=real["bos_token_id"], eos_token_id=real["eos_token_id"], pad_token_id=real["pad_token_id"],
+        num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(tokenizer), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(4321)
     AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").save_pretrained(directory)
@@ -103,8 +158,9 @@ def make_tiny_chat_model(directory: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_dir(real_model_dir, tmp_path_factory) -> Path:
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), real_model_dir)
+def tiny_chat_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny chat model with the tiny tokenizer: no download."""
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

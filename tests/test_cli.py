@@ -83,6 +83,7 @@ def bad_input_runs(tiny_llama_dir, tmp_path_factory):
     return run_all(commands, home), fill, home
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_is_one_line_and_exit_2(bad_input_runs, case):
     runs, fill, home = bad_input_runs
@@ -125,10 +126,19 @@ def test_more_bad_input_in_process(tiny_llama_dir, tmp_path, monkeypatch, capsys
     assert captured.out == ""
 
 
-def test_help_and_models_list(tmp_path, monkeypatch, capsys):
-    proc = edgellm(["--help"], tmp_path)  # one real process: the console entry point imports and parses
+@pytest.mark.multiprocess
+def test_the_module_entry_point_runs_in_its_own_process(tmp_path):
+    proc = edgellm(["--help"], tmp_path)  # one real process: `python -m edgellm` imports and parses
     assert proc.returncode == 0, proc.stderr
     assert "generate" in proc.stdout and "models" in proc.stdout
+
+
+def test_help_and_models_list(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "models" in out
     with pytest.raises(SystemExit) as info:
         main(["generate", "--help"])
     assert info.value.code == 0
@@ -145,6 +155,7 @@ PROMPT = "The capital of France is"
 NEW_TOKENS = 8
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_generate_json_split_equals_unsplit_and_transformers(real_model_dir, monkeypatch, capsys):
     home = real_model_dir.parent.parent

@@ -1,4 +1,8 @@
-"""`edgellm demo` end to end on the real model: three scenarios as real processes, same tokens, all stopped."""
+"""`edgellm demo` end to end on the real model: three scenarios as real processes, same tokens, all stopped.
+
+Leftover nodes are looked for among the processes the demo itself started (its process tree, watched while it
+runs), never by name across the machine: other users' demos are not ours, and ours cannot hide behind a name.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,80 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
+import psutil
 import pytest
+
+pytestmark = pytest.mark.multiprocess
+
+
+class ProcessTree:
+    """Every process started under `root`, recorded by polling while it runs.
+
+    The psutil handles carry each process's start time, so a pid reused after one of ours exited is not ours.
+    """
+
+    def __init__(self, root: subprocess.Popen) -> None:
+        self._root = psutil.Process(root.pid)
+        self.seen: dict[int, tuple[psutil.Process, str]] = {}  # pid -> (handle, command line)
+
+    def poll(self) -> None:
+        try:
+            children = self._root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            if child.pid not in self.seen:
+                try:
+                    self.seen[child.pid] = (child, " ".join(child.cmdline()))
+                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                    continue  # gone before we could read it: it cannot be left over
+
+    def nodes(self, topology: str = "") -> list[psutil.Process]:
+        """The `edgellm node` processes seen so far (of topology files named `topology`), running or not."""
+        return [p for p, cmd in self.seen.values() if " node " in f" {cmd} " and topology in cmd]
+
+    def running(self) -> list[str]:
+        """Command lines of the recorded processes still running (zombies waiting to be reaped do not count)."""
+        alive = []
+        for process, cmd in self.seen.values():
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(cmd)
+            except psutil.NoSuchProcess:
+                continue
+        return alive
+
+
+def watch(proc: subprocess.Popen, tree: ProcessTree, until: Callable[[], bool], timeout_s: float) -> None:
+    """Poll `tree` every 0.1 s until `until()` holds or `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and not until():
+        assert time.monotonic() < deadline, "timed out"
+        tree.poll()
+        time.sleep(0.1)
 
 
 @pytest.mark.real_model
 def test_demo_json_runs_three_scenarios_with_the_same_tokens(real_model_dir, tmp_path):
     chart = tmp_path / "demo.png"
     env = dict(os.environ, EDGELLM_HOME=str(real_model_dir.parent.parent))
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgellm", "demo", "--json", "--codec", "none", "--profile", "5g",
-         "--max-new-tokens", "8", "--chart", str(chart), "What is the capital of France?"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:  # files: no pipe to fill up
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm", "demo", "--json", "--codec", "none", "--profile", "5g",
+             "--max-new-tokens", "8", "--chart", str(chart), "What is the capital of France?"],
+            stdout=out, stderr=err, text=True, env=env,
+        )  # fmt: skip
+        tree = ProcessTree(proc)
+        try:
+            watch(proc, tree, lambda: False, timeout_s=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (tmp_path / "err").read_text()[-2000:]
+    report = json.loads((tmp_path / "out").read_text())
     for key in ("new_tokens", "text", "nodes", "links", "ttft_ms", "decode_tok_per_s", "baselines"):
         assert key in report, key
     assert [n["name"] for n in report["nodes"]] == ["device", "edge1", "edge2"]
@@ -36,35 +99,32 @@ def test_demo_json_runs_three_scenarios_with_the_same_tokens(real_model_dir, tmp
     assert report["new_tokens"] == alone["new_tokens"] == cloud["new_tokens"]
     assert cloud["links"][0]["bytes_down_per_token"] < 100  # a greedy cloud head sends token ids, not logits
     assert chart.stat().st_size > 10_000
-    leftovers = subprocess.run(["pgrep", "-f", "edgellm-demo-"], capture_output=True, text=True).stdout
-    assert leftovers.strip() == "", f"stray node processes: {leftovers}"
-
-
-def demo_nodes() -> list[str]:
-    out = subprocess.run(["pgrep", "-f", "edgellm-demo-.*split.toml"], capture_output=True, text=True).stdout
-    return out.split()
+    assert len(tree.nodes("split.toml")) == 3, "the watch must have seen the split scenario's nodes"
+    assert tree.running() == [], "stray node processes"
 
 
 @pytest.mark.real_model
 def test_ctrl_c_during_the_demo_stops_every_node(real_model_dir, tmp_path):
     env = dict(os.environ, EDGELLM_HOME=str(real_model_dir.parent.parent))
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "edgellm", "demo", "--max-new-tokens", "400", "--chart", str(tmp_path / "c.png")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
+    with open(tmp_path / "err", "w") as err:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "edgellm", "demo", "--max-new-tokens", "400", "--chart", str(tmp_path / "c.png")],
+            stdout=subprocess.DEVNULL, stderr=err, env=env,
+        )  # fmt: skip
+    tree = ProcessTree(demo)
     try:
-        deadline = time.monotonic() + 120
-        while len(demo_nodes()) < 3:
-            assert demo.poll() is None, demo.stderr.read().decode()[-2000:] if demo.stderr else ""
-            assert time.monotonic() < deadline, "the demo's nodes never came up"
-            time.sleep(0.5)
+        watch(demo, tree, lambda: len(tree.nodes("split.toml")) >= 3, timeout_s=120)
+        assert demo.poll() is None, (tmp_path / "err").read_text()[-2000:]
         time.sleep(3)  # let generation start
+        tree.poll()
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=60) != 0
+        watch(demo, tree, lambda: False, timeout_s=60)  # and record whatever it starts while it stops
+        assert demo.wait() != 0
     finally:
         if demo.poll() is None:
             demo.kill()
-    assert demo_nodes() == [], "node processes outlived the demo"
+            demo.wait()
+    assert tree.running() == [], "node processes outlived the demo"
 
 
 def test_run_against_a_device_that_is_not_running_fails_naming_it(tmp_path):

@@ -87,6 +87,7 @@ def three_node_server_head(tiny_llama_dir, tmp_path_factory):
     deployed.stop()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("head_fixture", ["three_node_device_head", "three_node_server_head"])
 @pytest.mark.parametrize("mode", ["chain", "star"])
 def test_three_processes_give_whole_model_tokens(request, head_fixture, mode, tiny_llama_dir):
@@ -106,6 +107,7 @@ def test_three_processes_give_whole_model_tokens(request, head_fixture, mode, ti
     assert links == ({"device->edge1", "edge1->edge2"} if mode == "chain" else {"device->edge1", "device->edge2"})
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("head", ["device", "server"])
 def test_two_processes_give_whole_model_tokens(head, tiny_llama_dir, tmp_path):
     deployed = Deployed(tmp_path, document(tiny_llama_dir, 1, head))
@@ -115,6 +117,7 @@ def test_two_processes_give_whole_model_tokens(head, tiny_llama_dir, tmp_path):
         deployed.stop()
 
 
+@pytest.mark.multiprocess
 def test_concurrent_sessions_do_not_mix(three_node_device_head, tiny_llama_dir):
     want = {i: generate(three_node_device_head.pipeline(), p, 16) for i, p in enumerate(PROMPTS)}
     got: dict[int, list[int]] = {}
@@ -139,6 +142,7 @@ def hidden_request(session: str, new: bool, width: int = 32, **kw) -> ForwardReq
     return ForwardRequest(session, torch.randn(1, 2, width), torch.tensor([[0, 1]]), new_session=new, **kw)
 
 
+@pytest.mark.multiprocess
 def test_requests_without_the_token_are_refused(three_node_device_head):
     for token in (None, "wrong-token"):
         with pytest.raises(AuthError, match="edge1"):
@@ -155,6 +159,7 @@ def raw_call(deployed: Deployed, payload: bytes) -> grpc.RpcError | bytes:
         channel.close()
 
 
+@pytest.mark.multiprocess
 def test_malformed_messages_get_errors_and_the_node_keeps_serving(three_node_device_head):
     nan = torch.randn(1, 2, 32)
     nan[0, 0, 0] = float("nan")
@@ -174,6 +179,7 @@ def test_malformed_messages_get_errors_and_the_node_keeps_serving(three_node_dev
     assert reply.output.shape == (1, 2, 32) and torch.isfinite(reply.output).all()
 
 
+@pytest.mark.multiprocess
 def test_restarted_node_reports_unknown_session(tiny_llama_dir, tmp_path):
     deployed = Deployed(tmp_path, document(tiny_llama_dir, 1, "device"))
     try:
@@ -194,6 +200,7 @@ def test_unreachable_node_fails_within_the_deadline_naming_it():
         hop.forward(hidden_request("s-x", True))
 
 
+@pytest.mark.multiprocess
 def test_node_that_cannot_start_leaves_no_processes(tiny_llama_dir, tmp_path):
     doc = document(tiny_llama_dir, 2, "device")
     doc["model"]["name"] = str(tmp_path / "no-such-model")
@@ -206,6 +213,7 @@ def test_node_that_cannot_start_leaves_no_processes(tiny_llama_dir, tmp_path):
     assert deployment.processes == {}
 
 
+@pytest.mark.multiprocess
 def test_stage_server_refuses_a_route_it_has_no_link_for(three_node_device_head):
     with pytest.raises(ConfigError, match="no link"):  # a bad route is bad input, whoever relays it
         remote(three_node_device_head, "edge2").forward(hidden_request("s-route", True, route=("edge7",)))

@@ -147,6 +147,7 @@ def test_cli_errors(tiny_llama_dir, tmp_path, capsys, monkeypatch, extra, messag
     assert message in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_act_codec_int8_perplexity_close_to_none(real_model_dir):
     """Per-token int8 smashed data at both cuts costs < 3% perplexity on a short real text (measured: +1.5%);

@@ -21,6 +21,8 @@ import torch
 from edgellm.deploy.local_deployment import free_port
 from edgellm.deploy.topology import write_topology
 
+pytestmark = pytest.mark.multiprocess  # every test runs `edgellm finetune`, which launches nodes and clients
+
 STEPS = 16
 COMMON = ["--task", "dates", "--task-examples", "200", "--batch-size", "2", "--seq-len", "64", "--lr", "5e-3",
           "--lora-rank", "4", "--json"]  # fmt: skip

@@ -236,6 +236,7 @@ def test_real_weights_error(real_model_dir, scheme, max_rel_rms):
             assert rel_rms < max_rel_rms, name
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.parametrize(("scheme", "max_rel_rms"), [("int8", 0.015), ("int4-g32", 0.015), ("int4-g64", 0.1)])
 def test_real_quantized_stage_close_to_float(real_model_dir, scheme, max_rel_rms):

@@ -160,6 +160,7 @@ def remote_model(topology, model_dir: Path, session: str) -> SplitModel:
     return SplitModel(load_stages(model_dir, specs), hops, LAYERS, LORA, session)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("servers", "mode"), [(1, "chain"), (2, "chain"), (2, "star")])
 def test_split_step_across_processes_equals_peft(tiny_llama_dir, tmp_path, servers, mode):
     path = tmp_path / "topology.toml"
@@ -197,6 +198,7 @@ def test_server_refuses_out_of_order_backward_and_unknown_sessions(tiny_llama_di
     assert not any(w.adapters for w in wrappers(server_stage)), "the last session's adapter is freed"
 
 
+@pytest.mark.multiprocess
 def test_exported_adapter_reproduces_the_split_models_logits(tiny_llama_dir, tmp_path):
     from peft import PeftModel
 

@@ -81,6 +81,7 @@ PROMPT = torch.tensor([[1, 5, 17, 42, 8, 66, 23, 9, 71, 30, 12]])
 CUT_LISTS = [[c] for c in range(1, TINY_LAYERS)] + [[1, 2], [1, 3], [2, 3], [1, 2, 3]]
 
 
+@pytest.mark.slow  # ~5 s an architecture on the 2-core machine; the fast tier keeps the padded-batch cuts below
 @pytest.mark.parametrize("head", ["server", "device"])
 def test_every_cut_list_equals_whole_model(tiny_model_dir, head):
     ref = reference_model(tiny_model_dir)
@@ -147,6 +148,7 @@ def test_stage_loads_only_its_layers(tiny_llama_dir):
     assert not any("embed" in n or "lm_head" in n for n in names)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_real_model_every_single_cut_both_heads(real_model_dir):
     ref = reference_model(real_model_dir)
@@ -160,6 +162,7 @@ def test_real_model_every_single_cut_both_heads(real_model_dir):
             assert_same_run(staged_run(stages, prompt), want)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_real_model_multi_cut_and_padded_batch(real_model_dir):
     ref = reference_model(real_model_dir)
