@@ -5,9 +5,8 @@ round-trips, exactly or within the codec's stated bound.
 
 Runs are derandomized (a fixed seed per test, no example database), so CI sees the same examples every time.
 
-Reported bugs (inputs that raise something else; src/ not yet fixed) are pinned by the strict xfails of the
-`REPORTED_*` tables and kept out of the generated inputs by the `*_clear_of_reported_bugs` filters: once a fix
-lands its xfail turns into a failure (XPASS); then delete the entry and the filter's clause.
+Bugs the fuzz found (inputs that raised something else) are kept as regression cases in the `REGRESSIONS_*`
+tables.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
@@ -139,7 +138,7 @@ def within_codec_bound(x: torch.Tensor, y: torch.Tensor, codec: str) -> bool:
     x64, y64 = x.double(), y.double()
     a = x64.abs().amax(-1, keepdim=True) if x.dim() else x64.abs()  # the row's absmax
     # The float32 scale of a row with absmax under 127 * 2**-126 is subnormal, or 0: it keeps few bits, so grant the
-    # absolute error of 127 subnormal steps (~1.8e-43). Reported: the module says the bound needs no special case.
+    # absolute error of 127 subnormal steps (~1.8e-43). The codec's docstring states this exception.
     slack = 128 * 2.0**-149
     if codec == "int8":
         bound = a / 254
@@ -160,25 +159,19 @@ def decode_or_wire_error(frame: bytes):
     return message
 
 
-# --- reported bugs: a peer's tensor header ---
+# --- regressions: a peer's tensor header ---
 
-REPORTED_TENSORS = {
+REGRESSIONS_TENSORS = {
     "a dim of 2**63 or more next to a 0 dim (TypeError from torch reshape)": ("none", "float32", (2**64, 0)),
     "lz4 with a shape of over 2**63 bytes (OverflowError from lz4)": ("lz4", "float32", (2**62, 4)),
     "lz4 with a shape of 2**62 bytes (MemoryError: lz4 allocates it)": ("lz4", "int8", (2**62,)),
 }
 
 
-def shape_clear_of_reported_bugs(shape: tuple[int, ...], compression: str) -> bool:
-    small = math.prod(shape) * 8 < 2**32  # lz4 reserves the byte count the shape claims: 4 GiB reserves fine
-    return all(d < 2**63 for d in shape) and (compression != "lz4" or small)
-
-
-@pytest.mark.parametrize("name", sorted(REPORTED_TENSORS))
-@pytest.mark.xfail(strict=True, raises=(TypeError, OverflowError, MemoryError), reason="reported bug")
-def test_reported_tensor_headers_raise_config_error(name):
+@pytest.mark.parametrize("name", sorted(REGRESSIONS_TENSORS))
+def test_regression_tensor_headers_raise_config_error(name):
     with pytest.raises(ConfigError):
-        compression, dtype, shape = REPORTED_TENSORS[name]
+        compression, dtype, shape = REGRESSIONS_TENSORS[name]
         decode_tensor(EncodedTensor("none", compression, dtype, shape, b""))
 
 
@@ -247,7 +240,6 @@ def raw_tensor_fields(draw):
     known = [codec_byte(CodecSpec(c, z)) for c in CODECS for z in COMPRESSIONS]
     codec = draw(st.integers(0, 255) | st.sampled_from(known))
     shape = draw(st.lists(dims, max_size=MAX_RANK + 1))
-    assume(shape_clear_of_reported_bugs(tuple(shape), "lz4" if codec & 0xF == LZ4 else "other"))
     out = bytearray([codec, draw(st.integers(0, len(DTYPES) + 1)), len(shape)])
     for dim in shape:
         put_varint(out, dim)
@@ -345,7 +337,6 @@ def test_corrupted_payloads_raise_config_error(x, spec, data):
 def test_a_tensor_of_any_fields_decodes_to_its_shape_or_raises_config_error(
     codec, compression, dtype, shape, payload, scales
 ):
-    assume(shape_clear_of_reported_bugs(shape, compression))
     try:
         y = decode_tensor(EncodedTensor(codec, compression, dtype, shape, payload, scales))
     except ConfigError:
@@ -414,22 +405,15 @@ generate_requests = st.dictionaries(
     "top_p": st.floats(0, 1) | st.sampled_from([1e-300]),
     "seed": st.integers(-(2**63), 2**64 - 1) | st.sampled_from([-(2**63) - 1, 2**64, 2**70]),
 })  # fmt: skip
-REPORTED_GENERATE = {  # accepted, then sampling fails with another error
+REGRESSIONS_GENERATE = {  # accepted, then sampling fails with another error
     "seed-2**64": {"prompt": "x", "seed": 2**64},  # ValueError from torch's manual_seed
     "temperature-1e-40": {"prompt": "x", "greedy": False, "temperature": 1e-40},  # RuntimeError: NaN probabilities
 }
 
 
-def generate_clear_of_reported_bugs(request: dict) -> bool:
-    seed, temperature = request.get("seed", 0), request.get("temperature", 1.0)
-    seed_ok = not isinstance(seed, int) or isinstance(seed, bool) or -(2**63) <= seed < 2**64
-    return seed_ok and not (isinstance(temperature, (int, float)) and 0 < temperature < 1e-30)
-
-
 @FUZZ
 @given(generate_requests)
 def test_a_generate_request_is_refused_or_can_be_sampled_from(request):
-    assume(generate_clear_of_reported_bugs(request))
     try:
         parsed = GenerateRequest.from_json(request)
         config = GenerationConfig(parsed.max_new_tokens, parsed.sampling)
@@ -441,11 +425,10 @@ def test_a_generate_request_is_refused_or_can_be_sampled_from(request):
     assert chosen.shape == (2,) and bool(((chosen >= 0) & (chosen < 16)).all())
 
 
-@pytest.mark.parametrize("name", sorted(REPORTED_GENERATE))
-@pytest.mark.xfail(strict=True, raises=(ValueError, RuntimeError), reason="reported bug")
-def test_reported_generate_requests_are_refused_with_config_error(name):
+@pytest.mark.parametrize("name", sorted(REGRESSIONS_GENERATE))
+def test_regression_generate_requests_are_refused_with_config_error(name):
     with pytest.raises(ConfigError):
-        parsed = GenerateRequest.from_json(REPORTED_GENERATE[name])
+        parsed = GenerateRequest.from_json(REGRESSIONS_GENERATE[name])
         next_tokens(torch.randn(1, 16), parsed.sampling, torch.Generator().manual_seed(parsed.sampling.seed))
 
 
@@ -467,31 +450,14 @@ training_configs = st.text(max_size=40) | st.one_of(
         "round_timeout_s": st.floats(0, 1e3) | scalars, "share": st.sampled_from(["shared", "per-client", "x"]),
     }),
 ).map(json.dumps)  # fmt: skip
-REPORTED_TRAINING = [  # OverflowError; then three that AdamW refuses (TypeError, ValueError) on the server
+REGRESSIONS_TRAINING = [  # OverflowError; then three that AdamW refuses (TypeError, ValueError) on the server
     '{"seed": Infinity}', '{"optim": {"eps": "x"}}', '{"optim": {"eps": -1}}', '{"optim": {"weight_decay": NaN}}',
 ]  # fmt: skip
-
-
-def training_clear_of_reported_bugs(text: str) -> bool:
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return True
-    if not isinstance(doc, dict):
-        return True
-    seed, optim = doc.get("seed"), doc.get("optim")
-    if isinstance(seed, float) and math.isinf(seed):
-        return False
-    if isinstance(optim, dict):
-        eps, decay = optim.get("eps", 1e-8), optim.get("weight_decay", 0.0)
-        return isinstance(eps, (int, float)) and eps >= 0 and not (isinstance(decay, float) and math.isnan(decay))
-    return True
 
 
 @FUZZ
 @given(training_configs)
 def test_a_training_config_is_refused_or_round_trips_and_builds_its_optimizer(text):
-    assume(training_clear_of_reported_bugs(text))
     try:
         config = ServerTrainConfig.from_json(text)
     except ConfigError:
@@ -500,9 +466,8 @@ def test_a_training_config_is_refused_or_round_trips_and_builds_its_optimizer(te
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)], **config.optim.adamw_kwargs())
 
 
-@pytest.mark.parametrize("text", REPORTED_TRAINING)
-@pytest.mark.xfail(strict=True, raises=(OverflowError, TypeError, ValueError), reason="reported bug")
-def test_reported_training_configs_are_refused_with_config_error(text):
+@pytest.mark.parametrize("text", REGRESSIONS_TRAINING)
+def test_regression_training_configs_are_refused_with_config_error(text):
     with pytest.raises(ConfigError):
         config = ServerTrainConfig.from_json(text)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], **config.optim.adamw_kwargs())

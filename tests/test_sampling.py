@@ -107,9 +107,9 @@ def test_sampling_follows_the_distribution():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
-        ({"temperature": -1.0}, "temperature must be > 0, got -1.0"),
-        ({"temperature": float("nan")}, "temperature must be > 0"),
+        ({"temperature": 0.0}, "temperature must be in .* got 0.0"),
+        ({"temperature": -1.0}, "temperature must be in .* got -1.0"),
+        ({"temperature": float("nan")}, "temperature must be in"),
         ({"top_p": 0.0}, r"top-p must be in \(0, 1\], got 0.0"),
         ({"top_p": 1.5}, r"top-p must be in \(0, 1\], got 1.5"),
         ({"top_p": -0.1}, r"top-p must be in \(0, 1\], got -0.1"),

@@ -9,13 +9,16 @@ import torch
 from edgellm.errors import ConfigError
 
 
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to pick tokens. `greedy=True` ignores the other fields.
 
     Attributes:
         greedy: take the most likely token.
-        temperature: divide logits by this (> 0) before top-k/top-p.
+        temperature: divide logits by this (>= `MIN_TEMPERATURE`) before top-k/top-p.
         top_k: keep the k most likely tokens (0 = all).
         top_p: keep the smallest set of tokens whose probability reaches p (1.0 = all).
         seed: seed of the sampling generator, for reproducible runs.
@@ -28,8 +31,13 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        # Below MIN_TEMPERATURE, logits / temperature overflows float32 and sampling would see NaN: use greedy.
+        if not MIN_TEMPERATURE <= self.temperature < float("inf"):
+            raise ConfigError(
+                f"temperature must be in [{MIN_TEMPERATURE}, inf) (use greedy decoding for 0), got {self.temperature}"
+            )
+        if not -(2**63) <= self.seed < 2**64:
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if self.top_k < 0:
             raise ConfigError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:

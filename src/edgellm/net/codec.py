@@ -18,7 +18,8 @@ A tensor is encoded in two steps, each chosen by a `CodecSpec`:
    scale_r = absmax_r / 127, q = clip(round(x / scale_r), -127, 127), x_hat = q * scale_r, so every element is off
    by at most scale_r / 2 = absmax_r / 254. A zero row gets scale 0 and decodes to exact zeros. Scales are float32
    rather than float16: 2 more bytes per token (580 instead of 578 at D=576) buy freedom from float16's overflow
-   (absmax > ~8e6) and underflow, so the bound holds over float32's whole finite range without special cases.
+   (absmax > ~8e6) and underflow, so the bound holds over float32's finite range, except for rows whose absmax is
+   under 127 * 2**-126 (~1.5e-36): their scale is subnormal and keeps few bits, so they are off by up to ~1.8e-43.
 
    int8mu spends the same bytes on a companded grid (mu-law, mu = 255): y = sign(x) ln(1 + mu |x| / a) / ln(1 + mu)
    with a = absmax_r, q = round(127 y). Steps are fine near zero and coarse near the row's absmax, so the error is
@@ -62,6 +63,10 @@ _FLOAT_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+# The most payload bytes one tensor may decode to: as much as an uncompressed frame can carry, so compression never
+# lets a peer make a node allocate more than the frame limit would (a 3 KB zstd frame can claim 100 MB).
+MAX_PAYLOAD_BYTES = 64 << 20
+
 _EXACT_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "int64": (torch.int64, np.dtype("<i8")),
     "int32": (torch.int32, np.dtype("<i4")),
@@ -338,7 +343,12 @@ def decode_tensor(enc: EncodedTensor) -> torch.Tensor:
         ConfigError: the payload cannot be decompressed, or its size (or the scales' size) does not match the
             shape, or int8 scales are negative or non-finite.
     """
+    if any(d >= 2**62 for d in enc.shape):
+        raise ConfigError(f"tensor shape {enc.shape} has an impossible dimension")
     n = math.prod(enc.shape)
+    width = _CODEC_ITEMSIZE[enc.codec] if enc.is_float else _EXACT_DTYPES[enc.dtype][1].itemsize
+    if n * width > MAX_PAYLOAD_BYTES:  # checked before anything is inflated or allocated
+        raise ConfigError(f"tensor of shape {enc.shape} needs {n * width} payload bytes; the limit is {MAX_PAYLOAD_BYTES}")
     if enc.is_float:
         if enc.codec not in _SCALED and enc.scales:
             raise ConfigError(f"codec {enc.codec} carries no scales, got {len(enc.scales)} bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,12 +30,19 @@ class OptimSpec:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        # A peer sends these: refuse anything that is not a finite number before AdamW sees it.
+        for name in ("lr", "weight_decay", "beta1", "beta2", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"optimizer {name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"AdamW betas must lie in [0, 1), got {self.beta1}, {self.beta2}")
+        if not self.eps > 0:
+            raise ConfigError(f"AdamW eps must be > 0, got {self.eps}")
 
     def adamw_kwargs(self) -> dict[str, Any]:
         return {"lr": self.lr, "weight_decay": self.weight_decay, "betas": (self.beta1, self.beta2), "eps": self.eps}
@@ -89,13 +97,20 @@ class ServerTrainConfig:
                 lora=LoraSpec.from_dict(data.get("lora", {})),
                 optim=OptimSpec(**optim),
                 share=str(data.get("share", "shared")),
-                seed=int(data.get("seed", 0)),
+                seed=_seed(data.get("seed", 0)),
                 round_timeout_s=float(data.get("round_timeout_s", 120.0)),
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"training config: {exc}") from None
+
+
+def _seed(value: Any) -> int:
+    """A peer's seed: an integer in torch's seed range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ConfigError(f"training config: seed must be an integer in [0, 2**63), got {value!r}")
+    return value
 
 
 def _known(data: Mapping[str, Any], keys: set[str], what: str) -> None:
