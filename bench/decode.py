@@ -7,8 +7,8 @@ Rows, all greedy from the same prompt token ids on the same number of threads, e
   `DynamicCache`, driven by a hand-written loop: prefill `model(ids, use_cache=True, logits_to_keep=1)`,
   argmax, then `model(token, cache=cache, use_cache=True, logits_to_keep=1)` and argmax per step.
   `logits_to_keep=1` makes it compute the LM head for the last position only, as edgellm's stages do.
-- `edgellm-staged`: the same weights as edgellm stages (`edgellm.split.local.load_stages`) chained by
-  in-process hops (`local_pipeline`) and driven by `edgellm.split.generate.Generator`, as `edgellm generate`
+- `edgellm-staged`: the same weights as edgellm stages (`edgellm.split.one_process.load_stages`) chained by
+  in-process hops (`local_pipeline`) and driven by `edgellm.split.generator.Generator`, as `edgellm generate`
   runs them; without cuts, and cut at `--cuts` with the head on the last server stage or on the device.
 - `llama.cpp`: the original Q4_1 GGUF (`source.gguf` in the model directory) through llama-cpp-python's
   low-level loop, in a child process (bench/llamacpp_worker.py): `Llama.eval(prompt_ids)`, then
@@ -18,26 +18,33 @@ Rows, all greedy from the same prompt token ids on the same number of threads, e
 
 TTFT: from the prefill call until the first token id is chosen (prefill + LM head + argmax).
 Decode tok/s: (tokens - 1) / the time from the first token to the last.
-Every row runs once as warm-up; then the rows take turns, `--repeats` times, and the table reports medians.
+Every row runs once as warm-up; then the rows take turns, `--repeats` times (ABBA order), and the table
+reports medians with an order-statistic confidence interval of the median (bench/record.py); ratios against
+the baseline row are medians of the per-repeat ratios, with their interval. A target is met only when the
+whole interval clears it.
+
+Each engine runs at its own best OpenMP setting: the in-process rows with `--omp-wait-policy` (set before torch
+loads), llama.cpp's worker with OMP_WAIT_POLICY removed from its environment (llama.cpp's default spinning
+threads) unless `--llamacpp-omp-wait-policy` sets one. Each row records its policy.
 """
 
 # ruff: noqa: E402  (the imports follow the OMP_WAIT_POLICY setting on purpose)
 
 from __future__ import annotations
 
-import os
+import sys
 
-# Set before torch loads libgomp, which reads it once (override it in the environment). PASSIVE: threads
-# sleep between parallel regions instead of spinning, as in a deployment's node processes; spinning threads
-# collapse throughput when the cores are shared (several times slower on a loaded 2-core VM).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from record import set_omp_wait_policy
+
+# Before torch loads libgomp, which reads OMP_WAIT_POLICY once.
+IN_PROCESS_OMP = set_omp_wait_policy(sys.argv[1:])
 
 import argparse
 import importlib.util
 import json
+import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,18 +52,32 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from report import PROMPT, load_average, machine_info, markdown_table, median, same_prefix, write_json
+from record import (
+    Recorder,
+    add_omp_argument,
+    add_record_arguments,
+    format_target,
+    machine_info,
+    paired_ratios,
+    schedule,
+    span,
+    stamped,
+    summary,
+    target_record,
+)
+from report import PROMPT, ci_caption, markdown_table, median, same_prefix, with_ci
 
 from edgellm.model.prompt import encode_prompt
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import parse_cuts, stage_specs
-from edgellm.split.generate import GenerationConfig, Generator
-from edgellm.split.local import load_stages, local_pipeline
+from edgellm.split.generator import GenerationConfig, Generator
+from edgellm.split.one_process import load_stages, local_pipeline
 from edgellm.store import DEFAULT_MODEL, resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"
+STAGED_TARGET = 0.97  # edgellm-staged / hf-monolithic decode tok/s, same dtype, with and without cuts
 
 
 @dataclass
@@ -66,6 +87,8 @@ class Run:
     tokens: list[int]
     ttft_ms: float
     decode_ms: float
+    repeat: int = -1  # -1: the warm-up
+    stamp: dict[str, Any] = field(default_factory=dict)
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -76,6 +99,8 @@ class Run:
             "ttft_ms": round(self.ttft_ms, 3),
             "decode_ms": round(self.decode_ms, 3),
             "decode_tok_per_s": round(self.decode_tok_per_s, 3),
+            "repeat": self.repeat,
+            "stamp": self.stamp,
             "tokens": self.tokens,
         }
 
@@ -135,14 +160,21 @@ class EngineCrashed(RuntimeError):
 class LlamaCppEngine:
     """llama.cpp in a child process (bench/llamacpp_worker.py): eval/sample loop, greedy (temp 0).
 
-    The child keeps llama.cpp's OpenMP runtime away from torch's and turns a crash into `EngineCrashed`.
+    The child keeps llama.cpp's OpenMP runtime away from torch's and turns a crash into `EngineCrashed`. Its
+    environment has no OMP_WAIT_POLICY (llama.cpp's default, spinning threads) unless `omp_wait_policy` is given:
+    the in-process engines' setting does not leak into it.
     """
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int, extra_bufts: bool) -> None:
+    def __init__(
+        self, gguf: Path, threads: int, n_ctx: int, extra_bufts: bool, omp_wait_policy: str | None = None
+    ) -> None:
         cmd = [sys.executable, str(WORKER), str(gguf), str(threads), str(n_ctx)]
         cmd += [] if extra_bufts else ["--no-extra-bufts"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if omp_wait_policy and omp_wait_policy != "unset":
+            env["OMP_WAIT_POLICY"] = omp_wait_policy
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = {**self._read(), "omp_wait_policy": env.get("OMP_WAIT_POLICY", "unset")}
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -150,8 +182,7 @@ class LlamaCppEngine:
         if not line:
             code = self.proc.wait()
             raise EngineCrashed(
-                f"llama.cpp worker exited with code {code}"
-                + (f" ({signal.Signals(-code).name})" if code < 0 else "")
+                f"llama.cpp worker exited with code {code}" + (f" ({signal.Signals(-code).name})" if code < 0 else "")
             )
         return json.loads(line)  # type: ignore[no-any-return]
 
@@ -171,13 +202,15 @@ class LlamaCppEngine:
             self.proc.wait()
 
 
-def start_llamacpp(gguf: Path, threads: int, n_ctx: int, mode: str, notes: list[str]) -> LlamaCppEngine:
+def start_llamacpp(
+    gguf: Path, threads: int, n_ctx: int, mode: str, omp: str | None, notes: list[str]
+) -> LlamaCppEngine:
     """Start llama.cpp with its extra buffer types (AMX, repacking) unless `mode` is "off".
 
     With "auto", fall back to starting without them when a probe generation crashes (the SIGILL of an AMX
     build on a VM that does not enable AMX).
     """
-    engine = LlamaCppEngine(gguf, threads, n_ctx, extra_bufts=mode != "off")
+    engine = LlamaCppEngine(gguf, threads, n_ctx, extra_bufts=mode != "off", omp_wait_policy=omp)
     if mode != "auto":
         return engine
     try:
@@ -189,7 +222,7 @@ def start_llamacpp(gguf: Path, threads: int, n_ctx: int, mode: str, notes: list[
         )
         log(notes[-1])
         engine.close()
-        engine = LlamaCppEngine(gguf, threads, n_ctx, extra_bufts=False)
+        engine = LlamaCppEngine(gguf, threads, n_ctx, extra_bufts=False, omp_wait_policy=omp)
     return engine
 
 
@@ -204,6 +237,7 @@ class Row:
     cuts: tuple[int, ...] = ()
     head: str = "-"
     baseline: str | None = None  # the row this one's ratios are taken against
+    omp_wait_policy: str = IN_PROCESS_OMP
     load_s: float = 0.0
     warmup: Run | None = None
     runs: list[Run] = field(default_factory=list)
@@ -216,9 +250,7 @@ class Row:
         return median([r.decode_tok_per_s for r in self.runs])
 
 
-def plan_rows(
-    args: argparse.Namespace, model_dir: Path, notes: list[str]
-) -> tuple[list[Row], list[dict[str, str]]]:
+def plan_rows(args: argparse.Namespace, model_dir: Path, notes: list[str]) -> tuple[list[Row], list[dict[str, str]]]:
     """The rows to measure, and the ones skipped with the reason."""
     cuts = parse_cuts(args.cuts)
     label = ",".join(map(str, cuts))
@@ -271,7 +303,10 @@ def plan_rows(
             "llama.cpp",
             "q4_1",
             baseline="hf-monolithic",
-            build=lambda: start_llamacpp(gguf, args.threads, args.n_ctx, args.llamacpp_extra_bufts, notes),
+            build=lambda: start_llamacpp(
+                gguf, args.threads, args.n_ctx, args.llamacpp_extra_bufts, args.llamacpp_omp_wait_policy, notes
+            ),
+            omp_wait_policy=args.llamacpp_omp_wait_policy or "unset",
         )
         rows.insert(len([r for r in rows if r.dtype == "fp32"]), llama)
     return rows, skipped
@@ -309,19 +344,20 @@ def measure(
     def once(row: Row, repeat: int) -> None:
         assert row.instance is not None
         time.sleep(args.pause_s)  # let the previous engine's worker threads stop spinning
-        run = row.instance.run(prompt_ids, args.tokens)
+        with stamped() as stamp:
+            run = row.instance.run(prompt_ids, args.tokens)
+        run.repeat, run.stamp = repeat, stamp
         row.runs.append(run)
-        log(
-            f"run {repeat + 1}/{args.repeats} {row.name}: TTFT {run.ttft_ms:.0f} ms, "
-            f"{run.decode_tok_per_s:.1f} tok/s"
-        )
+        log(f"run {repeat + 1}/{args.repeats} {row.name}: TTFT {run.ttft_ms:.0f} ms, {run.decode_tok_per_s:.1f} tok/s")
 
     for row in list(live):
         attempt(row, lambda row=row: load(row))
     for row in list(live):
         attempt(row, lambda row=row: warm(row))
-    for repeat in range(args.repeats):
-        for row in list(live):
+    order = list(live)
+    for repeat, index in schedule(len(order), args.repeats):  # rows take turns, ABBA
+        row = order[index]
+        if row in live:
             attempt(row, lambda row=row, repeat=repeat: once(row, repeat))
     for row in rows:
         close = getattr(row.instance, "close", None)
@@ -330,8 +366,15 @@ def measure(
     return live
 
 
-def ratio(a: float, b: float) -> float | None:
-    return a / b if b > 0 else None
+def by_repeat(row: Row, metric: Callable[[Run], float]) -> dict[int, float]:
+    return {r.repeat: metric(r) for r in row.runs}
+
+
+def paired(row: Row, base: Row, metric: Callable[[Run], float]) -> dict[str, Any]:
+    """Median and interval of row / base over the repeats both measured (taken next to each other)."""
+    a, b = by_repeat(row, metric), by_repeat(base, metric)
+    common = sorted(set(a) & set(b))
+    return summary(paired_ratios([a[k] for k in common], [b[k] for k in common]))
 
 
 def summarize(rows: list[Row]) -> list[dict[str, Any]]:
@@ -342,6 +385,12 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
         base = by_name.get(row.baseline) if row.baseline else None
         tokens = row.runs[-1].tokens if row.runs else []
         ref_tokens = reference.runs[-1].tokens if reference and reference.runs else []
+        decode = paired(row, base, lambda r: r.decode_tok_per_s) if base else None
+        ttft = paired(row, base, lambda r: r.ttft_ms) if base else None
+        targets = []
+        if row.engine == "edgellm" and decode is not None:
+            name = f"decode tok/s {row.name} / {row.baseline}"
+            targets.append(target_record(name, STAGED_TARGET, decode, higher_is_better=True))
         out.append(
             {
                 "name": row.name,
@@ -349,18 +398,19 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                 "dtype": row.dtype,
                 "cuts": list(row.cuts),
                 "head": row.head,
+                "omp_wait_policy": row.omp_wait_policy,
                 "load_s": round(row.load_s, 3),
+                "ttft_ms": summary([r.ttft_ms for r in row.runs]),
+                "decode_tok_per_s": summary([r.decode_tok_per_s for r in row.runs]),
                 "ttft_ms_median": round(row.ttft_ms(), 3),
                 "decode_tok_per_s_median": round(row.tok_per_s(), 3),
-                "decode_tok_per_s_min": round(min(r.decode_tok_per_s for r in row.runs), 3),
-                "decode_tok_per_s_max": round(max(r.decode_tok_per_s for r in row.runs), 3),
                 "baseline": row.baseline,
-                "decode_ratio_vs_baseline": None
-                if base is None
-                else ratio(row.tok_per_s(), base.tok_per_s()),
-                "ttft_ratio_vs_baseline": None if base is None else ratio(row.ttft_ms(), base.ttft_ms()),
+                "decode_ratio_vs_baseline": decode,
+                "ttft_ratio_vs_baseline": ttft,
+                "targets": targets,
                 "same_tokens_as_hf_fp32": same_prefix(tokens, ref_tokens),
                 "engine_info": getattr(row.instance, "info", None),
+                "stamp": span([r.stamp for r in row.runs]),
                 "warmup": None if row.warmup is None else row.warmup.as_json(),
                 "runs": [r.as_json() for r in row.runs],
             }
@@ -372,22 +422,22 @@ def table(summary: list[dict[str, Any]], tokens: int) -> str:
     headers = [
         "row",
         "dtype",
-        "TTFT ms",
-        "decode tok/s",
-        "min-max tok/s",
-        "decode vs baseline",
-        "TTFT vs baseline",
+        "OMP_WAIT_POLICY",
+        "TTFT ms [CI]",
+        "decode tok/s [CI]",
+        "decode vs baseline [CI]",
+        "TTFT vs baseline [CI]",
         f"same tokens as hf fp32 (of {tokens})",
     ]
     rows = [
         [
             s["name"],
             s["dtype"],
-            s["ttft_ms_median"],
-            s["decode_tok_per_s_median"],
-            f"{s['decode_tok_per_s_min']:.1f}-{s['decode_tok_per_s_max']:.1f}",
-            s["decode_ratio_vs_baseline"],
-            s["ttft_ratio_vs_baseline"],
+            s["omp_wait_policy"],
+            with_ci(s["ttft_ms"], 1),
+            with_ci(s["decode_tok_per_s"], 2),
+            with_ci(s["decode_ratio_vs_baseline"], 3),
+            with_ci(s["ttft_ratio_vs_baseline"], 3),
             s["same_tokens_as_hf_fp32"],
         ]
         for s in summary
@@ -400,22 +450,12 @@ def log(text: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="registered name or model directory (default: %(default)s)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch and llama.cpp threads (default: %(default)s)"
-    )
+    parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per run (default: %(default)s)")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="measured runs per row; the median is reported (default: %(default)s)",
-    )
     parser.add_argument("--cuts", default="10,20", help="cuts of the split rows (default: %(default)s)")
     parser.add_argument("--prompt", default=PROMPT, help="user turn, wrapped in the chat template")
     parser.add_argument("--n-ctx", type=int, default=512, help="llama.cpp context (default: %(default)s)")
@@ -429,9 +469,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "generation crashes (default: %(default)s)",
     )
     parser.add_argument(
-        "--pause-s", type=float, default=0.2, help="idle pause before each run (default: %(default)s)"
+        "--llamacpp-omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE"),
+        default=None,
+        help="OMP_WAIT_POLICY of the llama.cpp worker (default: none: the variable is removed from the worker's "
+        "environment, whatever this process has, so llama.cpp runs with its own default, spinning threads)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write every number and the machine info here")
+    add_omp_argument(parser, "this process: the transformers and edgellm rows")
+    parser.add_argument("--pause-s", type=float, default=0.2, help="idle pause before each run (default: %(default)s)")
+    add_record_arguments(parser)
     args = parser.parse_args(argv)
     if args.tokens < 2:
         parser.error("--tokens must be >= 2 (one prefill token plus at least one decode step)")
@@ -442,6 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    recorder = Recorder("decode", args.json, args.allow_dirty)
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
     model_dir = resolve_model(args.model)
@@ -459,21 +506,21 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     print(
         f"\n## decode: {args.model}, {args.threads} threads, prompt {len(prompt_ids)} tokens, "
-        f"{args.tokens} new tokens, greedy, median of {args.repeats}\n"
+        f"{args.tokens} new tokens, greedy, {ci_caption(args.repeats)}\n"
     )
-    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}\n")
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}; {recorder.header()}\n")
     print(table(summary, args.tokens))
+    for row in summary:
+        for target in row["targets"]:
+            print(f"\n{format_target(target)}")
     for s in skipped:
         print(f"\nskipped {s['row']}: {s['reason']}")
     for note in notes:
         print(f"\nnote: {note}")
     reference = next((r for r in rows if r.name == "hf-monolithic"), None)
     text = tokenizer.decode(reference.runs[-1].tokens) if reference and reference.runs else ""
-    write_json(
-        args.json,
+    recorder.write(
         {
-            "benchmark": "decode",
-            "machine": info,
             "settings": {
                 "model": args.model,
                 "model_dir": str(model_dir),
@@ -487,15 +534,17 @@ def main(argv: list[str] | None = None) -> int:
                 "greedy": True,
                 "stop_at_eos": False,
                 "llamacpp_extra_bufts": args.llamacpp_extra_bufts,
+                "omp_wait_policy_in_process": IN_PROCESS_OMP,
+                "omp_wait_policy_llamacpp": args.llamacpp_omp_wait_policy or "unset",
             },
             "prompt": args.prompt,
             "prompt_tokens": prompt_ids,
             "reference_text": text,
-            "load_average_at_end": load_average(),
             "rows": summary,
             "skipped": skipped,
             "notes": notes,
         },
+        machine=info,
     )
     return 0
 

@@ -60,7 +60,9 @@ def test_a_client_that_missed_a_round_is_not_waited_for_until_it_returns():
     def round_of(step: int, members: list[int], timeout_s: float) -> tuple[float, dict]:
         results: dict[int, tuple] = {}
         threads = [
-            threading.Thread(target=lambda k=k: results.__setitem__(k, agg.submit(("run", "a", step), k, 3, w, 1.0, timeout_s)))
+            threading.Thread(
+                target=lambda k=k: results.__setitem__(k, agg.submit(("run", "a", step), k, 3, w, 1.0, timeout_s))
+            )
             for k in members
         ]
         start = time.monotonic()

@@ -135,10 +135,7 @@ def test_compression_is_bit_identical(codec, compression):
 def test_compression_shrinks_redundant_data():
     x = torch.zeros(1, 16, 576)
     for compression in ("zstd", "lz4"):
-        assert (
-            encode_tensor(x, CodecSpec("none", compression)).nbytes
-            < encode_tensor(x, CodecSpec()).nbytes / 10
-        )
+        assert encode_tensor(x, CodecSpec("none", compression)).nbytes < encode_tensor(x, CodecSpec()).nbytes / 10
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (0, 4), (1, 1, 576)])

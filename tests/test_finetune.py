@@ -123,8 +123,14 @@ def test_resume_refuses_a_run_folder_with_other_settings(uninterrupted, tmp_path
 
 
 @pytest.mark.parametrize(("clients", "share", "servers"), [(3, "shared", 1), (2, "per-client", 1), (2, "shared", 0)])
-def test_federated_clients_end_each_round_with_the_same_device_adapter(tiny_chat_dir, tmp_path, clients, share, servers):
-    where = ["--topology", str(topology(tiny_chat_dir, tmp_path, servers=1))] if servers else ["--model", str(tiny_chat_dir)]
+def test_federated_clients_end_each_round_with_the_same_device_adapter(
+    tiny_chat_dir, tmp_path, clients, share, servers
+):
+    where = (
+        ["--topology", str(topology(tiny_chat_dir, tmp_path, servers=1))]
+        if servers
+        else ["--model", str(tiny_chat_dir)]
+    )
     out = tmp_path / "run"
     args = [*where, "--steps", "4", "--clients", str(clients), "--aggregate-every", "2",
             "--share", share, "--output", str(out), *COMMON]  # fmt: skip
@@ -193,10 +199,34 @@ def test_devices_started_separately_join_one_run(tiny_chat_dir, tmp_path):
         with LocalDeployment(topo, path, tmp_path, names=["edge1"]):  # the server, already running
             procs = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "edgellm", "finetune", "--topology", str(path), "--steps", "4",
-                     "--clients", "2", "--client", str(k), "--aggregate-every", "2", "--no-launch",
-                     "--run", "r1", "--attempt", "launch-1", "--output", str(tmp_path / f"device{k}"), *COMMON],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(home),
+                    [
+                        sys.executable,
+                        "-m",
+                        "edgellm",
+                        "finetune",
+                        "--topology",
+                        str(path),
+                        "--steps",
+                        "4",
+                        "--clients",
+                        "2",
+                        "--client",
+                        str(k),
+                        "--aggregate-every",
+                        "2",
+                        "--no-launch",
+                        "--run",
+                        "r1",
+                        "--attempt",
+                        "launch-1",
+                        "--output",
+                        str(tmp_path / f"device{k}"),
+                        *COMMON,
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env(home),
                 )  # fmt: skip
                 for k in range(2)
             ]

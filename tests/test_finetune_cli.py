@@ -29,7 +29,9 @@ def test_centralized_run_on_a_data_file(tiny_chat_dir, tmp_path, capsys, monkeyp
         data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     else:
         data = Path(__file__).parent / "data" / "eb1911_shakespeare.txt"
-    code, report, err = run(capsys, ["--model", str(tiny_chat_dir), "--data", str(data), "--output", str(tmp_path / "o"), *FAST])
+    code, report, err = run(
+        capsys, ["--model", str(tiny_chat_dir), "--data", str(data), "--output", str(tmp_path / "o"), *FAST]
+    )
     assert code == 0, err
     assert len(report["losses"]["0"]) == 2 and report["server_trainable_params"] == {}
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").exists()
@@ -56,5 +58,7 @@ def test_bad_input_is_refused_with_one_line(tiny_chat_dir, tmp_path, capsys):
 def test_a_topology_with_the_head_on_a_server_is_refused(tiny_chat_dir, tmp_path, capsys):
     path = topology(tiny_chat_dir, tmp_path, servers=1)
     path.write_text(path.read_text().replace('head = "device"', 'head = "server"'))
-    code, _, err = run(capsys, ["--topology", str(path), "--task", "dates", "--steps", "2", "--output", str(tmp_path / "o")])
+    code, _, err = run(
+        capsys, ["--topology", str(path), "--task", "dates", "--steps", "2", "--output", str(tmp_path / "o")]
+    )
     assert code == 2 and 'model.head = "device"' in err

@@ -91,7 +91,9 @@ def check_against_peft(model: SplitModel, model_dir: Path) -> None:
     ours.update({k.removeprefix("grad:"): v for k, v in server_grads.items() if k.startswith("grad:")})
 
     ref_loss, ref_grads = peft_step(model_dir, adapter, b)
-    base_loss = causal_lm_loss(reference_model(model_dir)(input_ids=b.ids, attention_mask=b.token_mask.long()).logits, b.labels)
+    base_loss = causal_lm_loss(
+        reference_model(model_dir)(input_ids=b.ids, attention_mask=b.token_mask.long()).logits, b.labels
+    )
     assert abs(float(base_loss) - ref_loss) > 1e-3, "the adapter must change the loss, or this test proves nothing"
     assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
     assert set(ours) == set(ref_grads)
@@ -107,7 +109,9 @@ def in_process_servers(model_dir: Path, cuts: list[int]) -> tuple[list, LocalHop
     for i, stage in reversed(list(enumerate(stages[1:-1]))):
         host = StageHost(stage)
         downstream = {servers[0].name: LocalHop(servers[0].name, InProcessServer(servers[0]))} if servers else {}
-        servers.insert(0, StageServer(f"edge{i + 1}", host, downstream, trainer=TrainHost(host, LAYERS, f"edge{i + 1}")))
+        servers.insert(
+            0, StageServer(f"edge{i + 1}", host, downstream, trainer=TrainHost(host, LAYERS, f"edge{i + 1}"))
+        )
     route = tuple(s.name for s in servers[1:])
     return [stages[0], stages[-1]], LocalHop(servers[0].name, InProcessServer(servers[0]), route=route)
 
@@ -189,7 +193,9 @@ def test_server_refuses_out_of_order_backward_and_unknown_sessions(tiny_llama_di
     with pytest.raises(SessionError, match="unknown training session"):
         hop.train(AdapterSync("nobody", "get"))
     with pytest.raises(ConfigError, match="lacks"):
-        hop.train(AdapterSync("s", "put", tensors=(("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(4, 32)),)))
+        hop.train(
+            AdapterSync("s", "put", tensors=(("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(4, 32)),))
+        )
     server_stage = hop._handler.server.host.stage  # type: ignore[attr-defined]
     assert any(w.adapters for w in wrappers(server_stage))
     hop.close(CloseSession("s"))

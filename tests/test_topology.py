@@ -65,9 +65,7 @@ def test_chain_parses_with_defaults_and_overrides():
 def test_chain_accessors():
     topo = parse(chain_doc())
     assert topo.link_between("edge1", "edge2") is topo.link_between("edge2", "edge1")
-    assert [
-        topo.direction(*pair) for pair in [("phone", "edge1"), ("edge1", "edge2"), ("edge2", "edge1")]
-    ] == [
+    assert [topo.direction(*pair) for pair in [("phone", "edge1"), ("edge1", "edge2"), ("edge2", "edge1")]] == [
         "up",
         "up",
         "down",
@@ -230,9 +228,7 @@ def test_resolve_token(tmp_path, monkeypatch):
     assert parse(doc).resolve_token() is None  # loopback only: no secret configured
     doc["deployment"]["token_env"] = "EDGELLM_TEST_TOKEN"
     monkeypatch.delenv("EDGELLM_TEST_TOKEN", raising=False)
-    with pytest.raises(
-        ConfigError, match=r"deploy\.toml: deployment\.token_env: .*EDGELLM_TEST_TOKEN is not set"
-    ):
+    with pytest.raises(ConfigError, match=r"deploy\.toml: deployment\.token_env: .*EDGELLM_TEST_TOKEN is not set"):
         parse(doc).resolve_token()
     monkeypatch.setenv("EDGELLM_TEST_TOKEN", "s3cret\n")
     assert parse(doc).resolve_token() == "s3cret"
@@ -290,9 +286,7 @@ def test_load_checks_tls_files_exist(tmp_path):
     doc["deployment"]["tls"] = {"cert": "missing.pem", "key": "missing.key"}
     path = tmp_path / "deploy.toml"
     write_topology(path, doc)
-    with pytest.raises(
-        ConfigError, match=r"deploy\.toml: deployment\.tls\.cert: file .*missing\.pem.* not found"
-    ):
+    with pytest.raises(ConfigError, match=r"deploy\.toml: deployment\.tls\.cert: file .*missing\.pem.* not found"):
         load_topology(path)
 
 

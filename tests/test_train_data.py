@@ -1,6 +1,7 @@
 """Fine-tuning data: tasks are seeded with disjoint splits, labels cover exactly the response and EOS, JSONL errors
 name file:line, batches are a pure function of (seed, step, client) with disjoint client shards, and
-`edgellm eval task` runs end to end on the real model."""
+`edgellm eval task` runs end to end. Encoding and `eval task` run on the tiny chat model's tokenizer (trained in
+process) and again on the real model's (marked `real_model`)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,19 @@ from edgellm.train.data import (
 )
 from edgellm.train.tasks import TASKS, Example, exact_match, split_of, task_examples
 
+TOKENIZERS = ["tiny", pytest.param("real", marks=pytest.mark.real_model)]
+
+
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def tokenizer(request):
+    """The tiny chat model's tokenizer, and (marked `real_model`) the real model's."""
+    from edgellm.store.weights import load_tokenizer
+
+    return load_tokenizer(request.getfixturevalue("tiny_chat_dir" if request.param == "tiny" else "real_model_dir"))
+
 
 @pytest.fixture(scope="module")
-def tokenizer(real_model_dir):
+def real_tokenizer(real_model_dir):
     from edgellm.store.weights import load_tokenizer
 
     return load_tokenizer(real_model_dir)
@@ -94,7 +105,6 @@ def test_exact_match(prediction, reference, want):
 # --- encoding ---
 
 
-@pytest.mark.real_model
 def test_labels_cover_the_response_and_eos_only(tokenizer):
     example = Example("Convert March 5, 2021 to YYYY-MM-DD format.", "2021-03-05")
     ids, labels = encode_example(tokenizer, example)
@@ -109,7 +119,18 @@ def test_labels_cover_the_response_and_eos_only(tokenizer):
     assert batch.label_tokens == len(ids) - len(head)  # response tokens + EOS
 
 
-@pytest.mark.real_model
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_answers_survive_the_tokenizer_so_exact_match_can_score_them(tokenizer, name):
+    for example in task_examples(name, 100, 0, "eval"):
+        ids, _ = encode_example(tokenizer, example)
+        head = prompt_ids(tokenizer, example.prompt)
+        assert example.prompt in tokenizer.decode(head)
+        answer = tokenizer.decode(ids[len(head) :], skip_special_tokens=True)  # what `eval task` decodes
+        assert exact_match(answer, example.response), (answer, example.response)
+        cut = tokenizer.decode(ids[len(head) : -2], skip_special_tokens=True)  # one answer token short
+        assert not exact_match(cut, example.response)
+
+
 def test_jsonl_errors_name_file_and_line(tokenizer, tmp_path):
     good = json.dumps({"prompt": "Say hi.", "response": "hi"})
     cases = {
@@ -131,7 +152,6 @@ def test_jsonl_errors_name_file_and_line(tokenizer, tmp_path):
         load_data(tmp_path / "empty.txt", tokenizer, 64)
 
 
-@pytest.mark.real_model
 def test_long_examples_are_cut_from_the_right_or_refused(tokenizer, tmp_path):
     example = Example("Convert March 5, 2021 to YYYY-MM-DD format.", "2021-03-05")
     ids, labels = encode_example(tokenizer, example)
@@ -147,7 +167,6 @@ def test_long_examples_are_cut_from_the_right_or_refused(tokenizer, tmp_path):
     assert len(load_data(path, tokenizer, 64)) == 1
 
 
-@pytest.mark.real_model
 def test_text_dataset_chunks_consecutive_tokens(tokenizer, tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
@@ -208,11 +227,16 @@ def test_loss_uses_the_shifted_labels_only():
 # --- eval task, end to end ---
 
 
-@pytest.mark.real_model
-def test_eval_task_json_end_to_end(real_model_dir, monkeypatch, capsys):
-    monkeypatch.setenv("EDGELLM_HOME", str(real_model_dir.parent.parent))
+@pytest.mark.parametrize("model", TOKENIZERS)
+def test_eval_task_json_end_to_end(model, request, tmp_path, monkeypatch, capsys):
+    if model == "tiny":  # the tiny chat model, named by its folder
+        monkeypatch.setenv("EDGELLM_HOME", str(tmp_path / "home"))
+        where = ["--model", str(request.getfixturevalue("tiny_chat_dir"))]
+    else:  # the default model, from the cache
+        monkeypatch.setenv("EDGELLM_HOME", str(request.getfixturevalue("real_model_dir").parent.parent))
+        where = []
     argv = ["eval", "task", "--task", "dates", "--n", "8", "--batch-size", "4", "--max-new-tokens", "6", "--json"]
-    assert main([*argv, "--threads", "2"]) == 0
+    assert main([*argv, *where, "--threads", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     report = json.loads(lines[0])
@@ -236,7 +260,7 @@ def test_eval_task_refuses_bad_input_before_loading(capsys):
 
 @pytest.mark.real_model
 def test_eval_task_with_a_peft_adapter_scores_the_adapted_model(
-    real_model_dir, tokenizer, tmp_path, monkeypatch, capsys
+    real_model_dir, real_tokenizer, tmp_path, monkeypatch, capsys
 ):
     peft = pytest.importorskip("peft")
     from conftest import reference_model
@@ -245,7 +269,7 @@ def test_eval_task_with_a_peft_adapter_scores_the_adapted_model(
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = peft.get_peft_model(reference_model(real_model_dir), config)
     model.save_pretrained(tmp_path / "adapter")
-    batch = pad_right([encode_example(tokenizer, e) for e in task_examples("dates", 4, 0, "eval")], 0)
+    batch = pad_right([encode_example(real_tokenizer, e) for e in task_examples("dates", 4, 0, "eval")], 0)
     with torch.no_grad():
         adapted = float(causal_lm_loss(model(input_ids=batch.ids).logits, batch.labels))
         with model.disable_adapter():

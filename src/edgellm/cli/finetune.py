@@ -34,47 +34,93 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--data", type=Path, metavar="FILE", help="a text file, or JSONL of {prompt, response}")
     data.add_argument("--task", choices=sorted(TASKS), help="a built-in task (see `edgellm eval task`)")
     parser.add_argument("--steps", type=int, help="training steps per client (required)")
-    parser.add_argument("--topology", type=Path, metavar="T.toml", help="the split deployment (head must be on the device)")
+    parser.add_argument(
+        "--topology", type=Path, metavar="T.toml", help="the split deployment (head must be on the device)"
+    )
     parser.add_argument("--clients", type=int, default=1, help="device processes training together (default: 1)")
-    parser.add_argument("--aggregate-every", type=int, default=10, metavar="I", help="steps between FedAvg rounds (default: 10)")
-    parser.add_argument("--share", choices=list(SHARE_MODES), default="shared",
-                        help="server-side adapters: one shared by all clients, or one per client (default: shared)")
-    parser.add_argument("--output", type=Path, default=Path("edgellm-finetune"), metavar="DIR",
-                        help="run folder: checkpoints, logs, the exported adapter (default: ./edgellm-finetune)")
+    parser.add_argument(
+        "--aggregate-every", type=int, default=10, metavar="I", help="steps between FedAvg rounds (default: 10)"
+    )
+    parser.add_argument(
+        "--share",
+        choices=list(SHARE_MODES),
+        default="shared",
+        help="server-side adapters: one shared by all clients, or one per client (default: shared)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("edgellm-finetune"),
+        metavar="DIR",
+        help="run folder: checkpoints, logs, the exported adapter (default: ./edgellm-finetune)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                        help="steps between checkpoints; 0: only at the end (default: 0)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="steps between checkpoints; 0: only at the end (default: 0)",
+    )
     parser.add_argument("--init-adapter", type=Path, metavar="DIR", help="a peft LoRA adapter to start from")
     parser.add_argument("--no-launch", action="store_true", help="use servers that are already running")
-    parser.add_argument("--client", type=int, metavar="K",
-                        help="run only device client K, in this process, against running servers (with --no-launch): "
-                        "how each device joins from its own machine")
-    parser.add_argument("--run", dest="run_label", metavar="NAME",
-                        help="the run's name on the servers (adapters, checkpoints, FedAvg rounds); clients of one run "
-                        "must agree on it (default: the --output folder's name)")
-    parser.add_argument("--attempt", metavar="ID",
-                        help="launch id shared by separately started clients (--client); a new id makes the servers "
-                        "restart the run's adapters (fresh, or from the --resume checkpoint)")
+    parser.add_argument(
+        "--client",
+        type=int,
+        metavar="K",
+        help="run only device client K, in this process, against running servers (with --no-launch): "
+        "how each device joins from its own machine",
+    )
+    parser.add_argument(
+        "--run",
+        dest="run_label",
+        metavar="NAME",
+        help="the run's name on the servers (adapters, checkpoints, FedAvg rounds); clients of one run "
+        "must agree on it (default: the --output folder's name)",
+    )
+    parser.add_argument(
+        "--attempt",
+        metavar="ID",
+        help="launch id shared by separately started clients (--client); a new id makes the servers "
+        "restart the run's adapters (fresh, or from the --resume checkpoint)",
+    )
     lora = parser.add_argument_group("adapters and optimizer")
     lora.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (default: 8)")
     lora.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
     lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default: 0)")
-    lora.add_argument("--target-modules", default=",".join(LORA_TARGETS), metavar="M1,M2",
-                      help="module names to adapt, or all-linear (default: %(default)s)")
+    lora.add_argument(
+        "--target-modules",
+        default=",".join(LORA_TARGETS),
+        metavar="M1,M2",
+        help="module names to adapt, or all-linear (default: %(default)s)",
+    )
     lora.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     lora.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
     lora.add_argument("--seq-len", type=int, default=128, help="longest row in tokens (default: 128)")
     lora.add_argument("--seed", type=int, default=0, help="data order, adapter init and dropout (default: 0)")
-    lora.add_argument("--task-examples", type=int, default=2000, metavar="N",
-                      help="training examples generated for --task (default: 2000)")
-    lora.add_argument("--round-timeout", type=float, default=120.0, metavar="S",
-                      help="a FedAvg round closes this long after its first client, without the missing ones; a client silent "
-                      "this long between its forward and backward loses a shared adapter's turn (default: 120)")
+    lora.add_argument(
+        "--task-examples",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="training examples generated for --task (default: 2000)",
+    )
+    lora.add_argument(
+        "--round-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="a FedAvg round closes this long after its first client, without the missing ones; a client silent "
+        "this long between its forward and backward loses a shared adapter's turn (default: 120)",
+    )
     model = parser.add_argument_group("model (without --topology; with one, the topology names it)")
-    model.add_argument("--model", default=DEFAULT_MODEL, help="registered name, model directory or .gguf (default: %(default)s)")
+    model.add_argument(
+        "--model", default=DEFAULT_MODEL, help="registered name, model directory or .gguf (default: %(default)s)"
+    )
     model.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight precision (default: fp32)")
-    parser.add_argument("--quant", metavar="SCHEME",
-                        help="quantize the frozen base of every stage (QLoRA), e.g. nf4-g64 or int4-g32")
+    parser.add_argument(
+        "--quant", metavar="SCHEME", help="quantize the frozen base of every stage (QLoRA), e.g. nf4-g64 or int4-g32"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON report at the end")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a client process started by finetune
     parser.set_defaults(run=run)
@@ -102,8 +148,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lora=LoraSpec(
-            r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-            target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()), init_seed=args.seed,
+            r=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+            init_seed=args.seed,
         ),  # fmt: skip
         optim=OptimSpec(lr=args.lr),
         seed=args.seed,
@@ -152,7 +201,9 @@ class _Progress:
         if self._made is None:
             from tqdm import tqdm
 
-            self._made = tqdm(total=self._total, desc="finetune", unit="step", disable=not self._enabled, file=sys.stderr)
+            self._made = tqdm(
+                total=self._total, desc="finetune", unit="step", disable=not self._enabled, file=sys.stderr
+            )
         return self._made
 
     def on_event(self, event: dict[str, Any]) -> None:

@@ -92,7 +92,9 @@ class LocalDeployment:
                     return
                 except NodeUnreachable:
                     if time.monotonic() > deadline:
-                        raise LaunchError(f"node {name} at {node.address} was not ready in time: {self.log_tail(name)}") from None
+                        raise LaunchError(
+                            f"node {name} at {node.address} was not ready in time: {self.log_tail(name)}"
+                        ) from None
                     time.sleep(0.2)
         finally:
             hop.shutdown()

@@ -8,7 +8,6 @@ import torch
 
 from edgellm.errors import ConfigError
 
-
 MIN_TEMPERATURE = 1e-4
 
 

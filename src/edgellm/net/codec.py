@@ -348,7 +348,9 @@ def decode_tensor(enc: EncodedTensor) -> torch.Tensor:
     n = math.prod(enc.shape)
     width = _CODEC_ITEMSIZE[enc.codec] if enc.is_float else _EXACT_DTYPES[enc.dtype][1].itemsize
     if n * width > MAX_PAYLOAD_BYTES:  # checked before anything is inflated or allocated
-        raise ConfigError(f"tensor of shape {enc.shape} needs {n * width} payload bytes; the limit is {MAX_PAYLOAD_BYTES}")
+        raise ConfigError(
+            f"tensor of shape {enc.shape} needs {n * width} payload bytes; the limit is {MAX_PAYLOAD_BYTES}"
+        )
     if enc.is_float:
         if enc.codec not in _SCALED and enc.scales:
             raise ConfigError(f"codec {enc.codec} carries no scales, got {len(enc.scales)} bytes")

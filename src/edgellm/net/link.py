@@ -30,7 +30,7 @@ Radio profiles have 0% loss because HARQ/ARQ on the radio link recovers losses b
 jitter. The model of one direction of a link, per message, is:
 
 * **bandwidth**: a FIFO serializer at `mbps` with an optional token-bucket burst (`burst_bytes`, default 0: every
-  byte is sent at line rate, which is what the planner's analytic `bytes / bandwidth` cost assumes). A message sent
+  byte is sent at line rate, so a message takes exactly `bytes / bandwidth` on the wire). A message sent
   while earlier ones are still on the wire queues behind them.
 * **propagation**: rtt/2 one way.
 * **jitter**: uniform in [0, jitter_ms], from a seeded `random.Random`; delivery stays in order (gRPC runs over one

@@ -388,6 +388,8 @@ def _decode_training(kind: int, r: Reader) -> Any:
         if ops & 0x0F >= len(SYNC_OPS) or ops & ~0x1F:
             raise WireError(f"unknown adapter sync op byte {ops:#x}")
         step, weight, route = r.varint("step"), r.f32("weight"), r.strings("route")
-        return AdapterSync(session, SYNC_OPS[ops & 0x0F], step, weight, r.named_tensors("tensors"), bool(ops & 0x10), route)
+        return AdapterSync(
+            session, SYNC_OPS[ops & 0x0F], step, weight, r.named_tensors("tensors"), bool(ops & 0x10), route
+        )
     detail = r.string("detail", MAX_TEXT)
     return SyncReply(r.named_tensors("tensors"), detail)

@@ -85,4 +85,3 @@ def int4_from_kernel(packed: torch.Tensor, k: int) -> torch.Tensor:
     if block_n is None:
         raise RuntimeError("unknown int4 kernel layout in this torch build; cannot unpack int4 weights")
     return _unblock(packed, block_n, k)
-

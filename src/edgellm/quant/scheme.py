@@ -14,7 +14,7 @@ from edgellm.errors import ConfigError
 
 Kind = Literal["int8", "int4", "nf4"]
 NO_QUANT = "none"
-# What bits hold one weight, before scales: the planner's first approximation of a scheme's size.
+# What bits hold one weight, before scales: a first approximation of a scheme's size.
 BITS: dict[str, int] = {"int8": 8, "int4": 4, "nf4": 4}
 
 
@@ -169,8 +169,8 @@ def parse_quant(text: str | None) -> QuantConfig | None:
 def weight_bytes(out_features: int, in_features: int, scheme: str | None, embedding: bool = False) -> int:
     """Exact in-memory bytes of one weight `[N, K]` under `scheme` (None: float32), codes plus scales.
 
-    Pure arithmetic, for the planner. An int4 linear layer counts the padding of N to a multiple of 16 that its
-    kernel needs; an embedding table `[V, D]` (`embedding=True`) is not padded.
+    Pure arithmetic (no torch), to size a stage without building it. An int4 linear layer counts the padding of
+    N to a multiple of 16 that its kernel needs; an embedding table `[V, D]` (`embedding=True`) is not padded.
 
     Raises:
         ConfigError: unknown scheme, or a group size that does not divide `in_features`.

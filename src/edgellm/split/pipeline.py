@@ -98,4 +98,3 @@ class Pipeline:
                 first = first or exc
         if first is not None:
             raise first
-

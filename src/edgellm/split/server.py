@@ -149,7 +149,11 @@ class StageServer:
         """
         trainer = self._trainer()
         route = message.route
-        nxt = self._next_train(route[0]) if route and not (isinstance(message, AdapterSync) and message.op == "aggregate") else None
+        nxt = (
+            self._next_train(route[0])
+            if route and not (isinstance(message, AdapterSync) and message.op == "aggregate")
+            else None
+        )
         ahead = dataclasses.replace(message, route=route[1:]) if nxt is not None else None
         if isinstance(message, TrainForward):
             check_hidden(message.data, message.positions, message.token_mask, self.host.stage)

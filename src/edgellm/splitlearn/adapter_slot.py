@@ -29,7 +29,9 @@ class AdapterSlot:
     owner_since: float = 0.0
 
 
-def new_slot(stage: Stage, layers_path: str, name: str, label: str, attempt: str, config: ServerTrainConfig) -> AdapterSlot:
+def new_slot(
+    stage: Stage, layers_path: str, name: str, label: str, attempt: str, config: ServerTrainConfig
+) -> AdapterSlot:
     """Inject a fresh adapter `name` into `stage` (inactive for inference) with its own AdamW."""
     inject_lora(stage, layers_path, config.lora, name)
     set_active(stage, None)  # inference sessions on this stage keep running the base model

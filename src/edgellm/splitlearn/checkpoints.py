@@ -64,7 +64,9 @@ class CheckpointStore:
         path = self.folder(run, slot) / f"step-{step:08d}.pt"
         if not path.exists():
             have = sorted(p.name for p in path.parent.glob("step-*.pt")) if path.parent.exists() else []
-            raise ConfigError(f"node {self.node} has no checkpoint of step {step} for run {run!r} (has {have or 'none'})")
+            raise ConfigError(
+                f"node {self.node} has no checkpoint of step {step} for run {run!r} (has {have or 'none'})"
+            )
         state = torch.load(path, weights_only=True)
         if state["lora"] != slot.config.lora.to_dict():
             raise ConfigError(f"checkpoint {path} was trained with other LoRA settings: {state['lora']}")

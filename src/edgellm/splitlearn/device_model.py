@@ -119,9 +119,7 @@ class SplitModel:
         if not stages or not stages[0].spec.embed:
             raise ConfigError("split learning needs the embedding on the device: token ids never leave it")
         if not stages[-1].spec.head:
-            raise ConfigError(
-                'split learning needs the head on the device (head = "device"): labels never leave it'
-            )
+            raise ConfigError('split learning needs the head on the device (head = "device"): labels never leave it')
         self.stages = list(stages)
         self.hops = list(hops)
         self.aggregator = aggregator if aggregator is not None else (self.hops[0] if self.hops else None)

@@ -70,7 +70,9 @@ class Aggregator:
             if rnd.result is None:
                 rnd.states[client] = (state, weight)
             else:
-                log.warning("client %d reached round %s after it closed; it gets the average without its part", client, key)
+                log.warning(
+                    "client %d reached round %s after it closed; it gets the average without its part", client, key
+                )
             while rnd.result is None:
                 expected = set(range(rnd.clients)) - absent
                 if expected <= set(rnd.states):
@@ -110,7 +112,9 @@ class AggregatorServer:
     def __init__(self, name: str = "aggregator", timeout_s: float = 120.0) -> None:
         self.name = name
         self.aggregator = Aggregator(timeout_s)
-        self._sessions: dict[str, tuple[str, str, int, int, float]] = {}  # session -> run, attempt, client, clients, timeout
+        self._sessions: dict[
+            str, tuple[str, str, int, int, float]
+        ] = {}  # session -> run, attempt, client, clients, timeout
         self._lock = threading.Lock()
 
     def train(self, frame: bytes) -> bytes:
@@ -121,7 +125,11 @@ class AggregatorServer:
                 raise ConfigError(f"client {message.client} is out of range for {message.clients} client(s)")
             with self._lock:
                 self._sessions[message.session] = (
-                    message.run, message.attempt, message.client, message.clients, config.round_timeout_s
+                    message.run,
+                    message.attempt,
+                    message.client,
+                    message.clients,
+                    config.round_timeout_s,
                 )
             return encode(SyncReply(detail=json.dumps([{"node": self.name, "trainable_params": 0}])))
         if not isinstance(message, AdapterSync) or message.op != "aggregate":

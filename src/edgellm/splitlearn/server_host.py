@@ -34,6 +34,7 @@ from edgellm.splitlearn.turns import Turns
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class _Session:
     slot: AdapterSlot
@@ -236,7 +237,9 @@ class TrainHost:
                 mine = stage_keys(self.stage, slot.name)
                 missing = sorted(mine - {k for k, _ in msg.tensors})
                 if missing:
-                    raise ConfigError(f"the adapter lacks {len(missing)} weight(s) of node {self.node}, e.g. {missing[0]}")
+                    raise ConfigError(
+                        f"the adapter lacks {len(missing)} weight(s) of node {self.node}, e.g. {missing[0]}"
+                    )
                 load_adapter_state(self.stage, slot.name, {k: v for k, v in msg.tensors if k in mine})
                 return {}, {"node": self.node, "loaded": len(mine)}
             return {}, self.checkpoints.save(self.stage, slot, s.run, msg.step)

@@ -43,7 +43,9 @@ class Turns:
         deadline = self._clock() + 2 * limit
         while slot.owner not in (None, session):
             if self._clock() - slot.owner_since > limit:
-                log.warning("session %s held adapter %s without a backward pass; taking its turn", slot.owner, slot.name)
+                log.warning(
+                    "session %s held adapter %s without a backward pass; taking its turn", slot.owner, slot.name
+                )
                 on_stale(slot.owner)
                 break
             if self._clock() > deadline:

@@ -58,4 +58,6 @@ def registered(name: str) -> RegisteredModel:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; choose from {sorted(REGISTRY)}, a model directory or a .gguf file") from None
+        raise ModelError(
+            f"unknown model {name!r}; choose from {sorted(REGISTRY)}, a model directory or a .gguf file"
+        ) from None

@@ -91,7 +91,9 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     if plan.resume and start_step == 0:
         log.warning("no checkpoint in %s: starting from step 0", folder)
     session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
-    model = SplitModel(side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator, cfg.round_timeout_s)
+    model = SplitModel(
+        side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator, cfg.round_timeout_s
+    )
     open_message = TrainOpen(
         session, plan.run, plan.attempt, plan.client, cfg.clients, cfg.server_config().to_json(), start_step
     )
@@ -127,7 +129,9 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
                 hop.close(CloseSession(session))
             except Exception as exc:  # noqa: BLE001 - a server that is gone has nothing to free
                 log.info("closing session on %s: %s", hop.name, exc)
-    sync = {hop.name: getattr(hop, "sync_bytes", 0) for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]}
+    sync = {
+        hop.name: getattr(hop, "sync_bytes", 0) for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]
+    }
     summary = {
         "event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter),
         "sync_bytes": sync,  # adapter traffic (open, aggregation rounds, checkpoints, export), both directions

@@ -73,7 +73,9 @@ class FinetuneJob:
         if self.launch:
             raise ConfigError("--client K joins servers that are already running: add --no-launch")
         if self.plan.config.clients > 1 and not self.attempt:
-            raise ConfigError("clients that start separately must share one launch id: pass the same --attempt ID to each")
+            raise ConfigError(
+                "clients that start separately must share one launch id: pass the same --attempt ID to each"
+            )
 
 
 def run_name(output: Path) -> str:
@@ -327,4 +329,3 @@ def run_worker(plan_path: Path) -> int:
 
     run_client(plan, emit)
     return 0
-

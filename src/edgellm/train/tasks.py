@@ -78,11 +78,26 @@ def make_record(rng: random.Random) -> Example:
     return Example(f"Write as CSV ({','.join(RECORD_FIELDS)}): {pairs}", ",".join(values[k] for k in RECORD_FIELDS))
 
 
+SORT_LENGTHS = (4, 9)  # shortest and longest list: short ones are learned fast, long ones are not
+
+
+def make_sort(rng: random.Random) -> Example:
+    """`Sort from smallest to largest: 47 12 85 33` -> `12 33 47 85` (4 to 9 distinct two-digit numbers).
+
+    Harder than `dates` and `records`, which only move and reformat what the prompt holds: every position of
+    the answer depends on comparing all the numbers, and one slip anywhere fails the exact match. The list
+    length varies, so the score rises gradually with what a model has learned instead of jumping to 1.0.
+    """
+    values = rng.sample(range(10, 100), rng.randint(*SORT_LENGTHS))
+    return Example(f"Sort from smallest to largest: {' '.join(map(str, values))}", " ".join(map(str, sorted(values))))
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("dates", "rewrite a written date (March 5, 2021 / 5 March 2021) as YYYY-MM-DD", make_date),
         Task("records", "reorder a key=value record into a fixed CSV row (name,age,city)", make_record),
+        Task("sort", "sort 4 to 9 distinct two-digit numbers from smallest to largest", make_sort),
     )
 }
 
