@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_and_exit_2(bad_input_runs, case):
         (["--cuts", "30"], "cut 30 is out of range: cuts must lie in 1..3 for 4 layers"),
         (["--cuts", "3,1"], "strictly increasing without duplicates, got [3, 1]"),
         (["--cuts", "2,2"], "strictly increasing without duplicates, got [2, 2]"),
-        (["--temperature", "0"], "temperature must be > 0, got 0.0"),
+        (["--temperature", "0"], "temperature must be in [0.0001, inf) (use greedy decoding for 0), got 0.0"),
         (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
         (["--top-k", "-1"], "top-k must be >= 0 (0 = off), got -1"),
         (["--max-new-tokens", "0"], "max new tokens must be >= 1, got 0"),
