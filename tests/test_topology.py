@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.deploy.document import render_toml
+from edgellm.deploy.presets import PRESETS
 from edgellm.deploy.specs import parse_address
 from edgellm.deploy.topology import Topology, load_topology, parse_topology, topology_toml, write_topology
 from edgellm.errors import ConfigError
@@ -145,7 +146,7 @@ def _set(path: str, value):
 
 BROKEN = {
     "unknown key": (_set("nodes[1].adress", "x"), "nodes[1].adress", "unknown key"),
-    "unknown top-level key": (_set("modle", {}), "modle", "valid keys are ['deployment', 'links'"),
+    "unknown top-level key": (_set("modle", {}), "modle", "valid keys are ['control', 'deployment', 'links'"),
     "unknown role": (_set("nodes[1].role", "edgee"), "nodes[1].role", "unknown role 'edgee'; choose from"),
     "duplicate node": (_set("nodes[2].name", "edge1"), "nodes[2].name", "duplicate node 'edge1'"),
     "route names missing node": (_set("deployment.route[2]", "edge3"), "deployment.route[2]", "unknown node"),
@@ -160,10 +161,15 @@ BROKEN = {
         "not on deployment.route",
     ),
     "missing link": (_set("links[1]", None), "links", "no link between 'edge1' and 'edge2'"),
-    "unused link": (
-        lambda d: d["links"].append({"between": ["phone", "edge2"]}),
+    "link to an unknown node": (
+        lambda d: d["links"].append({"between": ["phone", "edge3"]}),
         "links[2].between",
-        "not a hop of mode",
+        "unknown node 'edge3'",
+    ),
+    "duplicate link": (
+        lambda d: d["links"].append({"between": ["edge1", "phone"]}),
+        "links[2].between",
+        "also links[0]",
     ),
     "bad address": (_set("nodes[1].address", "localhost"), "nodes[1].address", "expected host:port"),
     "bad port": (
@@ -176,6 +182,15 @@ BROKEN = {
     "shared address": (_set("nodes[2].address", "127.0.0.1:50061"), "nodes[2].address", "also nodes[1]"),
     "threads zero": (_set("nodes[2].threads", 0), "nodes[2].threads", "must be >= 1"),
     "threads wrong type": (_set("nodes[2].threads", "2"), "nodes[2].threads", "must be an integer"),
+    "unknown preset": (
+        _set("nodes[0].preset", "tablet"),
+        "nodes[0].preset",
+        "unknown preset 'tablet'; choose from ['cloud', 'edge-server', 'laptop', 'phone']",
+    ),
+    "compute_scale below 1": (_set("nodes[0].compute_scale", 0.5), "nodes[0].compute_scale", "must be a number >= 1.0"),
+    "compute_scale not a number": (_set("nodes[0].compute_scale", "4x"), "nodes[0].compute_scale", "must be a number"),
+    "memory_mb zero": (_set("nodes[0].memory_mb", 0), "nodes[0].memory_mb", "must be >= 1"),
+    "max_context zero": (_set("deployment.max_context", 0), "deployment.max_context", "must be >= 1"),
     "cuts not increasing": (_set("model.cuts", [20, 10]), "model.cuts", "strictly increasing"),
     "negative cut": (_set("model.cuts", [-1, 10]), "model.cuts", "must be >= 0"),
     "cut 0 not first": (_set("model.cuts", [0, 0]), "model.cuts", "strictly increasing"),
@@ -210,6 +225,42 @@ def test_broken_topology_names_file_and_field(name):
         parse(doc)
     assert str(info.value).startswith(f"{SOURCE}: {path}"), str(info.value)
     assert problem in str(info.value)
+
+
+def test_links_beyond_the_mode_are_allowed_and_up_is_away_from_the_device():
+    doc = chain_doc()
+    doc["links"].append({"between": ["edge2", "phone"], "profile": "lte"})  # unused by chain: another order may
+    topo = parse(doc)
+    assert topo.link_between("phone", "edge2").profile_name == "lte"
+    assert topo.direction("phone", "edge2") == "up" and topo.direction("edge2", "phone") == "down"
+    star = star_doc()
+    star["links"].append({"between": ["edge1", "edge2"]})
+    assert parse(star).direction("edge2", "edge1") == "down"
+
+
+def test_presets_give_defaults_and_explicit_keys_win():
+    doc = chain_doc()
+    doc["nodes"][0].update(preset="phone")
+    doc["nodes"][1].update(preset="laptop", compute_scale=1.5, threads=3)
+    doc["nodes"][2].update(preset="edge-server")  # its own memory_mb = 2048 overrides "no limit"
+    topo = parse(doc)
+    phone, laptop, edge2 = (topo.node(n) for n in ("phone", "edge1", "edge2"))
+    assert (phone.compute_scale, phone.memory_mb, phone.threads) == (
+        PRESETS["phone"].compute_scale, PRESETS["phone"].memory_mb, PRESETS["phone"].threads
+    )  # fmt: skip
+    assert phone.emulation.to_json() == {"compute_scale": 4.0, "memory_mb": 1100, "preset": "phone"}
+    assert (laptop.compute_scale, laptop.threads, laptop.memory_mb) == (1.5, 3, PRESETS["laptop"].memory_mb)
+    assert (edge2.compute_scale, edge2.memory_mb, edge2.threads, edge2.preset) == (1.0, 2048, 2, "edge-server")
+    assert topo.limits.max_context == 2048
+    doc["deployment"]["max_context"] = 512
+    assert parse(doc).limits.max_context == 512
+
+
+def test_every_preset_documents_its_numbers():
+    for name, preset in PRESETS.items():
+        assert preset.compute_scale >= 1.0 and preset.threads >= 1, name
+        assert preset.memory_mb is None or preset.memory_mb > 0, name
+        assert "compute_scale" in preset.source and len(preset.source) > 80, name
 
 
 def test_parse_address():
@@ -297,3 +348,7 @@ def test_example_file_is_valid():
     assert topo.security.token is not None and topo.security.token.key == "token_env"
     assert all(link.codec.codec == "int8mu" and link.profile_name == "6g" for link in topo.links)
     assert topo.stage_assignment(30)[-1] == ("phone", StageSpec(30, 30, head=True))
+    phone = topo.node("phone")
+    assert (phone.preset, phone.compute_scale, phone.memory_mb) == ("phone", 4.0, PRESETS["phone"].memory_mb)
+    assert [(n.preset, n.threads) for n in topo.servers] == [("edge-server", 1), ("edge-server", 1)]
+    assert topo.limits.max_context == 2048

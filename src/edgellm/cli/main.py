@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from edgellm import __version__
-from edgellm.cli import demo, eval, finetune, generate, models, node, run
+from edgellm.cli import demo, eval, finetune, generate, models, node, plan, profile, run
 from edgellm.errors import EdgellmError
 
-SUBCOMMANDS = [demo, generate, run, node, finetune, models, eval]
+SUBCOMMANDS = [demo, generate, run, node, profile, plan, finetune, models, eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,10 +72,37 @@ def print_deployment_summary(report: dict[str, Any]) -> None:
         f"\n{len(report['new_tokens'])} tokens, TTFT {report['ttft_ms']:.0f} ms, "
         f"{report['decode_tok_per_s']:.1f} tok/s decode ({report.get('mode', '?')} mode)"
     )
-    print(f"{'node':<12} {'layers':>9} {'compute ms':>11}")
+    print(f"{'node':<12} {'layers':>9} {'compute ms':>11} {'RSS/budget MB':>16}")
     for n in report["nodes"]:
-        print(f"{n['name']:<12} {n['layers'][0]:>4}-{n['layers'][1]:<4} {n['compute_ms']:>11.1f}")
+        print(f"{n['name']:<12} {n['layers'][0]:>4}-{n['layers'][1]:<4} {n['compute_ms']:>11.1f} {_memory(n):>16}")
+    for n in report["nodes"]:
+        emulated = _emulated(n)
+        if emulated:
+            print(f"emulated: {n['name']} {emulated}")
     print(f"{'link':<22} {'bytes':>10} {'B/token':>9} {'wire ms':>9}")
     for link in report["links"]:
         per_token = "-" if link["bytes_per_token"] is None else f"{link['bytes_per_token']:.0f}"
         print(f"{link['from'] + '->' + link['to']:<22} {link['bytes']:>10} {per_token:>9} {link['wire_ms']:>9.1f}")
+
+
+def _memory(node: dict[str, Any]) -> str:
+    """`786/1100`: measured RSS against the budget, MB; `-` where the node did not report it."""
+    memory = node.get("memory")
+    if not isinstance(memory, dict) or memory.get("rss_mb") is None:
+        return "-"
+    budget = memory.get("budget_mb")
+    return f"{memory['rss_mb']:.0f}/{'-' if budget is None else budget}"
+
+
+def _emulated(node: dict[str, Any]) -> str:
+    """`compute x4.0, memory 1100 MB (preset phone)`; empty for a node at this machine's own capabilities."""
+    emulated = node.get("emulated") or {}
+    parts = []
+    if emulated.get("compute_scale", 1.0) != 1.0:
+        parts.append(f"compute x{emulated['compute_scale']:.1f}")
+    if emulated.get("memory_mb") is not None:
+        parts.append(f"memory {emulated['memory_mb']} MB")
+    if not parts:
+        return ""
+    preset = emulated.get("preset")
+    return ", ".join(parts) + (f" (preset {preset})" if preset else "")

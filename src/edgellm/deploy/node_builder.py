@@ -5,11 +5,23 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from edgellm.deploy.memory_budget import (
+    NodeMemory,
+    NodeStatus,
+    check_need,
+    effective_max_context,
+    ledger_after_load,
+    predict_need,
+)
+from edgellm.deploy.profile_op import register_profile_ops
+from edgellm.deploy.reconfigure import DeviceReconfigurer, NodeFactory, StageReloader
 from edgellm.deploy.topology import Topology
 from edgellm.errors import ConfigError
 from edgellm.model.arch import arch_for
@@ -20,7 +32,10 @@ from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, ser
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.local_engine import DTYPES
+from edgellm.serve.migration import LiveMigration
 from edgellm.serve.report import weight_bytes
+from edgellm.split.budget import MemoryLedger, rss_bytes
+from edgellm.split.control import ControlOps
 from edgellm.split.host import SessionLimits, StageHost
 from edgellm.split.one_process import load_stages, stage_label
 from edgellm.split.pipeline import Hop
@@ -67,6 +82,9 @@ class BuiltNode:
 def build_node(topology: Topology, name: str) -> BuiltNode:
     """Load the stages of node `name` and wire its handler (device engine or stage server).
 
+    The node's `memory_mb` is checked twice: predicted before loading (runtime + weights + KV + activations,
+    `edgellm.deploy.memory_budget`) and measured after; its stage hosts then reserve each session's KV cache.
+
     Raises:
         ConfigError/ModelError: unknown node, no address, cuts that do not fit the model, memory over budget.
     """
@@ -80,21 +98,32 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
     layout = topology.stage_assignment(int(config.num_hidden_layers))
     specs = [spec for owner, spec in layout if owner == name]
     quant = node.quant if node.quant is not None else topology.model.quant
-    stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype], parse_quant(quant))
-    _check_memory(topology, name, stages)
-    limits = SessionLimits(topology.limits.max_sessions, topology.limits.idle_timeout_s)
-    info = {"model": topology.model.name, "mode": topology.mode, "dtype": topology.model.dtype, "quant": quant}
+    dtype, max_context = DTYPES[topology.model.dtype], effective_max_context(topology.limits.max_context, config)
+    runtime = rss_bytes()  # the process before it loads any weight
+    predicted = predict_need(config, specs, parse_quant(quant), dtype, max_context, runtime)
+    check_need(name, predicted, node.memory_mb, topology.source)
+    stages = load_stages(model_dir, specs, dtype, parse_quant(quant))
+    tokenizer = load_tokenizer(model_dir) if node.role == "device" else None  # before measuring: it is resident
+    ledger = ledger_after_load(name, predicted, node.memory_mb, topology.source)
+    memory = NodeMemory(ledger, config, dtype, max_context, runtime, topology.source)
+    limits = SessionLimits(topology.limits.max_sessions, topology.limits.idle_timeout_s, max_context)
+    info = {"model": topology.model.name, "mode": topology.mode, "dtype": topology.model.dtype, "quant": quant,
+            "max_context": max_context, "emulated": node.emulation.to_json()}  # fmt: skip
+    factory = node_factory(topology, name, model_dir, int(config.num_hidden_layers), limits, memory)
     if node.role == "device":
-        hops = device_hops(topology, name, stages, limits)
-        tokenizer = load_tokenizer(model_dir)
+        hops = device_hops(topology, name, stages, limits, factory.host)
         engine = DeviceEngine(
             name,
             tokenizer,
             config,
             hops,
             layout,
-            {**info, "cuts": list(topology.model.cuts), "head": topology.model.head},
+            {**info, "cuts": list(topology.model.cuts), "head": topology.model.head, "route": list(topology.route)},
+            LiveMigration(DeviceReconfigurer(factory, stages)),
+            node_status(topology, name, ledger),
         )
+        _profile_ops(engine.control_ops, topology, name, model_dir, config, stages, max_context,
+                     engine._linked_hops)  # fmt: skip
         return BuiltNode(name, node.address, DeviceServer(engine), stages)
     if len(stages) != 1:
         raise ConfigError(f"{topology.source}: server {name!r} holds {len(stages)} stages; expected one")
@@ -102,15 +131,81 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
     nxt = topology.next_hop(name) if topology.mode == "chain" else None
     if nxt is not None:
         downstream[nxt.name] = remote_hop(topology, name, nxt.name, route=None)
-    host = StageHost(stages[0], limits)
+    host = factory.host(stages[0])
     trainer = TrainHost(host, arch_for(config).layers, name, checkpoint_root())
     server = StageServer(name, host, downstream, {**info, "role": node.role}, trainer=trainer)
+    layers_path = arch_for(config).layers
+    StageReloader(factory, server, lambda h: TrainHost(h, layers_path, name, checkpoint_root())).register(
+        server.control_ops
+    )
+    _profile_ops(server.control_ops, topology, name, model_dir, config, stages, max_context, lambda: server.downstream)
     return BuiltNode(name, node.address, server, stages)
 
 
-def device_hops(topology: Topology, name: str, stages: list[Stage], limits: SessionLimits) -> list[Hop]:
-    """The device's pipeline: its first stage, the servers (one chained hop, or each in turn), its head stage."""
-    local = {s.spec: LocalHop(f"{name}/{stage_label(s.spec)}", StageHost(s, limits)) for s in stages}
+def _profile_ops(ops: ControlOps, topology: Topology, name: str, model_dir: Path, config: Any,
+                 stages: list[Stage], max_context: int, hops: Callable[[], dict[str, Any]]) -> None:  # fmt: skip
+    """What `edgellm profile` asks a node (edgellm.deploy.profile_op)."""
+    register_profile_ops(ops, topology, name, model_dir, config, lambda: sum(weight_bytes(s) for s in stages),
+                         max_context, lambda to: remote_hop(topology, name, to, route=()), hops)  # fmt: skip
+
+
+def node_factory(
+    topology: Topology,
+    name: str,
+    model_dir: Path,
+    num_layers: int,
+    limits: SessionLimits,
+    memory: NodeMemory | None = None,
+) -> NodeFactory:
+    """How node `name` makes its parts, so that a live reconfiguration (`edgellm.deploy.reconfigure`) makes new
+    ones the same way: stages from the local store, the memory check, stage hosts (with the node's emulated
+    compute and, given `memory`, its session ledger), hops to servers."""
+    dtype = DTYPES[topology.model.dtype]
+    emulation = topology.node(name).emulation
+
+    def host(stage: Stage) -> StageHost:
+        return StageHost(stage, limits, emulation=emulation, memory=None if memory is None else memory.for_stage(stage))
+
+    return NodeFactory(
+        topology,
+        name,
+        num_layers,
+        load=lambda specs, quants: load_stages(model_dir, specs, dtype, [parse_quant(q) for q in quants]),
+        check_memory=lambda stages: None if memory is None else memory.check_stages(stages),
+        host=host,
+        connect=lambda receiver, route: remote_hop(topology, name, receiver, route),
+        reach=lambda receiver: control_hop(topology, name, receiver),
+    )
+
+
+def control_hop(topology: Topology, sender: str, receiver: str) -> RemoteHop:
+    """A hop from `sender` to any node of the deployment for control calls: no link emulation, no route."""
+    node = topology.node(receiver)
+    if node.address is None:
+        raise ConfigError(f"{topology.source}: node {receiver!r} has no address")
+    return RemoteHop(receiver, node.address, channel_config(topology), sender=sender)
+
+
+def node_status(topology: Topology, name: str, ledger: MemoryLedger) -> NodeStatus:
+    """The device's view of every node's emulation and memory: its own ledger, each server's `Info`."""
+    emulations = {node.name: node.emulation for node in topology.nodes}
+    servers = {server.name: control_hop(topology, name, server.name).info for server in topology.servers}
+    return NodeStatus(emulations, (name, ledger), servers)
+
+
+def device_hops(
+    topology: Topology,
+    name: str,
+    stages: list[Stage],
+    limits: SessionLimits,
+    host: Callable[[Stage], StageHost] | None = None,
+) -> list[Hop]:
+    """The device's pipeline: its first stage, the servers (one chained hop, or each in turn), its head stage.
+
+    `host` makes the stage hosts of the local stages (the node's emulation and ledger); None: plain hosts.
+    """
+    make = host if host is not None else (lambda stage: StageHost(stage, limits))
+    local = {s.spec: LocalHop(f"{name}/{stage_label(s.spec)}", make(s)) for s in stages}
     first = [hop for spec, hop in local.items() if spec.embed]  # none when the servers run the whole model
     head = [hop for spec, hop in local.items() if spec.head and not spec.embed]
     servers = [n.name for n in topology.servers]
@@ -121,17 +216,6 @@ def device_hops(topology: Topology, name: str, stages: list[Stage], limits: Sess
     else:
         remote = [remote_hop(topology, name, s, route=(), seed=i) for i, s in enumerate(servers)]
     return [*first, *remote, *head]
-
-
-def _check_memory(topology: Topology, name: str, stages: list[Stage]) -> None:
-    budget = topology.node(name).memory_mb
-    if budget is None:
-        return
-    need = sum(weight_bytes(s) for s in stages)
-    if need > budget * 1_000_000:
-        raise ConfigError(
-            f"{topology.source}: node {name!r} needs {need / 1e6:.0f} MB for its weights, over its memory_mb of {budget}"
-        )
 
 
 def run_node(topology: Topology, name: str, on_ready: Any = None) -> int:

@@ -9,17 +9,20 @@ Cross-references between specs (route, links, cuts vs route) are checked by
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgellm.deploy.presets import get_preset
 from edgellm.errors import ConfigError
 from edgellm.model.stage import HEAD_PLACEMENTS
 from edgellm.net.codec import CodecSpec
 from edgellm.net.link import LinkProfile
 from edgellm.quant.scheme import parse_quant
+from edgellm.split.budget import NodeEmulation
 
 ROLES = ("cloud", "device", "edge")
 SERVER_ROLES = ("cloud", "edge")  # they listen and run server stages; the device dials them
@@ -69,7 +72,9 @@ class ModelSpec:
     """The model and how it is split: `cuts[i]` is the first layer of `route[i + 1]`.
 
     A first cut of 0 gives the device no layers: `route[1]` starts at layer 0 and holds the embedding, so
-    token ids cross the first link (a thin client, e.g. a cloud-only baseline).
+    token ids cross the first link (a thin client, e.g. a cloud-only baseline), unless `embed = "device"`: then
+    the device keeps the embedding alone and only hidden states leave it. `embed = "auto"` (the default) is
+    "device" unless the first cut is 0.
     """
 
     name: str
@@ -77,6 +82,7 @@ class ModelSpec:
     dtype: str = "fp32"
     head: str = "device"
     quant: str = "none"  # every node's stages, unless the node says otherwise (edgellm.quant.scheme.parse_quant)
+    embed: str = "auto"  # where the token embedding runs: auto | device (see above)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -86,6 +92,10 @@ class ModelSpec:
             raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; choose from {list(DTYPE_NAMES)}")
         if self.head not in HEAD_PLACEMENTS:
             raise ConfigError(f"head: unknown head placement {self.head!r}; choose from {sorted(HEAD_PLACEMENTS)}")
+        if self.embed not in ("auto", "device"):
+            raise ConfigError(f"embed: must be 'auto' or 'device', got {self.embed!r}")
+        if self.embed == "device" and self.cuts and self.cuts[0] != 0:
+            raise ConfigError("embed: 'device' is for a first cut of 0 (the device keeps the embedding alone)")
         if any(c < 0 for c in self.cuts):
             raise ConfigError(f"cuts: layer indices must be >= 0, got {list(self.cuts)}")
         if any(b <= a for a, b in zip(self.cuts, self.cuts[1:])):
@@ -109,10 +119,15 @@ class NodeSpec:
         address: `host:port` the node listens on. Servers (edge/cloud) need one: the device and upstream
             servers dial it. Optional for the device, where it is what clients (`edgellm run`) dial.
         threads: torch intra-op threads for this node's stages.
-        memory_mb: the node's memory budget in MB (10^6 bytes): its stage weights must fit in it, or the node
-            refuses to start. None for no limit.
+        memory_mb: the node process's whole memory budget in MB (10^6 bytes): runtime, stage weights, KV cache
+            of its sessions at `max_context`, activations (`edgellm.deploy.memory_budget`). The node refuses to
+            start when they would not fit, and refuses a session that would pass it. None for no limit.
         quant: weight quantization of this node's stages (`int8`, `int4-g64,head=int8`, `none`, ...); None
             means the model's `quant`.
+        compute_scale: the node's stage computations take this many times what they measure on this machine
+            (>= 1.0), to emulate a slower device.
+        preset: the named preset (`edgellm.deploy.presets.PRESETS`) the node's capabilities started from; the
+            parser has already applied it (explicit keys override it), so it is kept for reports only.
     """
 
     name: str
@@ -121,6 +136,8 @@ class NodeSpec:
     threads: int = 1
     memory_mb: int | None = None
     quant: str | None = None
+    compute_scale: float = 1.0
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -138,12 +155,24 @@ class NodeSpec:
             raise ConfigError(f"threads: must be >= 1, got {self.threads}")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise ConfigError(f"memory_mb: must be >= 1, got {self.memory_mb}")
+        if not (math.isfinite(self.compute_scale) and self.compute_scale >= 1.0):
+            raise ConfigError(f"compute_scale: must be a number >= 1.0, got {self.compute_scale}")
+        if self.preset is not None:
+            try:
+                get_preset(self.preset)
+            except ConfigError as exc:
+                raise ConfigError(f"preset: {exc}") from None
         if self.quant is not None:
             _check_quant(self.quant)
 
     @property
     def is_server(self) -> bool:
         return self.role in SERVER_ROLES
+
+    @property
+    def emulation(self) -> NodeEmulation:
+        """The slower device this node stands for (what its stage hosts and reports use)."""
+        return NodeEmulation(self.compute_scale, self.memory_mb, self.preset)
 
     @property
     def host_port(self) -> tuple[str, int] | None:
@@ -258,11 +287,13 @@ class Security:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-node serving limits: request deadline, concurrent sessions, idle session expiry."""
+    """Per-node serving limits: request deadline, concurrent sessions, idle session expiry, and the longest
+    context (prompt + generated tokens) a session may reach, which every node reserves KV cache for."""
 
     deadline_s: float = 30.0
     max_sessions: int = 64
     idle_timeout_s: float = 600.0
+    max_context: int = 2048
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:
@@ -271,3 +302,43 @@ class Limits:
             raise ConfigError(f"max_sessions: must be >= 1, got {self.max_sessions}")
         if not self.idle_timeout_s > 0:
             raise ConfigError(f"idle_timeout_s: must be > 0, got {self.idle_timeout_s}")
+        if self.max_context < 1:
+            raise ConfigError(f"max_context: must be >= 1, got {self.max_context}")
+
+
+CONTROL_OBJECTIVES = ("latency", "ttft", "throughput")  # edgellm.plan.placement.OBJECTIVES
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """The `[control]` table: whether the device re-plans while it runs, and on what.
+
+    Attributes:
+        replan: the device watches its links (from its own traffic), re-plans when one departs from the profile
+            by more than `hysteresis` (relative) for `min_samples` steps in a row, and migrates live when the
+            new plan is better by `margin` (relative).
+        profile: the profile the deployment was planned with (`edgellm profile`); needed by `replan`.
+        objective, max_ppl_increase: as `edgellm plan`'s options (None: no cap).
+    """
+
+    replan: bool = False
+    profile: Path | None = None
+    objective: str = "latency"
+    max_ppl_increase: float | None = None
+    hysteresis: float = 0.5
+    margin: float = 0.1
+    min_samples: int = 3
+
+    def __post_init__(self) -> None:
+        if self.replan and self.profile is None:
+            raise ConfigError("profile: replan = true needs the profile the deployment was planned with")
+        if self.objective not in CONTROL_OBJECTIVES:
+            raise ConfigError(f"objective: unknown {self.objective!r}; choose from {list(CONTROL_OBJECTIVES)}")
+        if self.max_ppl_increase is not None and not self.max_ppl_increase >= 0:
+            raise ConfigError(f"max_ppl_increase: must be >= 0, got {self.max_ppl_increase}")
+        if not self.hysteresis > 0:
+            raise ConfigError(f"hysteresis: must be > 0, got {self.hysteresis}")
+        if not self.margin >= 0:
+            raise ConfigError(f"margin: must be >= 0, got {self.margin}")
+        if self.min_samples < 1:
+            raise ConfigError(f"min_samples: must be >= 1, got {self.min_samples}")

@@ -10,8 +10,9 @@ Invariants of a `Topology` (checked on construction):
 - node names are unique; every node is on `route`, once; `route[0]` is the only device;
 - servers (edge/cloud) have an address; all addresses are distinct `host:port`s;
 - `len(model.cuts) == len(route) - 1`: `route[i]` runs layers `[cuts[i-1], cuts[i])` (none if that is empty);
-- the links are exactly those the mode uses: chain needs `route[i] <-> route[i+1]` for every i, star needs
-  `route[0] <-> s` for every server s; a link the mode does not use is an error (its "up" would be undefined);
+- every hop the mode uses has a link: chain needs `route[i] <-> route[i+1]` for every i, star needs
+  `route[0] <-> s` for every server s. Other links between nodes of the route may be declared too (a planner may
+  choose another order of the nodes); "up" on any link is away from the device in route order;
 - without a shared secret, every node must listen on a loopback address.
 """
 
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edgellm.deploy.document import Table, render_toml
+from edgellm.deploy.presets import get_preset
 from edgellm.deploy.specs import (
     TOKEN_KEYS,
+    ControlSpec,
     Limits,
     LinkSpec,
     ModelSpec,
@@ -37,7 +40,7 @@ from edgellm.deploy.specs import (
     is_loopback,
 )
 from edgellm.errors import ConfigError
-from edgellm.model.stage import StageSpec, stage_specs
+from edgellm.model.stage import StageSpec, chain_stages
 from edgellm.net.codec import parse_codec
 from edgellm.net.link import profile
 
@@ -47,11 +50,12 @@ MODES = {
 }
 
 # The schema: the keys each table may hold (anything else is an error).
-TOP_KEYS = {"model", "deployment", "nodes", "links"}
-MODEL_KEYS = {"name", "dtype", "cuts", "head", "quant"}
-DEPLOYMENT_KEYS = {"route", "mode", "deadline_s", "max_sessions", "idle_timeout_s", "tls", *TOKEN_KEYS}
+TOP_KEYS = {"model", "deployment", "nodes", "links", "control"}
+CONTROL_KEYS = {"replan", "profile", "objective", "max_ppl_increase", "hysteresis", "margin", "min_samples"}
+MODEL_KEYS = {"name", "dtype", "cuts", "head", "quant", "embed"}
+DEPLOYMENT_KEYS = {"route", "mode", "deadline_s", "max_sessions", "idle_timeout_s", "max_context", "tls", *TOKEN_KEYS}
 TLS_KEYS = {"cert", "key", "ca", "client_auth"}
-NODE_KEYS = {"name", "role", "address", "threads", "memory_mb", "quant"}
+NODE_KEYS = {"name", "role", "address", "threads", "memory_mb", "quant", "compute_scale", "preset"}
 LINK_NUMBERS = ("up_mbps", "down_mbps", "rtt_ms", "jitter_ms", "loss_pct")  # override the profile's fields
 LINK_KEYS = {"between", "profile", "codec", *LINK_NUMBERS}
 
@@ -65,6 +69,7 @@ class Topology:
         route: node names, the device first, then the servers in the order the hidden states visit them.
         mode: one of `MODES`. security: secret source and TLS files. limits: deadline and session limits.
         source: the file name; it prefixes every error this topology raises.
+        control: the `[control]` table: live re-planning on the device (off by default).
     """
 
     model: ModelSpec
@@ -75,6 +80,7 @@ class Topology:
     security: Security = Security()
     limits: Limits = Limits()
     source: str = "<topology>"
+    control: ControlSpec = ControlSpec()
 
     def __post_init__(self) -> None:
         self._check_nodes()
@@ -143,9 +149,7 @@ class Topology:
                     self._fail(f"links[{i}].between", f"unknown node {end!r}; choose from {sorted(self.route)}")
             if pair in found:
                 self._fail(f"links[{i}].between", f"{link.a}<->{link.b} is also links[{found[pair]}]")
-            if pair not in needed:
-                self._fail(f"links[{i}].between", f"{link.a}<->{link.b} is not a hop of mode {self.mode!r}")
-            found[pair] = i
+            found[pair] = i  # a link no hop of this mode uses is allowed: another order of the nodes may use it
         for pair in needed:
             if pair not in found:
                 a, b = sorted(pair, key=self.route.index)
@@ -201,25 +205,19 @@ class Topology:
         """The stages in execution order, each with the node that runs it.
 
         `route[i]` runs layers `[cuts[i-1], cuts[i])`: the device from layer 0, with the embedding, unless the
-        first cut is 0 (then the device runs no layers and `route[1]` embeds); the last server up to
-        `num_layers`. With `model.head = "device"` a final head-only stage goes to the device, else the last
-        server's stage holds the head.
+        first cut is 0 (then the device runs no layers and `route[1]` embeds, or, with `model.embed = "device"`,
+        the device keeps the embedding alone); the last server up to `num_layers`. With `model.head = "device"`
+        a final head-only stage goes to the device, else the last server's stage holds the head
+        (`edgellm.model.stage.chain_stages`).
 
         Raises:
             ConfigError: at `model.cuts`, when the cuts do not fit `num_layers`.
         """
-        thin = bool(self.model.cuts) and self.model.cuts[0] == 0
-        cuts, owners = (self.model.cuts[1:], list(self.route[1:])) if thin else (self.model.cuts, list(self.route))
         try:
-            specs = stage_specs(num_layers, cuts, head="server")
+            return chain_stages(num_layers, self.model.cuts, self.route[0], self.route[1:], self.model.head,  # type: ignore[arg-type]
+                                self.model.embed == "device")  # fmt: skip
         except ConfigError as exc:
             raise ConfigError(f"{self.source}: model.cuts: {exc}") from None
-        if self.model.head == "device":  # as stage_specs(head="device") does, but also when `cuts` is empty
-            last = specs[-1]
-            specs[-1] = StageSpec(last.start, last.end, embed=last.embed)
-            specs.append(StageSpec(num_layers, num_layers, head=True))
-            owners.append(self.route[0])
-        return list(zip(owners, specs, strict=True))
 
     def stages_for(self, name: str, num_layers: int) -> list[StageSpec]:
         """The stages node `name` runs, in execution order (the device may run two: first and head)."""
@@ -254,16 +252,25 @@ class Topology:
 def _parse_model(t: Table) -> ModelSpec:
     name, cuts = t.string("name"), tuple(t.integers("cuts"))
     dtype, head, quant = t.string("dtype", "fp32"), t.string("head", "device"), t.string("quant", "none")
+    embed = t.string("embed", "auto")
     with t.building():
-        return ModelSpec(name, cuts, dtype, head, quant)
+        return ModelSpec(name, cuts, dtype, head, quant, embed)
 
 
 def _parse_node(t: Table) -> NodeSpec:
+    """A node; a `preset` gives the defaults of `threads`, `memory_mb` and `compute_scale`, its own keys win."""
     name, role, address = t.string("name"), t.string("role"), t.string("address", None)
-    threads, memory_mb = t.integer("threads", 1), t.integer("memory_mb", None)
+    preset_name = t.string("preset", None)
+    preset = None
+    if preset_name is not None:
+        with t.at("preset"):
+            preset = get_preset(preset_name)
+    threads = t.integer("threads", preset.threads if preset else 1)
+    memory_mb = t.integer("memory_mb", preset.memory_mb if preset else None)
+    compute_scale = t.number("compute_scale", preset.compute_scale if preset else 1.0)
     quant = t.string("quant", None)
     with t.building():
-        return NodeSpec(name, role, address, threads, memory_mb, quant)
+        return NodeSpec(name, role, address, threads, memory_mb, quant, compute_scale, preset_name)
 
 
 def _parse_link(t: Table) -> LinkSpec:
@@ -336,10 +343,19 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>", base_dir
     route, mode = tuple(dep.strings("route")), dep.string("mode", "chain")
     security = _parse_security(dep, base_dir)
     deadline_s, max_sessions = dep.number("deadline_s", 30.0), dep.integer("max_sessions", 64)
-    idle_timeout_s = dep.number("idle_timeout_s", 600.0)
+    idle_timeout_s, max_context = dep.number("idle_timeout_s", 600.0), dep.integer("max_context", 2048)
     with dep.building():
-        limits = Limits(deadline_s, max_sessions, idle_timeout_s)
-    return Topology(model, nodes, links, route, mode, security, limits, source)
+        limits = Limits(deadline_s, max_sessions, idle_timeout_s, max_context)
+    control = _parse_control(top.table("control", CONTROL_KEYS), base_dir) if "control" in top else ControlSpec()
+    return Topology(model, nodes, links, route, mode, security, limits, source, control)
+
+
+def _parse_control(t: Table, base_dir: Path | None) -> ControlSpec:
+    profile_path = _path(t, "profile", base_dir) if "profile" in t else None
+    cap = t.number("max_ppl_increase") if "max_ppl_increase" in t else None
+    with t.building():
+        return ControlSpec(t.boolean("replan", False), profile_path, t.string("objective", "latency"), cap,
+                           t.number("hysteresis", 0.5), t.number("margin", 0.1), t.integer("min_samples", 3))  # fmt: skip
 
 
 def load_topology(path: str | Path) -> Topology:

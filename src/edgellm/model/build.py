@@ -78,6 +78,33 @@ def build_stage(
     return stage.eval()
 
 
+def meta_stages(config: Any, specs: Sequence[StageSpec], dtype: torch.dtype = torch.float32) -> list[Stage]:
+    """The stages `specs` with every module on the meta device: their shapes and dtypes, no memory, no weights.
+
+    For sizing a node's stages before loading them (`quant.memory.planned_weight_bytes`). As in `build_stage`, a
+    stage holding both the embedding and a tied head shares one matrix (the skeleton ties them); separate stages
+    each count their own.
+
+    Raises:
+        ModelError: unsupported architecture, or layers out of range.
+    """
+    arch = arch_for(config)
+    num_layers = int(config.num_hidden_layers)
+    skeleton = _skeleton(_sdpa_config(config), dtype)
+    stages = []
+    for spec in specs:
+        if spec.end > num_layers:
+            raise ModelError(f"stage layers [{spec.start}, {spec.end}) exceed the model's {num_layers} layers")
+        parts: dict[str, nn.Module] = {key: module for key, (_, module) in _select(skeleton, arch, spec).items()}
+        if spec.num_layers:
+            layers = get_module(skeleton, arch.layers)
+            assert isinstance(layers, nn.ModuleList)
+            parts["blocks"] = nn.ModuleList(layers[i] for i in range(spec.start, spec.end))
+        dims = ModelDims(int(config.hidden_size), int(config.vocab_size), max_positions(config))
+        stages.append(Stage(spec, arch.call, parts, dims))
+    return stages
+
+
 def _sdpa_config(config: Any) -> Any:
     if getattr(config, "_attn_implementation", None) == "sdpa":
         return config

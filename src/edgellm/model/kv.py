@@ -16,7 +16,9 @@ from edgellm.errors import ConfigError
 MIN_CAPACITY = 64
 
 
-def _capacity_for(length: int) -> int:
+def capacity_for(length: int) -> int:
+    """Tokens a cache's buffers hold once a session reaches `length`: the smallest power-of-two multiple of
+    `MIN_CAPACITY` that is >= `length` (the buffers double when full)."""
     capacity = MIN_CAPACITY
     while capacity < length:
         capacity *= 2
@@ -59,11 +61,11 @@ class KVCache:
         if self.max_length is not None and total > self.max_length:
             raise ConfigError(f"sequence of {total} tokens exceeds this model's limit of {self.max_length}")
         if self._valid is None:
-            self._valid = torch.zeros(batch, _capacity_for(total), dtype=torch.bool)
+            self._valid = torch.zeros(batch, capacity_for(total), dtype=torch.bool)
         elif batch != self._valid.shape[0]:
             raise ConfigError(f"session has batch size {self._valid.shape[0]}, request has {batch}")
         elif total > self._valid.shape[1]:
-            self._valid = _grow(self._valid, dim=1, capacity=_capacity_for(total))
+            self._valid = _grow(self._valid, dim=1, capacity=capacity_for(total))
         self._valid[:, self.length : total] = token_mask
         self._pending = new
         return self._valid[:, :total]
@@ -122,9 +124,9 @@ def _write(buffer: torch.Tensor | None, new: torch.Tensor, start: int, end: int)
     # new: [B, H, S, D]; buffer: [B, H, capacity, D]
     if buffer is None:
         shape = list(new.shape)
-        shape[2] = _capacity_for(end)
+        shape[2] = capacity_for(end)
         buffer = new.new_zeros(shape)
     elif end > buffer.shape[2]:
-        buffer = _grow(buffer, dim=2, capacity=_capacity_for(end))
+        buffer = _grow(buffer, dim=2, capacity=capacity_for(end))
     buffer[:, :, start:end] = new
     return buffer

@@ -84,6 +84,45 @@ def stage_specs(num_layers: int, cuts: Sequence[int], head: HeadPlacement = "ser
     return specs
 
 
+def chain_stages(
+    num_layers: int,
+    cuts: Sequence[int],
+    device: str,
+    servers: Sequence[str],
+    head: HeadPlacement,
+    device_embeds: bool = False,
+) -> list[tuple[str, StageSpec]]:
+    """The stages of a split deployment in execution order, each with the node that runs it.
+
+    `cuts[i]` is the first layer of `servers[i]`. The device runs the embedding and layers `[0, cuts[0])`; a
+    first cut of 0 gives the device no layer: then `servers[0]` embeds (a thin device: token ids cross the first
+    link) unless `device_embeds`, where the device keeps the embedding alone. The last server runs up to
+    `num_layers`; with `head="device"` a final head-only stage goes to the device, else the last stage holds it.
+
+    Raises:
+        ConfigError: cuts that do not fit `num_layers`, one cut per server is not given, or `device_embeds`
+            with a first cut other than 0.
+    """
+    if len(cuts) != len(servers):
+        raise ConfigError(f"{len(cuts)} cut(s) for {len(servers)} server(s); need one per server")
+    zero = bool(cuts) and cuts[0] == 0
+    if device_embeds and not zero:
+        raise ConfigError("the device keeps the embedding alone only with a first cut of 0")
+    owners = list(servers) if zero else [device, *servers]
+    specs = stage_specs(num_layers, cuts[1:] if zero else cuts, head="server")
+    if zero and device_embeds:
+        first = specs[0]
+        specs[0] = StageSpec(first.start, first.end, embed=False, head=first.head)
+        specs.insert(0, StageSpec(0, 0, embed=True))
+        owners.insert(0, device)
+    if head == "device":
+        last = specs[-1]
+        specs[-1] = StageSpec(last.start, last.end, embed=last.embed)
+        specs.append(StageSpec(num_layers, num_layers, head=True))
+        owners.append(device)
+    return list(zip(owners, specs, strict=True))
+
+
 def attention_mask(key_valid: torch.Tensor, past: int) -> torch.Tensor | None:
     """Causal mask over cached + new keys, hiding padding; None where SDPA's own handling is already right.
 

@@ -23,6 +23,9 @@ lte      10        30          50.0    5.0        0       Typical LTE as reporte
                                                           (20-40 Mbit/s down, about a third of that up, 40-60 ms RTT).
 wan      20        50          80.0    5.0        0.1     Broadband access to a distant cloud region: 50/20 Mbit/s,
                                                           ~80 ms RTT, 0.1% loss of an uncongested internet path.
+metro    10000     10000       0.2     0.02       0       Backhaul between edge servers of one MEC site or metro ring:
+                                                          10 Gigabit Ethernet (IEEE 802.3ae), a few km of fibre and
+                                                          one switch: ~0.2 ms RTT. An assumption, not a standard.
 none     inf       inf         0.0     0.0        0       No emulation: unlimited bandwidth, no delay.
 =======  ========  ==========  ======  =========  ======  ==============================================================
 
@@ -96,6 +99,7 @@ PROFILES: dict[str, LinkProfile] = {
     "wifi6": LinkProfile(up_mbps=250.0, down_mbps=500.0, rtt_ms=5.0, jitter_ms=1.0),
     "lte": LinkProfile(up_mbps=10.0, down_mbps=30.0, rtt_ms=50.0, jitter_ms=5.0),
     "wan": LinkProfile(up_mbps=20.0, down_mbps=50.0, rtt_ms=80.0, jitter_ms=5.0, loss_pct=0.1),
+    "metro": LinkProfile(up_mbps=10_000.0, down_mbps=10_000.0, rtt_ms=0.2, jitter_ms=0.02),
     "none": LinkProfile(up_mbps=math.inf, down_mbps=math.inf, rtt_ms=0.0),
 }
 

@@ -10,6 +10,8 @@ edgellm's own frames (`edgellm.net.messages`), so no protobuf code generation is
 - `Generate` (JSON -> stream of JSON events): a device node generates text for a prompt.
 - `Train` (frame -> frame): a split-learning message (`TrainOpen`, `TrainForward`, `TrainBackward`,
   `AdapterSync`), answered with a `ForwardReply` or a `SyncReply`.
+- `Control` (JSON -> JSON): a control-plane op `{"op": ..., ...}` (`edgellm.split.control`): probe a link,
+  change its emulation, load another stage, migrate.
 
 Every call carries the deployment's shared token in the `x-edgellm-token` metadata; nodes compare it in
 constant time and refuse calls without it. Errors cross as gRPC statuses, one per kind (`edgellm.net.rpc_status`):
@@ -46,6 +48,7 @@ from edgellm.net.messages import (
     decode,
     encode,
 )
+from edgellm.net.probe import echo_request
 from edgellm.net.rpc_status import AuthError as AuthError  # re-exported: RemoteHop's callers catch it from here
 from edgellm.net.rpc_status import NodeUnreachable, RemoteError, abort_with, error_from
 
@@ -131,6 +134,7 @@ class RemoteHop:
         self._info = self._grpc.unary_unary(f"/{SERVICE}/Info")
         self._generate = self._grpc.unary_stream(f"/{SERVICE}/Generate")
         self._train = self._grpc.unary_unary(f"/{SERVICE}/Train")
+        self._control = self._grpc.unary_unary(f"/{SERVICE}/Control")
 
     def forward(self, request: ForwardRequest) -> ForwardReply:
         route = request.route if self.route is None else self.route
@@ -159,13 +163,7 @@ class RemoteHop:
     def _exchange(self, method: Callable[..., bytes], frame: bytes, timeout_s: float | None = None) -> Any:
         """Send `frame` through the emulated link, decode the answer; a `ForwardReply` gets this hop's trace
         first, a `SyncReply` (adapter traffic) is counted in `sync_bytes`."""
-        start = time.perf_counter()
-        if self.link is not None:
-            self.link.send(len(frame), "up")
-        reply_frame = self._call(method, frame, timeout_s)
-        if self.link is not None:
-            self.link.send(len(reply_frame), "down")
-        call_ms = (time.perf_counter() - start) * 1e3
+        reply_frame, call_ms = self._through_link(method, frame, timeout_s)
         try:
             reply = decode(reply_frame, self.channel.max_message_bytes)
         except WireError as exc:  # the peer's fault, not this side's input
@@ -184,6 +182,31 @@ class RemoteHop:
             bytes_down=len(reply_frame),
         )
         return dataclasses.replace(reply, trace=(own, *reply.trace))
+
+    def _through_link(
+        self, method: Callable[..., bytes], frame: bytes, timeout_s: float | None = None
+    ) -> tuple[bytes, float]:
+        """Call `method` with `frame`, each way through the emulated link; -> the reply and the call's ms."""
+        link = self.link  # read once: `set_link` may replace it between messages, never within one
+        start = time.perf_counter()
+        if link is not None:
+            link.send(len(frame), "up")
+        reply_frame = self._call(method, frame, timeout_s)
+        if link is not None:
+            link.send(len(reply_frame), "down")
+        return reply_frame, (time.perf_counter() - start) * 1e3
+
+    def control(self, request: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        """Send a control op (`{"op": ..., ...}`, see `edgellm.split.control`) and return the node's answer.
+        Control calls bypass the link emulation: they manage the deployment, they are not its traffic."""
+        return self._json(self._call(self._control, json.dumps(request).encode(), timeout_s), "Control")
+
+    def probe(self, up_bytes: int, down_bytes: int, timeout_s: float | None = None) -> float:
+        """Seconds for an echo of about `up_bytes` out and `down_bytes` back, through the emulated link both
+        ways as `forward` goes: a measurement of the link, transport included."""
+        reply, call_ms = self._through_link(self._control, echo_request(up_bytes, down_bytes), timeout_s)
+        self._json(reply, "Control")
+        return call_ms / 1e3
 
     def close(self, request: CloseSession) -> None:
         route = request.route if self.route is None else self.route
@@ -269,6 +292,8 @@ class NodeHandler(Protocol):
 
     def train(self, frame: bytes) -> bytes: ...
 
+    def control(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
 
 def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: int = 8) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `handler` on `address`; returns the server and the bound port.
@@ -284,6 +309,7 @@ def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: i
         "Info": grpc.unary_unary_rpc_method_handler(service.info),
         "Generate": grpc.unary_stream_rpc_method_handler(service.generate),
         "Train": grpc.unary_unary_rpc_method_handler(service.train),
+        "Control": grpc.unary_unary_rpc_method_handler(service.control),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
     try:
@@ -333,10 +359,15 @@ class _Service:
     def info(self, _: bytes, context: grpc.ServicerContext) -> bytes:
         return self._guard(context, lambda: json.dumps(self._handler.info()).encode())
 
+    def control(self, payload: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(
+            context, lambda: json.dumps(self._handler.control(_json_object(payload, "control"))).encode()
+        )
+
     def generate(self, payload: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         self._check_token(context)
         try:
-            for event in self._handler.generate(_generate_request(payload)):
+            for event in self._handler.generate(_json_object(payload, "generate")):
                 yield json.dumps(event).encode()
         except Exception as exc:  # noqa: BLE001 - abort_with answers each kind, and logs a bug with its traceback
             abort_with(context, exc)
@@ -356,11 +387,11 @@ class _Service:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong deployment token")
 
 
-def _generate_request(payload: bytes) -> dict[str, Any]:
+def _json_object(payload: bytes, method: str) -> dict[str, Any]:
     try:
         request = json.loads(payload)
     except ValueError as exc:  # JSON and UTF-8 errors
-        raise ConfigError(f"a generate request must be JSON: {exc}") from None
+        raise ConfigError(f"a {method} request must be JSON: {exc}") from None
     if not isinstance(request, dict):
-        raise ConfigError("a generate request must be a JSON object")
+        raise ConfigError(f"a {method} request must be a JSON object")
     return request

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from edgellm.quant.modules import is_quantized
+from edgellm.quant.scheme import QuantConfig, weight_bytes
+from edgellm.quant.walker import float_weight
 
 _SCALE_BUFFERS = ("scales", "zeros", "scales_zeros")
 
@@ -57,6 +59,54 @@ def stage_memory(stage: nn.Module) -> StageMemory:
                 kind = "code"
             counts[kind] += t.numel() * t.element_size()
     return StageMemory(counts["code"], counts["scale"], counts["float"], tuple(sorted(schemes)))
+
+
+def planned_weight_bytes(stage: nn.Module, quant: QuantConfig | None, prefix: str = "") -> int:
+    """Bytes `stage` will hold once `quantize_module(stage, quant)` has run, without running it.
+
+    Works on a meta-device stage (`model.build.meta_stages`): it follows the walker's choices (linear layers and
+    embeddings get their scheme's exact size, `quant.scheme.weight_bytes`, plus a float32 bias) and counts every
+    other parameter and buffer at its own dtype, a tensor shared by two modules once. On a real float stage it
+    agrees with `stage_memory(quantized copy).weight_bytes`; rotary tables are counted at the skeleton's dtype
+    (the builder rebuilds them in float32: a few hundred bytes apart under bf16).
+
+    Raises:
+        ConfigError: a scheme's group size does not divide some layer's input dimension.
+    """
+    seen: set[int] = set()
+    total = 0
+    for name, module in _walk(stage, prefix):
+        scheme = quant.scheme_for(name) if quant is not None and _quantizable(module) else None
+        if scheme is not None:
+            if isinstance(module, nn.Embedding):
+                rows, cols = module.weight.shape
+                total += weight_bytes(rows, cols, scheme.name, embedding=True)
+            else:
+                found = float_weight(module)
+                assert found is not None
+                weight, bias = found
+                total += weight_bytes(weight.shape[0], weight.shape[1], scheme.name)
+                total += 0 if bias is None else 4 * bias.numel()  # quantized modules keep a float32 bias
+            continue
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or float_weight(module) is not None
+
+
+def _walk(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) in the walker's order; a quantizable module's children are not visited (it is a leaf)."""
+    out = [(name, module)]
+    if _quantizable(module) or is_quantized(module):
+        return out
+    for child_name, child in module.named_children():
+        out += _walk(child, f"{name}.{child_name}" if name else child_name)
+    return out
 
 
 def kv_bytes_per_token(model_config: Any, num_layers: int, dtype: torch.dtype = torch.float32) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +15,15 @@ from edgellm.errors import ConfigError
 from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import StageSpec
+from edgellm.serve.migration import LiveMigration, local_compute, migration_rows, run_traces
 from edgellm.serve.report import link_report, node_compute, timing_report
-from edgellm.split.generator import GenerationConfig, Generator
+from edgellm.split.control import Field, link_profiles, node_ops
+from edgellm.split.generator import BetweenSteps, GenerationConfig, Generator
+from edgellm.split.layout import Layout
 from edgellm.split.one_process import stage_label
 from edgellm.split.pipeline import Hop, Pipeline
+
+log = logging.getLogger(__name__)
 
 # Field -> (type, default) of a Generate request.
 GENERATE_FIELDS: dict[str, tuple[type, Any]] = {
@@ -29,6 +36,13 @@ GENERATE_FIELDS: dict[str, tuple[type, Any]] = {
     "top_p": (float, 1.0),
     "seed": (int, 0),
 }
+
+
+MIGRATE_FIELDS = {  # the `migrate` control op: a `Layout`, and before which decode step (None: the next one)
+    "cuts": Field(list, required=True), "route": Field(list, required=True), "quant": Field(dict),
+    "head": Field(str), "at_step": Field(int), "device_embeds": Field(bool, default=False),
+    "codecs": Field(dict),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,10 @@ class DeviceEngine:
         hops: the pipeline's hops in order (local ones are `LocalHop`s).
         layout: (node name, stage spec) of every stage of the deployment, in execution order.
         info: static fields for the report (model, mode, ...).
+        migration: how to move the deployment to another layout mid-run, and the layouts asked for; None for a
+            device that cannot (the `migrate` control op is then refused).
+        node_status: called once at the end of each generation: node name -> fields merged into that node's
+            entry of the report (`emulated`, `memory`: `edgellm.deploy.memory_budget.NodeStatus`); None for none.
     """
 
     def __init__(
@@ -85,6 +103,8 @@ class DeviceEngine:
         hops: Sequence[Hop],
         layout: Sequence[tuple[str, StageSpec]],
         info: dict[str, Any],
+        migration: LiveMigration | None = None,
+        node_status: Callable[[], dict[str, dict[str, Any]]] | None = None,
     ) -> None:
         self.name = name
         self.tokenizer = tokenizer
@@ -93,9 +113,83 @@ class DeviceEngine:
         self.layout = list(layout)
         self._info = info
         self._lock = threading.Lock()  # one generation at a time: a device serves its own user
+        self.migration = migration
+        self.node_status = node_status
+        self.control_ops = node_ops(name, self.info, self._linked_hops)  # edgellm.split.control
+        self.control_ops.register("migrate", self._migrate_op, MIGRATE_FIELDS)
 
     def info(self) -> dict[str, Any]:
-        return {**self._info, "name": self.name, "role": "device", "layout": self._layout_json()}
+        return {
+            **self._info,
+            "name": self.name,
+            "role": "device",
+            "layout": self._layout_json(),
+            "link_emulation": link_profiles(self._linked_hops()),
+        }
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A control op: echo, info, probe_link, set_link (its links to servers), migrate, and those registered."""
+        return self.control_ops.dispatch(request)
+
+    def migrate(self, layout: Layout) -> Pipeline:
+        """Move the deployment to `layout` now and return a pipeline over the new hops. Call it between
+        generations (holding the generation lock) or from a generation's `between_steps` hook.
+
+        Raises:
+            ConfigError: this device cannot migrate, or the layout is invalid (nothing changed then).
+            PeerError: a server failed to load its new stage.
+        """
+        if self.migration is None:
+            raise ConfigError(f"node {self.name} cannot migrate (it was built without a rebuilder)")
+        self.hops, self.layout = self.migration.rebuilder.rebuild(layout, self.hops)
+        self._info.update(cuts=list(layout.cuts), head=layout.head, route=[self.name, *layout.route])
+        return Pipeline(self.hops, layout=self._layout_json())
+
+    def _migrate_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Migrate now if idle and no step is named, else queue the layout for the running (or next) generation."""
+        if self.migration is None:
+            raise ConfigError(f"node {self.name} cannot migrate (it was built without a rebuilder)")
+        fields = {key: request[key] for key in ("cuts", "route", "quant", "device_embeds", "codecs")}
+        layout = Layout.from_json({**fields, "head": request["head"] or self._info.get("head", "device")})
+        at_step = request["at_step"]
+        if at_step is None and self._lock.acquire(blocking=False):
+            try:
+                self.migration.rebuilder.check(layout)
+                start = time.perf_counter()
+                self.migrate(layout)
+                return {"migrated": True, "ms": round((time.perf_counter() - start) * 1e3, 3),
+                        "layout": self._layout_json()}  # fmt: skip
+            finally:
+                self._lock.release()
+        waiting = self.migration.queue(layout, at_step)
+        return {"queued": True, "at_step": at_step, "waiting": waiting}
+
+    def _between_steps(self, generator: Callable[[], Generator]) -> BetweenSteps | None:
+        """The generation's hook: feed the controller the new traces, and migrate to a layout it or the control
+        channel asks for."""
+        migration = self.migration
+        if migration is None:
+            return None
+        seen: list[Any] = [None, 0]  # the pipeline last observed, and how many of its traces
+
+        def hook(step: int, fed: Sequence[Sequence[int]]) -> Pipeline | None:
+            pipeline = generator().pipeline
+            start = seen[1] if seen[0] is pipeline else 0
+            seen[:] = [pipeline, len(pipeline.traces)]
+            layout = migration.choose(step, pipeline.traces[start:])
+            if layout is None:
+                return None
+            try:  # a controller's layout is checked here (a queued one was checked when queued)
+                migration.rebuilder.check(layout)
+            except ConfigError as exc:
+                log.warning("not migrating before step %d to an invalid layout: %s", step, exc)
+                return None
+            return self.migrate(layout)
+
+        return hook
+
+    def _linked_hops(self) -> dict[str, Hop]:
+        return {hop.name: hop for hop in self.hops if hasattr(hop, "probe")}
 
     def generate(self, data: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Events: {"token": id, "text": delta} per token, then {"report": {...}}."""
@@ -103,25 +197,27 @@ class DeviceEngine:
         prompt_ids = encode_prompt(self.tokenizer, request.prompt, request.chat)
         config = GenerationConfig(request.max_new_tokens, request.sampling, stop_ids(self.tokenizer, self.model_config))
         with self._lock:
-            pipeline = Pipeline(self.hops)
-            generator = Generator(pipeline, config)
+            while self.migration is not None and (waiting := self.migration.take_unscheduled()) is not None:
+                self.migrate(waiting)  # asked for while the last generation was finishing
+            generator = Generator(
+                Pipeline(self.hops, layout=self._layout_json()), config, self._between_steps(lambda: generator)
+            )
             stream = TextStream(self.tokenizer)
             for step in generator.stream(torch.tensor([prompt_ids])):
                 yield {"token": step.tokens[0], "text": stream.push(step.tokens[0])}
             assert generator.result is not None
-            yield {"report": self._report(prompt_ids, generator, pipeline)}
+            yield {"report": self._report(prompt_ids, generator)}
 
-    def _report(self, prompt_ids: list[int], generator: Generator, pipeline: Pipeline) -> dict[str, Any]:
+    def _report(self, prompt_ids: list[int], generator: Generator) -> dict[str, Any]:
         result = generator.result
         assert result is not None
         new_tokens = result.new_tokens[0]
-        remote = node_compute(pipeline.traces)
-        local = [s for hop, s in zip(self.hops, pipeline.stats) if hop.name.startswith(f"{self.name}/")]
-        per_token = [s.decode_compute_ms_per_call for s in local]
-        remote[self.name] = (
-            sum(s.compute_ms for s in local),
-            sum(p for p in per_token if p is not None) if any(p is not None for p in per_token) else None,
-        )
+        traces = run_traces(generator)  # every pipeline's, without the migrations' replays
+        remote = node_compute(traces)
+        local = local_compute(generator, f"{self.name}/")
+        per_token = [p for _, p in local.values() if p is not None]
+        remote[self.name] = (sum(total for total, _ in local.values()), sum(per_token) if per_token else None)
+        status = self.node_status() if self.node_status is not None else {}
         nodes = []
         for node, specs in self._by_node().items():
             blocks = [s for s in specs if s.num_layers] or specs
@@ -133,6 +229,7 @@ class DeviceEngine:
                     "head": any(s.head for s in specs),
                     "compute_ms": round(total, 3),
                     "compute_ms_per_token": None if per_step is None else round(per_step, 3),
+                    **status.get(node, {}),
                 }
             )
         return {
@@ -141,18 +238,21 @@ class DeviceEngine:
             "new_tokens": new_tokens,
             "text": self.tokenizer.decode(new_tokens, skip_special_tokens=True),
             "nodes": nodes,
-            "links": link_report(pipeline.traces),
-            "stages": self._stage_rows(pipeline, remote),
+            "links": link_report(traces),
+            "link_emulation": link_profiles(self._linked_hops()),
+            "stages": self._stage_rows(local, remote),
+            "migrations": migration_rows(generator),
             **timing_report(result),
         }
 
-    def _stage_rows(self, pipeline: Pipeline, remote: dict[str, tuple[float, float | None]]) -> list[dict[str, Any]]:
+    def _stage_rows(
+        self, local: dict[str, tuple[float, float | None]], remote: dict[str, tuple[float, float | None]]
+    ) -> list[dict[str, Any]]:
         """One row per stage of the deployment; a server holds one stage, so its node's compute is the stage's."""
-        local = {hop.name.split("/", 1)[1]: s for hop, s in zip(self.hops, pipeline.stats) if "/" in hop.name}
         rows = []
         for node, spec in self.layout:
-            stats = local.get(stage_label(spec)) if node == self.name else None
-            total = stats.compute_ms if stats is not None else remote.get(node, (0.0, None))[0]
+            found = local.get(stage_label(spec)) if node == self.name else None
+            total = found[0] if found is not None else remote.get(node, (0.0, None))[0]
             rows.append({"node": node, "layers": [spec.start, spec.end], "embed": spec.embed, "head": spec.head,
                          "compute_ms": round(total, 3)})  # fmt: skip
         return rows
@@ -189,3 +289,6 @@ class DeviceServer:
 
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         return self.engine.generate(request)
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.engine.control(request)

@@ -1,12 +1,18 @@
-"""The generation loop: prefill, then one token at a time through a pipeline, streaming each step."""
+"""The generation loop: prefill, then one token at a time through a pipeline, streaming each step.
+
+Between steps a hook may hand the loop a new pipeline (a live migration): the loop then opens a new session on
+it by replaying every token fed so far as one prefill, and goes on with the pending token, so the tokens are
+those the old pipeline would have produced.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +45,35 @@ class Step:
     finished: tuple[bool, ...]
 
 
+@dataclass(frozen=True)
+class Migration:
+    """A switch to a new pipeline before step `step` (tokens `[0, step)` came from the old one).
+
+    Attributes:
+        switch_ms: the hook's time to build the new pipeline (loading stages, reconfiguring nodes).
+        replay_ms: the prefill that rebuilt the session's KV caches on the new pipeline.
+        replayed_tokens: how many tokens that prefill carried (the prompt and the tokens fed back so far).
+        replay_traces: how many of the new pipeline's `traces` the replay made (they come first).
+        before, after: the old and the new pipeline's `layout` (a description, for reports).
+    """
+
+    step: int
+    switch_ms: float
+    replay_ms: float
+    replayed_tokens: int
+    replay_traces: int
+    before: Any = None
+    after: Any = None
+
+    @property
+    def ms(self) -> float:
+        return self.switch_ms + self.replay_ms
+
+
+# (step about to be fed, the real tokens fed so far per row) -> None, or the pipeline to continue on
+BetweenSteps = Callable[[int, Sequence[Sequence[int]]], Pipeline | None]
+
+
 @dataclass
 class GenerationResult:
     """Tokens and timings of one finished generation. `new_tokens[b]` ends with the stop token if one came."""
@@ -47,6 +82,7 @@ class GenerationResult:
     ttft_ms: float = 0.0
     decode_ms: float = 0.0
     steps: int = 0
+    migrations: list[Migration] = field(default_factory=list)
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -80,11 +116,22 @@ def positions_for(token_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Generator:
-    """Generates from a pipeline; iterate `stream()` for tokens as they come, then read `result`."""
+    """Generates from a pipeline; iterate `stream()` for tokens as they come, then read `result`.
 
-    def __init__(self, pipeline: Pipeline, config: GenerationConfig) -> None:
+    Args:
+        pipeline: the hops to run.
+        config: when to stop, how to choose tokens.
+        between_steps: called before each decode step with (step index, the real tokens fed so far per row:
+            prompt and tokens fed back, not the pending one); a returned pipeline, a new one whose accounting
+            starts with the replay, replaces the current one (a live migration, batch 1 only). `pipelines`
+            lists every pipeline used, in order.
+    """
+
+    def __init__(self, pipeline: Pipeline, config: GenerationConfig, between_steps: BetweenSteps | None = None) -> None:
         self.pipeline = pipeline
+        self.pipelines = [pipeline]
         self.config = config
+        self.between_steps = between_steps
         self.result: GenerationResult | None = None
 
     def stream(self, ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> Iterator[Step]:
@@ -99,6 +146,7 @@ class Generator:
         next_pos = mask.long().sum(-1)  # [B]
         result = GenerationResult(new_tokens=[[] for _ in range(batch)])
         finished = [False] * batch
+        fed = [ids[row][mask[row]].tolist() for row in range(batch)] if self.between_steps else []
         session = secrets.token_hex(8)  # 64 random bits; short, since it rides every frame
         start = time.perf_counter()
         try:
@@ -108,6 +156,10 @@ class Generator:
                 session, ids, positions_for(mask), None if token_mask is None else mask, True, argmax=greedy
             )
             for index in range(cfg.max_new_tokens):
+                if index > 0 and self.between_steps is not None:
+                    session = self._maybe_migrate(index, fed, session, result)
+                    for row, token in enumerate(tokens.tolist()):
+                        fed[row].append(token)
                 if index > 0:  # feed back the previous step's tokens
                     logits = self.pipeline.forward(
                         session, tokens.view(batch, 1), next_pos.view(batch, 1), None, False, argmax=greedy
@@ -136,6 +188,35 @@ class Generator:
             raise
         self._finish(result, start)
         self.pipeline.close(session)
+
+    def _maybe_migrate(self, index: int, fed: list[list[int]], session: str, result: GenerationResult) -> str:
+        """Ask the hook; on a new pipeline, replay `fed` there as a new session. -> the session to go on with."""
+        assert self.between_steps is not None
+        switch_start = time.perf_counter()
+        new = self.between_steps(index, fed)
+        if new is None:
+            return session
+        switch_ms = (time.perf_counter() - switch_start) * 1e3
+        if len(fed) != 1:
+            raise ConfigError(f"a live migration replays one sequence; this generation has a batch of {len(fed)}")
+        old = self.pipeline
+        try:
+            old.close(session)
+        except Exception as exc:  # noqa: BLE001 - nodes that reloaded dropped it already; the rest expire it
+            log.warning("could not close session %s on the old pipeline: %s", session, exc)
+        session = secrets.token_hex(8)
+        replay_start = time.perf_counter()
+        replay = torch.tensor([fed[0]])  # [1, T]
+        positions = torch.arange(replay.shape[1]).view(1, -1)  # [1, T]
+        self.pipeline = new
+        self.pipelines.append(new)
+        new.forward(session, replay, positions, None, True, argmax=self.config.sampling.greedy)
+        replay_ms = (time.perf_counter() - replay_start) * 1e3
+        result.migrations.append(
+            Migration(index, switch_ms, replay_ms, len(fed[0]), len(new.traces), old.layout, new.layout)
+        )
+        log.info("migrated before step %d: %.0f ms switch, %.0f ms replay", index, switch_ms, replay_ms)
+        return session
 
     def _finish(self, result: GenerationResult, start: float) -> None:
         result.decode_ms = (time.perf_counter() - start) * 1e3 - result.ttft_ms

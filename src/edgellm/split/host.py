@@ -11,25 +11,33 @@ from dataclasses import dataclass
 import torch
 
 from edgellm.errors import BusyError, ConfigError, SessionError
-from edgellm.model.kv import KVCache
+from edgellm.model.kv import KVCache, capacity_for
 from edgellm.model.stage import Stage
 from edgellm.net.messages import PROTOCOL_VERSION, CloseSession, ForwardReply, ForwardRequest
+from edgellm.split.budget import NodeEmulation, StageMemory
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """How many sessions a host keeps and for how long an idle one survives."""
+    """How many sessions a host keeps, for how long an idle one survives, and how long one may grow.
+
+    `max_context` (tokens; None = the model's own limit) is what each session's KV cache is reserved for in the
+    node's memory budget, so no request may reach a position past it.
+    """
 
     max_sessions: int = 64
     idle_timeout_s: float = 600.0
+    max_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if not self.idle_timeout_s > 0:
             raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
+        if self.max_context is not None and self.max_context < 1:
+            raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
 
 
 @dataclass
@@ -44,13 +52,28 @@ class StageHost:
     A session starts with a request flagged `new_session` (which also resets an existing session of that id)
     and ends with `close`, after `idle_timeout_s` without requests, or when the host stops. Requests are run
     one at a time: the stage's matrix kernels already use every core.
+
+    Args:
+        stage: the stage to serve.
+        limits: sessions, idle expiry and `max_context`.
+        clock: monotonic seconds, for idle expiry.
+        emulation: a node slower than this machine waits `compute_scale - 1` times each computation (holding the
+            lock, so the emulated node is busy meanwhile) and reports the scaled time as `compute_ms`.
+        memory: where each new session reserves its KV cache for `max_context` tokens; None reserves nothing.
     """
 
     def __init__(
-        self, stage: Stage, limits: SessionLimits = SessionLimits(), clock: Callable[[], float] = time.monotonic
+        self,
+        stage: Stage,
+        limits: SessionLimits = SessionLimits(),
+        clock: Callable[[], float] = time.monotonic,
+        emulation: NodeEmulation = NodeEmulation(),
+        memory: StageMemory | None = None,
     ) -> None:
         self.stage = stage
         self.limits = limits
+        self.emulation = emulation
+        self.memory = memory
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
         self.lock = threading.RLock()  # also held by the training host: one computation at a time
@@ -64,12 +87,19 @@ class StageHost:
 
         Raises:
             SessionError: the session is unknown (and the request is not a session start).
-            BusyError: the host already serves its maximum of sessions.
-            ConfigError: protocol mismatch, or a sequence past the model's limits.
+            BusyError: the host already serves its maximum of sessions, or a new session's KV cache would pass
+                the node's memory budget.
+            ConfigError: protocol mismatch, or a position past `max_context` or the model's limits.
         """
         if request.version != PROTOCOL_VERSION:
             raise ConfigError(
                 f"protocol version {request.version} is not supported (this host speaks {PROTOCOL_VERSION})"
+            )
+        max_context = self.limits.max_context
+        if max_context is not None and request.positions.numel() and int(request.positions.max()) >= max_context:
+            raise ConfigError(
+                f"position {int(request.positions.max())} is past this deployment's max_context of {max_context} "
+                "tokens; start a new session or raise deployment.max_context"
             )
         with self.lock:
             now = self._clock()
@@ -82,18 +112,29 @@ class StageHost:
                 )
                 if request.argmax and self.stage.spec.head:
                     output = output[:, -1:].argmax(dim=-1)  # [B, 1, V] -> [B, 1] token ids
+            measured_s = time.perf_counter() - start
+            scale = self.emulation.compute_scale
+            if scale > 1.0:  # an emulated slower node: busy for the rest of its time, still holding the lock
+                time.sleep((scale - 1.0) * measured_s)
             session.last_used = self._clock()
-            return ForwardReply(output=output, compute_ms=(time.perf_counter() - start) * 1e3)
+            return ForwardReply(output=output, compute_ms=scale * measured_s * 1e3)
 
     def close(self, request: CloseSession) -> None:
         """Drop a session; closing an unknown session is not an error (it may have expired)."""
         with self.lock:
-            self._sessions.pop(request.session, None)
+            self._drop(request.session)
+
+    def close_all(self) -> None:
+        """Drop every session: the stage is being replaced, and their KV caches belong to its layers."""
+        with self.lock:
+            for session in list(self._sessions):
+                self._drop(session)
 
     def _session_for(self, request: ForwardRequest, now: float) -> _Session:
         if request.new_session:
             if request.session not in self._sessions and len(self._sessions) >= self.limits.max_sessions:
                 raise BusyError(f"stage is serving its maximum of {self.limits.max_sessions} sessions")
+            self._reserve(request.session, batch=int(request.data.shape[0]))
             self._sessions[request.session] = _Session(self.stage.new_cache(), now)
         session = self._sessions.get(request.session)
         if session is None:
@@ -104,4 +145,17 @@ class StageHost:
         idle = [sid for sid, s in self._sessions.items() if now - s.last_used > self.limits.idle_timeout_s]
         for sid in idle:
             log.info("session %s expired after %.0f s idle", sid, self.limits.idle_timeout_s)
-            del self._sessions[sid]
+            self._drop(sid)
+
+    def _reserve(self, session: str, batch: int) -> None:
+        """Reserve the session's KV cache at `max_context` (its buffers' full capacity, validity mask included)."""
+        if self.memory is None or not self.stage.spec.num_layers:
+            return
+        tokens = self.limits.max_context or self.stage.max_length
+        nbytes = (self.memory.kv_bytes_per_token + 1) * capacity_for(tokens) * batch  # + 1: the bool mask
+        self.memory.ledger.reserve((id(self), session), nbytes, tokens)
+
+    def _drop(self, session: str) -> None:
+        self._sessions.pop(session, None)
+        if self.memory is not None:
+            self.memory.ledger.release((id(self), session))

@@ -49,12 +49,16 @@ class HopStats:
 
 
 class Pipeline:
-    """Runs a session through its hops in order and accounts their time."""
+    """Runs a session through its hops in order and accounts their time.
 
-    def __init__(self, hops: Sequence[Hop]) -> None:
+    `layout` describes what the hops run (for reports, e.g. of a live migration); the pipeline does not read it.
+    """
+
+    def __init__(self, hops: Sequence[Hop], layout: Any = None) -> None:
         if not hops:
             raise ValueError("a pipeline needs at least one hop")
         self.hops = list(hops)
+        self.layout = layout
         self.stats = [HopStats(h.name) for h in self.hops]
         self.traces: list[HopTrace] = []  # network hops, in call order (empty in one process)
 

@@ -25,6 +25,8 @@ from edgellm.net.messages import (
     decode,
     encode,
 )
+from edgellm.split.budget import rss_bytes, to_mb
+from edgellm.split.control import link_profiles, node_ops
 from edgellm.split.host import StageHost
 from edgellm.split.pipeline import Hop, TrainHop
 from edgellm.split.validate import check_hidden, check_request
@@ -77,6 +79,9 @@ class StageServer:
         self._info = dict(info or {})
         self._max_bytes = max_message_bytes
         self.trainer = trainer
+        # Control ops (edgellm.split.control); a node builder adds `load_stage`, which swaps `host`,
+        # `downstream` and `trainer` whole, so a request reads each once.
+        self.control_ops = node_ops(name, self.info, lambda: self.downstream)
 
     def forward(self, frame: bytes) -> bytes:
         start = time.perf_counter()
@@ -84,12 +89,13 @@ class StageServer:
         if not isinstance(request, ForwardRequest):
             raise WireError(f"Forward takes a forward message, got {type(request).__name__}")
         reply_codec = parse_codec(request.reply_codec)
-        check_request(request, self.host.stage)
+        host = self.host
+        check_request(request, host.stage)
         next_hop = self._next(request.route[0]) if request.route else None  # refuse a bad route before computing
-        local = self.host.forward(request)
+        local = host.forward(request)
         output = local.output
         trace: tuple[HopTrace, ...] = ()
-        is_logits = self.host.stage.spec.head and local.output.is_floating_point()
+        is_logits = host.stage.spec.head and local.output.is_floating_point()
         if next_hop is not None:
             ahead = ForwardRequest(
                 request.session, local.output, request.positions, request.token_mask,
@@ -122,7 +128,28 @@ class StageServer:
             "head": spec.head,
             "hidden_size": self.host.stage.dims.hidden_size,
             "sessions": self.host.session_count,
+            "link_emulation": link_profiles(self.downstream),
+            "emulated": self.host.emulation.to_json(),
+            "memory": host_memory(self.host),
         }
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A control op (`edgellm.split.control`): echo, info, probe_link, set_link, and those registered."""
+        return self.control_ops.dispatch(request)
+
+    def replace_stage(
+        self, host: StageHost, downstream: Mapping[str, Hop], trainer: Trainer | None, info: Mapping[str, Any]
+    ) -> None:
+        """Serve `host` from the next request on (a `load_stage`), with its hops, trainer and Info fields.
+
+        Swapped under the old host's lock, so a computation in progress finishes first; the old host's sessions
+        are dropped (a request still holding it then finds its session gone).
+        """
+        old = self.host
+        with old.lock:
+            self.host, self.downstream, self.trainer = host, dict(downstream), trainer
+            self._info.update(info)
+            old.close_all()
 
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         raise ConfigError(f"node {self.name} is a stage server; send prompts to the device node")
@@ -197,6 +224,13 @@ class StageServer:
         if hop is None:
             raise ConfigError(f"node {self.name} has no link to {name!r}; it can forward to {sorted(self.downstream)}")
         return hop
+
+
+def host_memory(host: StageHost) -> dict[str, Any]:
+    """The node's measured RSS against its budget (`MemoryLedger.report`); RSS alone when the host has no ledger."""
+    if host.memory is not None:
+        return host.memory.ledger.report()
+    return {"rss_mb": to_mb(rss_bytes()), "budget_mb": host.emulation.memory_mb}
 
 
 class InProcessServer:

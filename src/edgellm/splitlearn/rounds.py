@@ -22,6 +22,7 @@ import torch
 from edgellm.errors import ConfigError, SessionError
 from edgellm.lora.fedavg import fedavg
 from edgellm.net.messages import AdapterSync, CloseSession, SyncReply, TrainOpen, WireError, decode, encode
+from edgellm.split.control import node_ops
 from edgellm.splitlearn.settings import ServerTrainConfig
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,10 @@ class AggregatorServer:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "role": "aggregator", "sessions": len(self._sessions)}
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Only the ops every node answers (echo, info); it has no links to probe or set."""
+        return node_ops(self.name, self.info, lambda: {}).dispatch(request)
 
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         raise _refuse(self.name)

@@ -1,0 +1,135 @@
+"""Plan a deployment: its profile (cached, or measured now), the optimizer, and the plan as a report or topology."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgellm.control.documents import planned_document, read_document
+from edgellm.control.profile_file import (
+    default_path,
+    instance_from_profile,
+    load_profile,
+    profile_key,
+    save_profile,
+)
+from edgellm.deploy.topology import Topology, write_topology
+from edgellm.plan import Plan, Solution, solve
+from edgellm.store import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to optimize and under which limits (the options of `edgellm plan`)."""
+
+    objective: str = "latency"
+    max_ppl_increase_pct: float = math.inf
+    prompt_tokens: int | None = None  # None: the profile's prompt length
+    sessions: int = 1
+    device_first: bool = True
+
+
+def current_key(topology: Topology) -> dict[str, str]:
+    model_dir = resolve_model(topology.model.name)
+    config_sha = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16]
+    return profile_key(topology, config_sha)
+
+
+def obtain_profile(
+    topology: Topology,
+    path: Path | None = None,
+    force: bool = False,
+    on_progress: Callable[[str], None] = lambda _: None,
+    **measure: Any,
+) -> tuple[dict[str, Any], Path, bool]:
+    """The topology's profile: from `path` (or the cache) while its key matches, else measured now and saved.
+
+    Returns (profile, where it is, whether it was measured now). A `path` given explicitly with a stale profile is
+    remeasured only with `force`; otherwise its staleness is an error (a user-named file is never overwritten
+    silently).
+    """
+    from edgellm.control.profiler import profile_deployment  # torch, grpc: only when measuring
+
+    key = current_key(topology)
+    target = path or default_path(key)
+    if not force and target.is_file():
+        if path is not None:
+            return load_profile(target, key), target, False
+        try:
+            return load_profile(target, key), target, False
+        except Exception:  # noqa: BLE001 - a broken cache entry is remeasured
+            log.warning("cached profile %s is unusable; measuring again", target)
+    profile = profile_deployment(topology, on_progress=on_progress, **measure)
+    return profile, save_profile(profile, target), True
+
+
+def plan_from_profile(profile: dict[str, Any], request: PlanRequest, mode: str = "chain") -> Solution:
+    instance = instance_from_profile(profile, mode, request.prompt_tokens, request.sessions)
+    return solve(instance, request.objective, request.max_ppl_increase_pct, device_first=request.device_first)
+
+
+def plan_report(topology: Topology, profile: dict[str, Any], solution: Solution, request: PlanRequest,
+                profile_path: Path) -> dict[str, Any]:  # fmt: skip
+    """The plan as JSON: per node its stage, scheme, memory against budget and emulation; per hop its codec and the
+    link's emulated profile; the predictions; the binding constraint."""
+    plan, cost = solution.plan, solution.cost
+    nodes = []
+    for stage in plan.stages:
+        node = profile["nodes"][stage.node]
+        emulated = node.get("emulated", {})
+        nodes.append({
+            "name": stage.node, "role": node["role"], "layers": [stage.start, stage.end], "scheme": stage.scheme,
+            "embed": stage is plan.stages[0],
+            "head": (plan.head == "server" and stage is plan.stages[-1])
+            or (plan.head == "device" and stage.node == topology.route[0]),
+            "memory_mb": round(cost.memory_bytes.get(stage.node, 0) / 1e6, 1),
+            "budget_mb": emulated.get("memory_mb"), "emulated": emulated,
+        })  # fmt: skip
+    route = [s.node for s in plan.stages]
+    device = topology.route[0]
+    if route[0] != device:
+        route = [device, *route]
+    hops = list(zip(route, route[1:])) if plan.mode == "chain" else [(route[0], s) for s in route[1:]]
+    links = []
+    for (a, b), codec in zip(hops, plan.codecs):
+        link = topology.link_between(a, b)
+        links.append({"from": a, "to": b, "codec": codec, "profile": link.profile_name,
+                      "emulated": vars(link.profile)})  # fmt: skip
+    return {
+        "topology": topology.source,
+        "profile": str(profile_path),
+        "profile_created": profile.get("created"),
+        "machine": profile.get("machine"),
+        "objective": request.objective,
+        "max_ppl_increase_pct": None if math.isinf(request.max_ppl_increase_pct) else request.max_ppl_increase_pct,
+        "device_first": request.device_first,
+        "mode": plan.mode,
+        "head": plan.head,
+        "cuts": list(plan.cuts),
+        "nodes": nodes,
+        "links": links,
+        "predicted": {
+            "ttft_ms": round(cost.ttft_ms, 2),
+            "prompt_tokens": request.prompt_tokens or profile["settings"]["prompt_tokens"],
+            "decode_ms_per_token": round(cost.decode_ms, 3),
+            "decode_tok_per_s": round(1e3 / cost.decode_ms, 2) if cost.decode_ms > 0 else None,
+            "throughput_tok_s": round(cost.throughput_tok_s, 2),
+            "sessions": request.sessions,
+            "ppl_increase_pct": round(cost.ppl_increase_pct, 4),
+        },
+        "binding": solution.binding,
+        "solve_ms": round(solution.solve_ms, 2),
+        "plan": plan.to_json(),
+    }
+
+
+def write_plan(topology: Topology, plan: Plan, out: Path) -> Topology:
+    """Write the topology with the plan applied to `out`; returns it (validated)."""
+    return write_topology(out, planned_document(read_document(Path(topology.source)), plan))

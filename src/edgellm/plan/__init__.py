@@ -1,0 +1,39 @@
+"""The control plane's pure core: profiles in, plans out (cost model, exact optimizer, re-plan policy)."""
+
+from edgellm.plan.cost import (
+    PlanCost,
+    check,
+    decode_ms,
+    evaluate,
+    memory_bytes,
+    ppl_increase_pct,
+    throughput_tok_s,
+    ttft_ms,
+)
+from edgellm.plan.instance import CodecCost, Instance, LinkCaps, ModelDims, NodeCaps, SchemeCost
+from edgellm.plan.optimizer import InfeasiblePlan, Solution, benchmark_instance, solve
+from edgellm.plan.placement import Objective, Plan, StageAssign
+
+__all__ = [
+    "CodecCost",
+    "InfeasiblePlan",
+    "Instance",
+    "LinkCaps",
+    "ModelDims",
+    "NodeCaps",
+    "Objective",
+    "Plan",
+    "PlanCost",
+    "SchemeCost",
+    "Solution",
+    "StageAssign",
+    "benchmark_instance",
+    "check",
+    "decode_ms",
+    "evaluate",
+    "memory_bytes",
+    "ppl_increase_pct",
+    "solve",
+    "throughput_tok_s",
+    "ttft_ms",
+]
