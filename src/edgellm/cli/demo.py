@@ -54,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--head", choices=["device", "server"], default="device",
                         help="manual: where the final norm + LM head run (default: device)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="stop after N tokens (default: 48)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per node (default: 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per node (default: auto: each node preset's; manual: 2)")  # fmt: skip
     parser.add_argument("--chart", type=Path, default=Path("edgellm-demo.png"),
                         help="where to write the latency chart (default: ./edgellm-demo.png)")  # fmt: skip
     add_sampling_arguments(parser)
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.deploy.demo_scenarios import DemoConfig  # heavy (torch): not at import, for --help
 
     cfg = DemoConfig(args.prompt, args.profile, args.hops, args.codec, args.head, args.max_new_tokens, sampling,
-                     threads=args.threads)  # fmt: skip
+                     threads=args.threads or 2)  # fmt: skip
     return _guarded(args, lambda on_text, on_phase: _run_manual(args, cfg, on_text, on_phase))
 
 

@@ -17,7 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="serve one node of a deployment described by a topology file",
         description="Load only the layers the topology assigns to node NAME and serve them over gRPC on the "
         'node\'s address until SIGINT/SIGTERM. Prints one JSON line {"event": "ready", ...} on stdout once '
-        "it accepts requests. A device node serves prompts (see `edgellm run`); edge/cloud nodes serve stages.",
+        "it accepts requests. A device node serves prompts (see `edgellm run`); edge/cloud nodes serve stages. "
+        "With `[control] replan = true` in the topology, the device re-plans and migrates live when a link "
+        "changes (docs/PLANNER.md).",
     )
     parser.add_argument("--topology", required=True, metavar="T.toml", help="the deployment's topology file")
     parser.add_argument("--name", required=True, help="which node of the topology to run")
@@ -29,7 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.deploy.topology import load_topology
 
     topology = load_topology(args.topology)
-    code = run_node(topology, args.name, on_ready=_announce)
+    controller = None
+    if topology.control.replan and topology.node(args.name).role == "device":
+        from edgellm.control.replanner import Replanner, control_prober
+
+        def controller(num_layers, reach):  # type: ignore[no-untyped-def]
+            return Replanner(topology, num_layers, control_prober(topology, args.name, reach))
+
+    code = run_node(topology, args.name, on_ready=_announce, controller=controller)
     # The server has drained; skip interpreter teardown (seconds of module finalization with torch loaded),
     # so a deployment stops promptly.
     sys.stdout.flush()

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
+from edgellm.cli.plan import add_plan_arguments, plan_request
 from edgellm.errors import ConfigError
 
 # The library (torch, grpc) is imported inside `run`, not here: building the parser for `edgellm --help` must stay
@@ -26,6 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
     parser.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
     add_sampling_arguments(parser)
+    parser.add_argument("--plan", choices=["fixed", "auto"], default="fixed",
+                        help="fixed: the layout the nodes run (default); auto: profile the deployment (cached), plan "
+                        "it, and move the running nodes to the plan before generating (chain mode)")  # fmt: skip
+    add_plan_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(run=run)
 
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{topology.source}: the device node {device.name!r} has no address to reach it at")
     hop = RemoteHop(device.name, device.address, channel_config(topology), sender="cli")
     hop.info()  # within the deployment's deadline: an unreachable device fails here, not after a long stream wait
+    if args.plan == "auto":
+        _plan_and_apply(args, topology)
     request = {
         "prompt": args.prompt,
         "chat": not args.no_chat,
@@ -106,3 +113,19 @@ def _emulated(node: dict[str, Any]) -> str:
         return ""
     preset = emulated.get("preset")
     return ", ".join(parts) + (f" (preset {preset})" if preset else "")
+
+
+def _plan_and_apply(args: argparse.Namespace, topology: Any) -> None:
+    """Profile (cached), plan, and move the running deployment to the plan; say what was chosen on stderr."""
+    import sys
+
+    from edgellm.control.planning import apply_plan, obtain_profile, plan_from_profile
+
+    request = plan_request(args)
+    progress = (lambda _: None) if args.json else (lambda text: print(f"[{text}]", file=sys.stderr, flush=True))
+    profile, _, _ = obtain_profile(topology, args.profile, on_progress=progress)
+    solution = plan_from_profile(profile, request, topology.mode)
+    applied = apply_plan(topology, solution.plan)
+    stages = ", ".join(f"{s.node} {s.start}-{s.end} {s.scheme}" for s in solution.plan.stages)
+    progress(f"plan: {stages}; head on {solution.plan.head}; codecs {', '.join(solution.plan.codecs) or '-'}; "
+             f"predicted {solution.cost.decode_ms:.1f} ms/token; moved in {applied.get('ms', 0):.0f} ms")  # fmt: skip

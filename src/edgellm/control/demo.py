@@ -49,7 +49,7 @@ class StoryConfig:
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 48
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    threads: int = 2
+    threads: int | None = None  # None: each node preset's
     topology: Path | None = None  # None: the paper topology
     objective: str = "latency"
     max_ppl_increase_pct: float = 0.0  # lossless by default: the split's tokens equal the whole model's

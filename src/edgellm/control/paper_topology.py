@@ -22,13 +22,14 @@ NODES = (("phone", "device", "phone"), ("edge1", "edge", "edge-server"), ("edge2
          ("cloud", "cloud", "cloud"))  # fmt: skip
 
 
-def paper_document(token_file: Path, threads: int = 2, model: str = DEFAULT_MODEL) -> dict[str, Any]:
+def paper_document(token_file: Path, threads: int | None = None, model: str = DEFAULT_MODEL) -> dict[str, Any]:
     """The default demo topology on free loopback ports. Its cuts are only the layout nodes start with; the
-    planner chooses the real ones."""
+    planner chooses the real ones. `threads` None: each preset's."""
     nodes = []
     for name, role, preset in NODES:
-        node: dict[str, Any] = {"name": name, "role": role, "preset": preset,
-                                "address": f"127.0.0.1:{free_port()}", "threads": threads}  # fmt: skip
+        node: dict[str, Any] = {"name": name, "role": role, "preset": preset, "address": f"127.0.0.1:{free_port()}"}
+        if threads is not None:
+            node["threads"] = threads
         if role == "edge":
             node["memory_mb"] = EDGE_MEMORY_MB
         nodes.append(node)

@@ -19,7 +19,9 @@ from edgellm.control.profile_file import (
     save_profile,
 )
 from edgellm.deploy.topology import Topology, write_topology
+from edgellm.errors import ConfigError
 from edgellm.plan import Plan, Solution, solve
+from edgellm.split.layout import Layout
 from edgellm.store import resolve_model
 
 log = logging.getLogger(__name__)
@@ -133,3 +135,43 @@ def plan_report(topology: Topology, profile: dict[str, Any], solution: Solution,
 def write_plan(topology: Topology, plan: Plan, out: Path) -> Topology:
     """Write the topology with the plan applied to `out`; returns it (validated)."""
     return write_topology(out, planned_document(read_document(Path(topology.source)), plan))
+
+
+def layout_for(plan: Plan, device: str) -> Layout:
+    """The plan as a live-migration target (`edgellm.split.layout.Layout`; chain mode)."""
+    stages = list(plan.stages)
+    device_first = stages[0].node == device
+    servers = stages[1:] if device_first else stages
+    embed_only = device_first and stages[0].end == 0
+    cuts = [s.start for s in servers]
+    quant = {s.node: s.scheme for s in stages}
+    if plan.head == "device" and not device_first:
+        quant.setdefault(device, "none")  # the device's head stage; a thin device holds nothing else
+    codecs = {s.node: codec for s, codec in zip(servers, plan.codecs)}  # the hop into each server, in order
+    return Layout(tuple(cuts), tuple(s.node for s in servers), plan.head, quant, embed_only, codecs)
+
+
+def apply_plan(topology: Topology, plan: Plan) -> dict[str, Any]:
+    """Move a running chain deployment to `plan` through its device (the `migrate` control op): servers load their
+    new stages, the device rebuilds its own. Returns the device's answer.
+
+    Raises:
+        ConfigError: the deployment is not in chain mode (write the plan with `edgellm plan --write` and restart
+            the nodes instead), or the device refused the layout.
+    """
+    from edgellm.deploy.node_builder import channel_config
+    from edgellm.net.rpc import RemoteHop
+
+    if topology.mode != "chain" or plan.mode != "chain":
+        raise ConfigError(
+            f"{topology.source}: --plan auto moves a running deployment in chain mode only; for {topology.mode!r} "
+            "mode write the plan with `edgellm plan --write OUT.toml` and start the nodes from it"
+        )
+    device = topology.device
+    if device.address is None:
+        raise ConfigError(f"{topology.source}: the device node {device.name!r} has no address to reach it at")
+    hop = RemoteHop(device.name, device.address, channel_config(topology), sender="planner")
+    try:
+        return hop.control({"op": "migrate", **layout_for(plan, device.name).to_json()}, timeout_s=300.0)
+    finally:
+        hop.shutdown()

@@ -39,7 +39,7 @@ from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: five-layer difference (1: three)
 
 
 def _cpu_name() -> str:

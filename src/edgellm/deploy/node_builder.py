@@ -32,7 +32,7 @@ from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, ser
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.local_engine import DTYPES
-from edgellm.serve.migration import LiveMigration
+from edgellm.serve.migration import Controller, LiveMigration
 from edgellm.serve.report import weight_bytes
 from edgellm.split.budget import MemoryLedger, rss_bytes
 from edgellm.split.control import ControlOps
@@ -79,7 +79,10 @@ class BuiltNode:
     stages: list[Stage]
 
 
-def build_node(topology: Topology, name: str) -> BuiltNode:
+ControllerFactory = Callable[[int, Callable[[str], RemoteHop]], Controller]  # (num_layers, reach) -> controller
+
+
+def build_node(topology: Topology, name: str, controller: ControllerFactory | None = None) -> BuiltNode:
     """Load the stages of node `name` and wire its handler (device engine or stage server).
 
     The node's `memory_mb` is checked twice: predicted before loading (runtime + weights + KV + activations,
@@ -119,7 +122,10 @@ def build_node(topology: Topology, name: str) -> BuiltNode:
             hops,
             layout,
             {**info, "cuts": list(topology.model.cuts), "head": topology.model.head, "route": list(topology.route)},
-            LiveMigration(DeviceReconfigurer(factory, stages)),
+            LiveMigration(
+                DeviceReconfigurer(factory, stages),
+                None if controller is None else controller(int(config.num_hidden_layers), factory.reach),
+            ),
             node_status(topology, name, ledger),
         )
         _profile_ops(engine.control_ops, topology, name, model_dir, config, stages, max_context,
@@ -218,9 +224,9 @@ def device_hops(
     return [*first, *remote, *head]
 
 
-def run_node(topology: Topology, name: str, on_ready: Any = None) -> int:
-    """Serve node `name` until SIGINT/SIGTERM; returns an exit code."""
-    built = build_node(topology, name)
+def run_node(topology: Topology, name: str, on_ready: Any = None, controller: ControllerFactory | None = None) -> int:
+    """Serve node `name` until SIGINT/SIGTERM; returns an exit code. `controller` makes the device's re-planner."""
+    built = build_node(topology, name, controller)
     server, port = serve(built.handler, built.address, channel_config(topology))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -60,31 +60,34 @@ PRESETS: dict[str, NodePreset] = {
     "laptop": NodePreset(
         compute_scale=2.0,
         memory_mb=4000,
-        threads=2,
+        threads=1,
         source=(
             "compute_scale 2: between an x86 laptop CPU, which decodes only ~1.2x as fast as a flagship phone "
             "CPU (i7-10750H 17.8 vs Dimensity 9000+ 15.1 tok/s, llama.cpp Q4_0 tg256: pt13762104.github.io), i.e. "
             "~3.4 against a desktop/server CPU, and an Apple M-series laptop whose 100 GB/s unified memory decodes "
             "as fast as a desktop (~1); memory_mb 4000: a few GB of a 16 GB laptop left to one process, enough for "
-            "the whole model in fp32 with several sessions; threads 2"
+            "the whole model in fp32 with several sessions; threads 1 (see edge-server)"
         ),
     ),
     "edge-server": NodePreset(
         compute_scale=1.0,
         memory_mb=None,
-        threads=2,
+        threads=1,
         source=(
             "compute_scale 1.0: this machine's own cores, unscaled (the emulation's reference); no memory budget: "
-            "an edge server holds a few stages of a 135M model with room to spare; threads 2"
+            "an edge server holds a few stages of a 135M model with room to spare; threads 1: every node of an "
+            "emulation shares this machine's cores, and a decode step of this model's 576-wide layers is no "
+            "faster on 2 threads than on 1 (docs/PLANNER.md)"
         ),
     ),
     "cloud": NodePreset(
         compute_scale=1.0,
         memory_mb=None,
-        threads=2,
+        threads=1,
         source=(
             "compute_scale 1.0: this machine's own cores; a cloud server is faster than this machine, but the "
-            "emulation does not speed anything up (no GPU is emulated); no memory budget; threads 2"
+            "emulation does not speed anything up (no GPU is emulated); no memory budget; threads 1 (see "
+            "edge-server)"
         ),
     ),
 }

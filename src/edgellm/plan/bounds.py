@@ -121,12 +121,13 @@ def capped_best(instance: Instance, space: Space, criteria: Criteria) -> tuple[f
     )
     if hi is None or hi.ppl > criteria.cap:
         return None
-    upper, weight = hi.cost, 0.0
+    upper, weight, lower = hi.cost, 0.0, lo.value  # lower: no plan meeting the cap costs less
     for _ in range(64):  # walk the hull: each step finds a new vertex or proves the multiplier optimal
         weight = (hi.cost - lo.cost) / (lo.ppl - hi.ppl)
         search = Search(instance, replace(free, ppl_weight=weight))
         point = _point(instance, search, space, criteria.primary)
         assert point is not None
+        lower = max(lower, point.value - weight * criteria.cap)  # the Lagrangian bound
         line = lo.cost + weight * lo.ppl
         if point.cost + weight * point.ppl >= line - _REL_SLACK * abs(line):
             break
@@ -134,10 +135,32 @@ def capped_best(instance: Instance, space: Space, criteria: Criteria) -> tuple[f
             hi, upper = point, min(upper, point.cost)
         else:
             lo = point
-    limit = upper + weight * criteria.cap
-    pruner = Bounds(weight, limit + _REL_SLACK * (abs(limit) + 1.0), *cost_to_go(search, space))
-    final = Search(instance, criteria, pruner)
-    found = final.best(space)
-    if found is None:  # only floating-point noise can prune every label: the best plan found stands
-        return hi.cost, hi.plan
-    return found.label[0], final.plan(found)
+    return _deepen(instance, space, criteria, weight, cost_to_go(search, space), lower, upper) or (hi.cost, hi.plan)
+
+
+def _deepen(
+    instance: Instance,
+    space: Space,
+    criteria: Criteria,
+    weight: float,
+    ctg: tuple[dict[int, list[float]], dict[tuple[Problem, int], list[float]]],
+    lower: float,
+    upper: float,
+) -> tuple[float, Plan] | None:
+    """Searches with the bound at growing targets between the Lagrangian bound and the best plan found: a
+    search whose best plan costs <= its target has found the optimum (every plan within the target survives);
+    one that finds none proves the optimum costs more. The last target is `upper`, which its plan survives."""
+    gap = max(0.0, upper - lower)
+    for fraction in _FRACTIONS:
+        target = min(upper, lower + fraction * gap)
+        limit = target + weight * criteria.cap
+        search = Search(instance, criteria, Bounds(weight, limit + _REL_SLACK * (abs(limit) + 1.0), *ctg))
+        found = search.best(space)
+        if found is not None:
+            if found.label[0] <= target + _REL_SLACK * (abs(target) + 1.0) or target >= upper:
+                return found.label[0], search.plan(found)
+            upper = min(upper, found.label[0])
+    return None  # only floating-point noise can prune every label: the caller's best plan stands
+
+
+_FRACTIONS = (0.125, 0.5, 1.0)
