@@ -200,7 +200,7 @@ def _memory_message(instance: Instance, space: Space) -> str:
     if space.device_first:
         kinds = [(StageKind(True, h == "device", h == "device"), h) for h in space.heads]
         fits = [(_max_layers(instance, device, kind), h) for kind, h in kinds]
-        (most, least, scheme), head = max(fits, key=lambda f: (f[0][0], -f[0][1]))
+        (most, least, scheme), head = max(fits, key=lambda f: (f[0][0], -f[0][1], f[1] == "server"))
         if most < 0:
             what = "the embedding and head" if head == "device" else "the embedding"
             budget = _fmt_bytes(device.memory_bytes or 0)
