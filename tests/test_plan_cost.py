@@ -148,13 +148,28 @@ def test_check_constraints():
     ("plan", "problem"),
     [
         (Plan(stages(("dev", 1, "q"), ("s9", 3, "q")), ("f16",), "server", "chain"), "unknown node 's9'"),
-        (Plan(stages(("dev", 1, "q"), ("s1", 1, "q"), ("s1", 2, "q")), ("f16", "f16"), "server", "chain"), "node 's1' runs more than one stage"),
-        (Plan(stages(("dev", 1, "q"), ("s1", 2, "x")), ("f16",), "server", "chain"), "the stages cover layers [0, 3) but the model has 4"),
+        (
+            Plan(stages(("dev", 1, "q"), ("s1", 1, "q"), ("s1", 2, "q")), ("f16", "f16"), "server", "chain"),
+            "node 's1' runs more than one stage",
+        ),
+        (
+            Plan(stages(("dev", 1, "q"), ("s1", 2, "x")), ("f16",), "server", "chain"),
+            "the stages cover layers [0, 3) but the model has 4",
+        ),
         (Plan(stages(("dev", 1, "q"), ("s1", 3, "x")), ("f16",), "server", "chain"), "node 's1' has no scheme 'x'"),
         (Plan(stages(("dev", 1, "q"), ("s1", 3, "q")), ("zz",), "server", "chain"), "unknown codec 'zz'"),
-        (Plan(stages(("dev", 1, "q"), ("s1", 3, "q")), ("f16", "f16"), "server", "chain"), "the plan has 1 hops but 2 codecs"),
-        (Plan(stages(("dev", 4, "q"), ("s1", 0, "q")), ("f16",), "server", "chain"), "server stage on 's1' holds no layer"),
-        (Plan(stages(("s1", 1, "q"), ("dev", 3, "q")), ("f16", "f16"), "server", "chain"), "the device 'dev' can only run the first stage"),
+        (
+            Plan(stages(("dev", 1, "q"), ("s1", 3, "q")), ("f16", "f16"), "server", "chain"),
+            "the plan has 1 hops but 2 codecs",
+        ),
+        (
+            Plan(stages(("dev", 4, "q"), ("s1", 0, "q")), ("f16",), "server", "chain"),
+            "server stage on 's1' holds no layer",
+        ),
+        (
+            Plan(stages(("s1", 1, "q"), ("dev", 3, "q")), ("f16", "f16"), "server", "chain"),
+            "the device 'dev' can only run the first stage",
+        ),
         (Plan(stages(("dev", 4, "q")), (), "server", "chain"), "head='server' needs a server stage"),
         (Plan(stages(("s1", 4, "q")), ("f16",), "device", "chain"), "a thin-client device holds no head"),
     ],

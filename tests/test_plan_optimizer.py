@@ -107,7 +107,12 @@ def test_memory_binds():
 
 
 def test_ppl_cap_binds_and_infeasible_messages():
-    server = _node("s1", "edge", SchemeCost("int4", 0.5, 0.5, 50, 10, 10, 0.25, 0.0, 1.0), SchemeCost("fp16", 1.0, 1.0, 100, 20, 20, 0.5))
+    server = _node(
+        "s1",
+        "edge",
+        SchemeCost("int4", 0.5, 0.5, 50, 10, 10, 0.25, 0.0, 1.0),
+        SchemeCost("fp16", 1.0, 1.0, 100, 20, 20, 0.5),
+    )
     instance = Instance(MODEL, (_node("dev", "device", SLOW), server), (_line("dev", "s1"),), CODECS)
     assert solve(instance).plan.stages[1].scheme == "int4"
     capped = solve(instance, max_ppl_increase_pct=0.5)
@@ -117,7 +122,10 @@ def test_ppl_cap_binds_and_infeasible_messages():
     with pytest.raises(InfeasiblePlan, match=r"no plan meets max ppl increase 0\.1%: the best reachable is \+0\.25%"):
         solve(lossy, max_ppl_increase_pct=0.1, heads=("server",))  # (the device alone would be lossless)
     tiny_device = Instance(MODEL, (_node("dev", "device", SLOW, memory=5), server), instance.links, CODECS)
-    with pytest.raises(InfeasiblePlan, match=r"node 'dev' cannot hold the embedding at any scheme \(needs >= 10 bytes at fp, budget 5 bytes\)"):
+    with pytest.raises(
+        InfeasiblePlan,
+        match=r"node 'dev' cannot hold the embedding at any scheme \(needs >= 10 bytes at fp, budget 5 bytes\)",
+    ):
         solve(tiny_device)
     with pytest.raises(InfeasiblePlan, match="cannot hold the embedding and head"):
         solve(tiny_device, heads=("device",))

@@ -137,7 +137,9 @@ def _random_node(rng: random.Random, name: str, role: str, max_schemes: int) -> 
     kv = rng.choice((0, rng.randint(1, 20)))
     base = rng.randint(0, 500)
     # Budgets: unlimited, loose, or tight enough that a few layers (or nothing) fit.
-    budget = rng.choice((None, base + rng.randint(0, 20_000), base + rng.randint(0, 20_000), base + rng.randint(0, 4000)))
+    budget = rng.choice(
+        (None, base + rng.randint(0, 20_000), base + rng.randint(0, 20_000), base + rng.randint(0, 4000))
+    )
     return NodeCaps(name, role, tuple(schemes), budget, base, rng.uniform(0, 3), rng.randint(0, 200), kv)
 
 
