@@ -131,7 +131,7 @@ def test_ppl_cap_binds_and_infeasible_messages():
         solve(tiny_device, heads=("device",))
     small = _node("s1", "edge", SchemeCost("fp", 0.5, 0.5, 100, 10, 10, 0.25), memory=150)
     crowded = Instance(MODEL, (_node("dev", "device", SLOW, memory=150), small), instance.links, CODECS)
-    with pytest.raises(InfeasiblePlan, match="memory holds at most 2 of the 4 layers"):
+    with pytest.raises(InfeasiblePlan, match="reachable nodes. memory holds at most 2 of the 4 layers"):
         solve(crowded)
     alone = Instance(MODEL, (_node("dev", "device", SLOW), server), (), CODECS)
     with pytest.raises(InfeasiblePlan, match="needs a server linked to the device 'dev'"):

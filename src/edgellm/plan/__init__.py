@@ -13,12 +13,16 @@ from edgellm.plan.cost import (
 from edgellm.plan.instance import CodecCost, Instance, LinkCaps, ModelDims, NodeCaps, SchemeCost
 from edgellm.plan.optimizer import InfeasiblePlan, Solution, benchmark_instance, solve
 from edgellm.plan.placement import Objective, Plan, StageAssign
+from edgellm.plan.replan import LinkEstimate, LinkMonitor, LinkObservation, should_migrate, update_link
 
 __all__ = [
     "CodecCost",
     "InfeasiblePlan",
     "Instance",
     "LinkCaps",
+    "LinkEstimate",
+    "LinkMonitor",
+    "LinkObservation",
     "ModelDims",
     "NodeCaps",
     "Objective",
@@ -33,7 +37,9 @@ __all__ = [
     "evaluate",
     "memory_bytes",
     "ppl_increase_pct",
+    "should_migrate",
     "solve",
     "throughput_tok_s",
     "ttft_ms",
+    "update_link",
 ]

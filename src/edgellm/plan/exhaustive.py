@@ -105,7 +105,8 @@ def pick(
     if not feasible:
         return None
     plan, cost = min(feasible, key=lambda pc: objective_key(pc[1], objective))
-    if objective_key(cost, objective)[0] <= objective_key(free[1], objective)[0]:
+    reached, ideal = objective_key(cost, objective)[0], objective_key(free[1], objective)[0]
+    if reached <= ideal + 1e-9 * abs(ideal):  # the tolerance `solve` uses for "the constraints cost nothing"
         return plan, cost, None
     broken = violations(instance, free[1], max_ppl_increase_pct)
     return plan, cost, ", ".join(b.split(":")[0] for b in broken)

@@ -12,7 +12,11 @@ Exact: latency and ttft are additive, so `edgellm.plan.search` finds the optimum
 1000 / max(decode_ms / N, bottleneck_ms): for a threshold T on every resource's busy time, D(T) = the least
 decode_ms of the plans within T is non-increasing in T, so a binary search over the candidate thresholds (every
 option's busy time) finds the least T with D(T) / N <= T; the optimum is the better of the plans at that T and
-at the threshold just below it.
+at the threshold just below it. A ppl cap makes each label a Pareto set of (cost, ppl); `edgellm.plan.bounds`
+keeps those sets small with Lagrangian bounds, without losing exactness.
+
+`solve` first finds the optimum with no memory budget and no cap; if it meets both, it is the answer (binding
+None); else the constrained optimum is searched, and `binding` names what the unconstrained one broke.
 """
 
 from __future__ import annotations
@@ -194,6 +198,21 @@ def _max_layers(instance: Instance, node: NodeCaps, kind: StageKind) -> tuple[in
     return most, least, least_scheme
 
 
+def _reachable(instance: Instance, space: Space) -> set[str]:
+    """The servers some plan of the space can use: linked to the device (star), or joined to it by links (chain)."""
+    device = instance.device.name
+    seen = {n.name for n in instance.nodes[1:] if instance.link(device, n.name) is not None}
+    if "chain" in space.modes:
+        frontier = list(seen)
+        while frontier:
+            here = frontier.pop()
+            for node in instance.nodes[1:]:
+                if node.name not in seen and instance.link(here, node.name) is not None:
+                    seen.add(node.name)
+                    frontier.append(node.name)
+    return seen
+
+
 def _memory_message(instance: Instance, space: Space) -> str:
     device, num_layers = instance.device, instance.model.num_layers
     total = 0
@@ -206,9 +225,12 @@ def _memory_message(instance: Instance, space: Space) -> str:
             budget = _fmt_bytes(device.memory_bytes or 0)
             return f"no plan fits: node {device.name!r} cannot hold {what} at any scheme (needs >= {_fmt_bytes(least)} at {scheme}, budget {budget})"
         total += most
-    total += sum(max(0, _max_layers(instance, n, StageKind(False, False))[0]) for n in instance.nodes[1:])
+    servers = [n for n in instance.nodes[1:] if n.name in _reachable(instance, space)]
+    total += sum(max(0, _max_layers(instance, n, StageKind(False, False))[0]) for n in servers)
     if total < num_layers:
-        return f"no plan fits: the nodes' memory holds at most {total} of the {num_layers} layers at any scheme"
+        return (
+            f"no plan fits: the reachable nodes' memory holds at most {total} of the {num_layers} layers at any scheme"
+        )
     return f"no plan fits in the nodes' memory budgets: no placement of the {num_layers} layers, embedding and head fits every node"
 
 

@@ -157,6 +157,8 @@ class Search:
             root_only = options.stage_table(root, StageKind(True, True), 1)[num_layers]
             hop_more = options.hop(device.name, root.name, hop_kinds(mode, head, True, 0, 2), "r")
             hop_only = options.hop(device.name, root.name, hop_kinds(mode, head, True, 0, 1), "r")
+            if not hop_more and not hop_only:  # the device cannot reach this root
+                return None
             allowed = ((1 << len(self.servers)) - 1) & ~(1 << problem.thin_root)
         paths = self._paths(mode, head, root, allowed)
         last_kind = StageKind(False, head == "server")
