@@ -76,8 +76,9 @@ def test_chain_head_on_server_by_hand():
     assert ttft_ms(INSTANCE, CHAIN_SERVER) == near(2.75 + 3.0 + 1.0 + (1.88 + 2.24) + (0.564 + 0.524))
     # dev: base 10 + act 5 + 100 + embed 50 + kv 1*1*100; s1: 20 + 200 + kv 2*2*100; s2: 30 + 100 + head 80
     assert memory_bytes(INSTANCE, CHAIN_SERVER) == {"dev": 265, "s1": 620, "s2": 210}
-    # layers (0.4 + 2*0.8 + 0) / 4 = 0.5, plus both hops carry hidden states: f16 0 + i8 0.5
-    assert ppl_increase_pct(INSTANCE, CHAIN_SERVER) == near(1.0)
+    # a scheme's share per layer, embedding or head is 1/(L+2) = 1/6: dev (layer + embed) 2*0.4, s1 2*0.8, s2 0;
+    # plus both hops carry hidden states: f16 0 + i8 0.5
+    assert ppl_increase_pct(INSTANCE, CHAIN_SERVER) == near((2 * 0.4 + 2 * 0.8) / 6 + 0.5)
     # one session: 1000 / decode; four: the bottleneck is s1's compute (3 ms), not 4000 / decode
     assert throughput_tok_s(INSTANCE, CHAIN_SERVER) == near(1000 / decode_ms(INSTANCE, CHAIN_SERVER))
     assert throughput_tok_s(replace(INSTANCE, sessions=4), CHAIN_SERVER) == near(1000 / 3.0)
@@ -93,7 +94,7 @@ def test_chain_head_on_device_by_hand():
     assert memory_bytes(INSTANCE, plan)["dev"] == 10 + 5 + 100 + 60 + 100
     untied = replace(INSTANCE, model=replace(MODEL, tied_embeddings=False))
     assert memory_bytes(untied, plan)["dev"] == 10 + 5 + 100 + 50 + 60 + 100
-    assert ppl_increase_pct(INSTANCE, plan) == near((0.4 + 3 * 0.8) / 4 + 0.5)
+    assert ppl_increase_pct(INSTANCE, plan) == near((3 * 0.4 + 3 * 0.8) / 6 + 0.5)  # dev: layer, embed, head
 
 
 def test_star_by_hand():
@@ -101,7 +102,7 @@ def test_star_by_hand():
     # dev 2.75; s2 0.25 + 0.5; s1 1 + 2 + head 0.5
     # hop0 dev<->s2 f16: hidden both ways, 3 + 28*0.1 each; hop1 dev<->s1 i8: up 1.22, the token back 2.24
     assert decode_ms(INSTANCE, plan) == near(2.75 + 0.75 + 3.5 + (5.8 + 5.8) + (1.22 + 2.24))
-    assert ppl_increase_pct(INSTANCE, plan) == near((0.4 + 0.0 + 2 * 0.8) / 4 + 0.0 + 0.5)
+    assert ppl_increase_pct(INSTANCE, plan) == near((2 * 0.4 + 0.0 + 3 * 0.8) / 6 + 0.0 + 0.5)  # s1 has the head
     # throughput: the busiest resource is the dev->s2 direction (28 * 0.1 = 2.8) or s1's compute (3.5)
     assert throughput_tok_s(replace(INSTANCE, sessions=8, mode="star"), plan) == near(1000 / 3.5)
 
@@ -139,7 +140,7 @@ def test_evaluate_matches_the_functions_and_cuts():
 
 def test_check_constraints():
     assert check(INSTANCE, CHAIN_SERVER) == []
-    assert check(INSTANCE, CHAIN_SERVER, max_ppl_increase_pct=0.9) == ["ppl increase: +1% > max 0.9%"]
+    assert check(INSTANCE, CHAIN_SERVER, max_ppl_increase_pct=0.85) == ["ppl increase: +0.9% > max 0.85%"]
     heavy = Plan(stages(("dev", 1, "q"), ("s1", 1, "q"), ("s2", 2, "q")), ("f16", "i8"), "server", "chain")
     assert check(INSTANCE, heavy) == ["memory of 's2': 310 bytes > budget 300"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from edgellm.control.documents import planned_document, read_document
 from edgellm.control.paper_topology import paper_document
-from edgellm.control.planning import obtain_profile
+from edgellm.control.planning import obtain_profile, predicted
 from edgellm.control.profile_file import instance_from_profile
 from edgellm.deploy.demo_scenarios import generate_request, per_token_breakdown
 from edgellm.deploy.local_deployment import LocalDeployment
@@ -75,11 +75,12 @@ def _prompt_tokens(model: str, prompt: str) -> int:
     return len(encode_prompt(load_tokenizer(resolve_model(model)), prompt, True))
 
 
-def _cost_json(instance: Instance, plan: Plan) -> dict[str, Any]:
-    cost = evaluate(instance, plan)
-    return {"ttft_ms": round(cost.ttft_ms, 2), "decode_ms_per_token": round(cost.decode_ms, 3),
-            "ppl_increase_pct": round(cost.ppl_increase_pct, 4),
-            "memory_mb": {k: round(v / 1e6, 1) for k, v in cost.memory_bytes.items()}}  # fmt: skip
+def _cost_json(instance: Instance, plan: Plan, profile: dict[str, Any]) -> dict[str, Any]:
+    pred = predicted(instance, plan, profile)
+    memory = evaluate(instance, plan).memory_bytes
+    return {"ttft_ms": round(pred["ttft_ms"], 2), "decode_ms_per_token": round(pred["decode_ms"], 3),
+            "ppl_increase_pct": round(pred["ppl_increase_pct"], 4),
+            "memory_mb": {k: round(v / 1e6, 1) for k, v in memory.items()}}  # fmt: skip
 
 
 def _emulation(topology: Topology) -> dict[str, Any]:
@@ -177,7 +178,7 @@ def run_story(cfg: StoryConfig, on_text: Callable[[str], None] | None = None,
         split_topo = write_topology(split_path, _with_control(planned_document(doc, solution.plan), profile_path, cfg))
         on_phase(f"split: the plan ({_describe(solution.plan)})")
         split = run_scenario(split_topo, split_path, work, request, cfg, on_text, switch=cfg.switch is not None)
-        split.update(plan=solution.plan.to_json(), predicted=_cost_json(instance, solution.plan),
+        split.update(plan=solution.plan.to_json(), predicted=_cost_json(instance, solution.plan, profile),
                      binding=solution.binding, emulation=_emulation(split_topo))  # fmt: skip
         scenarios["split"] = split
 
@@ -188,7 +189,7 @@ def run_story(cfg: StoryConfig, on_text: Callable[[str], None] | None = None,
             alone_topo = write_topology(alone_path, planned_document(doc, alone.plan))
             on_phase(f"baseline: every layer on the {device} ({_describe(alone.plan)})")
             result = run_scenario(alone_topo, alone_path, work, request, cfg)
-            result.update(plan=alone.plan.to_json(), predicted=_cost_json(instance, alone.plan),
+            result.update(plan=alone.plan.to_json(), predicted=_cost_json(instance, alone.plan, profile),
                           emulation=_emulation(alone_topo))  # fmt: skip
             scenarios["device_only"] = result
         except InfeasiblePlan as exc:
@@ -203,7 +204,7 @@ def run_story(cfg: StoryConfig, on_text: Callable[[str], None] | None = None,
             cloud_topo = write_topology(cloud_path, planned_document(doc, cloud_plan))
             on_phase(f"baseline: every layer on {clouds[0]} over its {cloud_topo.links[0].profile_name} link")
             result = run_scenario(cloud_topo, cloud_path, work, request, cfg)
-            result.update(plan=cloud_plan.to_json(), predicted=_cost_json(instance, cloud_plan),
+            result.update(plan=cloud_plan.to_json(), predicted=_cost_json(instance, cloud_plan, profile),
                           emulation=_emulation(cloud_topo))  # fmt: skip
             scenarios["cloud"] = result
     return _story_report(cfg, scenarios, profile_path, solution)

@@ -20,7 +20,7 @@ from edgellm.control.profile_file import (
 )
 from edgellm.deploy.topology import Topology, write_topology
 from edgellm.errors import ConfigError
-from edgellm.plan import Plan, Solution, solve
+from edgellm.plan import Instance, Plan, Solution, evaluate, solve
 from edgellm.split.layout import Layout
 from edgellm.store import resolve_model
 
@@ -77,11 +77,27 @@ def plan_from_profile(profile: dict[str, Any], request: PlanRequest, mode: str =
     return solve(instance, request.objective, request.max_ppl_increase_pct, device_first=request.device_first)
 
 
+def predicted(instance: Instance, plan: Plan, profile: dict[str, Any]) -> dict[str, float]:
+    """The plan's predicted TTFT and decode ms/token: the cost model's, plus the profile's calibration (what a
+    real generation costs beyond the model on every plan alike: the device's loop and the token stream)."""
+    cost = evaluate(instance, plan)
+    cal = profile.get("calibration", {})
+    return {
+        "ttft_ms": cost.ttft_ms + cal.get("ttft_overhead_ms", 0.0),
+        "decode_ms": cost.decode_ms + cal.get("step_overhead_ms", 0.0),
+        "model_ttft_ms": cost.ttft_ms,
+        "model_decode_ms": cost.decode_ms,
+        "ppl_increase_pct": cost.ppl_increase_pct,
+    }
+
+
 def plan_report(topology: Topology, profile: dict[str, Any], solution: Solution, request: PlanRequest,
                 profile_path: Path) -> dict[str, Any]:  # fmt: skip
     """The plan as JSON: per node its stage, scheme, memory against budget and emulation; per hop its codec and the
     link's emulated profile; the predictions; the binding constraint."""
     plan, cost = solution.plan, solution.cost
+    instance = instance_from_profile(profile, plan.mode, request.prompt_tokens, request.sessions)
+    pred = predicted(instance, plan, profile)
     nodes = []
     for stage in plan.stages:
         node = profile["nodes"][stage.node]
@@ -118,10 +134,14 @@ def plan_report(topology: Topology, profile: dict[str, Any], solution: Solution,
         "nodes": nodes,
         "links": links,
         "predicted": {
-            "ttft_ms": round(cost.ttft_ms, 2),
+            "ttft_ms": round(pred["ttft_ms"], 2),
             "prompt_tokens": request.prompt_tokens or profile["settings"]["prompt_tokens"],
-            "decode_ms_per_token": round(cost.decode_ms, 3),
-            "decode_tok_per_s": round(1e3 / cost.decode_ms, 2) if cost.decode_ms > 0 else None,
+            "decode_ms_per_token": round(pred["decode_ms"], 3),
+            "decode_tok_per_s": round(1e3 / pred["decode_ms"], 2) if pred["decode_ms"] > 0 else None,
+            "calibration_ms": {
+                "decode": round(pred["decode_ms"] - cost.decode_ms, 3),
+                "ttft": round(pred["ttft_ms"] - cost.ttft_ms, 3),
+            },
             "throughput_tok_s": round(cost.throughput_tok_s, 2),
             "sessions": request.sessions,
             "ppl_increase_pct": round(cost.ppl_increase_pct, 4),

@@ -159,11 +159,13 @@ def profile_deployment(
                 hop.shutdown()
         on_progress(f"links: probing {len(topology.links)} link(s) with {len(PROBE_SIZES)} sizes each way")
         links = probe_links(running, PROBE_SIZES, probe_repeats)
+        on_progress("calibration: a short generation through the running layout")
+        calibration_run = generate_once(running)
     on_progress("quality: perplexity of each scheme and codec (cached after the first run)")
     quality = ppl_costs(topology.model.name, model_dir, num_layers, schemes, codecs)
     kv = next(iter(nodes.values()))["kv_bytes_per_token_per_layer"] if nodes else 0
     hidden = int(config.hidden_size)
-    return {
+    profile = {
         "format": FORMAT,
         "version": VERSION,
         "key": profile_key(topology, config_sha),
@@ -195,4 +197,49 @@ def profile_deployment(
         "nodes": nodes,
         "links": links,
         "quality": quality,
+    }
+    profile["calibration"] = calibrate(profile, running, calibration_run, num_layers)
+    return profile
+
+
+CALIBRATION_PROMPT = "Describe the water cycle in a few sentences."
+
+
+def generate_once(topology: Topology, tokens: int = 24) -> dict[str, Any]:
+    """One greedy generation through the deployment's device (a warm-up first); its report."""
+    hop = _hop(topology, topology.route[0])
+    report: dict[str, Any] = {}
+    try:
+        for n in (4, tokens):
+            request = {"prompt": CALIBRATION_PROMPT, "chat": True, "max_new_tokens": n, "greedy": True}
+            for event in hop.generate(request):
+                report = event.get("report", report)
+    finally:
+        hop.shutdown()
+    return report
+
+
+def calibrate(profile: dict[str, Any], running: Topology, report: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """What a real generation costs beyond the cost model, per token and for the first token: the device's
+    generation loop, the token stream to the client, timer slack. Measured once, on the profiling layout, and
+    added to every plan's prediction alike (it does not depend on the plan)."""
+    from edgellm.control.profile_file import instance_from_profile
+    from edgellm.control.replanner import current_plan
+    from edgellm.plan import evaluate
+
+    plan = current_plan(running, num_layers)
+    instance = instance_from_profile(profile, running.mode, len(report["prompt_tokens"]))
+    cost = evaluate(instance, plan)
+    decode_ms = 1e3 / report["decode_tok_per_s"] if report.get("decode_tok_per_s") else cost.decode_ms
+    return {
+        "step_overhead_ms": max(decode_ms - cost.decode_ms, 0.0),
+        "ttft_overhead_ms": max(report["ttft_ms"] - cost.ttft_ms, 0.0),
+        "measured": {
+            "decode_ms": decode_ms,
+            "ttft_ms": report["ttft_ms"],
+            "tokens": len(report["new_tokens"]),
+            "prompt_tokens": len(report["prompt_tokens"]),
+        },  # fmt: skip
+        "model": {"decode_ms": cost.decode_ms, "ttft_ms": cost.ttft_ms},
+        "plan": plan.to_json(),
     }

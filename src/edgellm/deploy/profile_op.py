@@ -5,7 +5,7 @@
   planner adds up: `base_bytes` (the process's resident memory less the weights it holds: Python, torch, gRPC,
   the tokenizer on a device, and what loading left behind), `activation_bytes` (the fixed part of a prefill of
   `max_context` tokens) and `kv_bytes_per_token_per_layer` (the KV cache, plus the part of a prefill's
-  activations that grows with the layers, per token of context: edgellm.deploy.memory_budget's estimate).
+  activations that grows with the layers, per token of context: edgellm.deploy.memory_budget's estimate.
 - `probe_link` also reaches a node this one has a declared link to but no hop (a link the current route does not
   use, which a plan may): a temporary hop through that link's emulation, closed after the probe.
 """
@@ -61,6 +61,7 @@ def register_profile_ops(
         out["kv_bytes_per_token_per_layer"] += one_more // max_context
         out.update(role=node.role, threads=node.threads, emulated=node.emulation.to_json(), base_bytes=base,
                    activation_bytes=fixed - one_more, max_context=max_context)  # fmt: skip
+
         return out
 
     def probe_any(request: dict[str, Any]) -> dict[str, Any]:

@@ -243,14 +243,21 @@ def _memory(instance: Instance, runs: list[StageRun]) -> dict[str, int]:
 
 
 def ppl_increase_pct(instance: Instance, plan: Plan) -> float:
-    """Additive model: sum over stages of layers * ppl(scheme) / L, plus ppl(codec) once per hop carrying hidden
-    states (either way). The device's head stage and a token-only hop add nothing."""
+    """Additive model: a scheme's whole-model increase is shared by the L layers, the embedding and the head, a
+    (L + 2)-th each: sum over stages of (layers [+ 1 with the embedding] [+ 1 with the head]) * ppl(scheme) /
+    (L + 2), plus ppl(codec) once per hop carrying hidden states (either way); a token-only hop adds nothing."""
     return _ppl(instance, *layout(instance, plan))
 
 
+def stage_ppl_share(num_layers: int, embeds: bool, holds_head: bool, model_layers: int) -> float:
+    """The fraction of a scheme's whole-model ppl increase a stage carries (see `ppl_increase_pct`)."""
+    return (num_layers + int(embeds) + int(holds_head)) / (model_layers + 2)
+
+
 def _ppl(instance: Instance, runs: list[StageRun], hops: list[HopRun]) -> float:
-    layers = sum(r.num_layers * r.scheme.ppl_increase_pct for r in runs) / instance.model.num_layers
-    return layers + sum(h.codec.ppl_increase_pct for h in hops if h.carries_hidden)
+    L = instance.model.num_layers
+    parts = sum(stage_ppl_share(r.num_layers, r.embeds, r.holds_head, L) * r.scheme.ppl_increase_pct for r in runs)
+    return parts + sum(h.codec.ppl_increase_pct for h in hops if h.carries_hidden)
 
 
 def bottleneck_ms(instance: Instance, plan: Plan) -> float:

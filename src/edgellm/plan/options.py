@@ -95,7 +95,8 @@ class Options:
                 scheme.layer_bytes + node.kv_bytes_per_token_per_layer * model.max_context * instance.sessions
             )
             ttft_per_layer = prompt * scheme.layer_prefill_ms_per_token
-            ppl_per_layer = scheme.ppl_increase_pct / num_layers
+            ppl_per_layer = scheme.ppl_increase_pct / (num_layers + 2)  # cost.stage_ppl_share
+            ppl0 = (int(kind.embeds) + int(kind.holds_head)) * ppl_per_layer
             for n in range(min_layers, num_layers + 1):
                 if budget is not None and memory0 + n * memory_per_layer > budget:
                     break
@@ -104,7 +105,7 @@ class Options:
                     break
                 self.busy_ms.add(decode)
                 back = ("s", node.name, scheme.name, n)
-                table[n].append(self._label(decode, ttft0 + n * ttft_per_layer, n * ppl_per_layer, back))
+                table[n].append(self._label(decode, ttft0 + n * ttft_per_layer, ppl0 + n * ppl_per_layer, back))
         return [pareto(labels) if len(labels) > 1 else labels for labels in table]
 
     def hop(self, src: str, dst: str, kinds: tuple[str, str], tag: str = "h") -> list[Label]:
