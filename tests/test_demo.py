@@ -73,7 +73,7 @@ def test_demo_json_runs_three_scenarios_with_the_same_tokens(real_model_dir, tmp
     env = dict(os.environ, EDGELLM_HOME=str(real_model_dir.parent.parent))
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:  # files: no pipe to fill up
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgellm", "demo", "--json", "--codec", "none", "--profile", "5g",
+            [sys.executable, "-m", "edgellm", "demo", "--plan", "manual", "--json", "--codec", "none", "--profile", "5g",
              "--max-new-tokens", "8", "--chart", str(chart), "What is the capital of France?"],
             stdout=out, stderr=err, text=True, env=env,
         )  # fmt: skip
@@ -108,7 +108,8 @@ def test_ctrl_c_during_the_demo_stops_every_node(real_model_dir, tmp_path):
     env = dict(os.environ, EDGELLM_HOME=str(real_model_dir.parent.parent))
     with open(tmp_path / "err", "w") as err:
         demo = subprocess.Popen(
-            [sys.executable, "-m", "edgellm", "demo", "--max-new-tokens", "400", "--chart", str(tmp_path / "c.png")],
+            [sys.executable, "-m", "edgellm", "demo", "--plan", "manual", "--max-new-tokens", "400", "--chart",
+             str(tmp_path / "c.png")],
             stdout=subprocess.DEVNULL, stderr=err, env=env,
         )  # fmt: skip
     tree = ProcessTree(demo)
@@ -125,6 +126,46 @@ def test_ctrl_c_during_the_demo_stops_every_node(real_model_dir, tmp_path):
             demo.kill()
             demo.wait()
     assert tree.running() == [], "node processes outlived the demo"
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_planned_demo_tells_the_story_and_replans_after_a_link_change(real_model_dir, tmp_path):
+    """The default demo: the paper topology, planned; every emulated setting in the report; a lossless plan gives
+    the whole model's tokens; a link switched mid-answer is seen, re-planned around and migrated live."""
+    chart = tmp_path / "demo.png"
+    env = dict(os.environ, EDGELLM_HOME=str(real_model_dir.parent.parent))
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm", "demo", "--json", "--max-new-tokens", "28", "--switch-link",
+             "phone-edge1=lte", "--switch-after", "8", "--chart", str(chart)],
+            stdout=out, stderr=err, text=True, env=env,
+        )  # fmt: skip
+        tree = ProcessTree(proc)
+        try:
+            watch(proc, tree, lambda: False, timeout_s=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (tmp_path / "err").read_text()[-3000:]
+    report = json.loads((tmp_path / "out").read_text())
+    split, alone, cloud = (report["scenarios"][k] for k in ("split", "device_only", "cloud"))
+    emulation = split["emulation"]["nodes"]
+    assert emulation["phone"] == {"preset": "phone", "compute_scale": 4.0, "memory_mb": 1100}
+    assert {link["profile"] for link in split["emulation"]["links"]} >= {"6g", "metro"}
+    first = split["plan"]["stages"][0]
+    assert first["node"] == "phone" and first["end"] == 0  # the raw text stays on the phone: it embeds
+    assert report["lossless"] and report["same_tokens_as_whole_model"] is True
+    assert alone["plan"]["stages"][0]["scheme"] != "none"  # the fp32 model does not fit the phone's budget
+    for scenario in (split, alone, cloud):
+        assert scenario["predicted"]["decode_ms_per_token"] > 0 and scenario["ttft_ms"] > 0
+    # the switch: edge1 was first on the route; the re-planner moved the chain to start at edge2
+    assert split["switch"]["link"] == "phone-edge1" and split["switch"]["profile"] == "lte"
+    assert split["migrations"], "the re-planner did not migrate"
+    assert split["migrations"][0]["step"] > 8
+    assert chart.stat().st_size > 10_000
+    assert tree.running() == [], "stray node processes"
 
 
 def test_run_against_a_device_that_is_not_running_fails_naming_it(tmp_path):

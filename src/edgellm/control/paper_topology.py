@@ -5,8 +5,9 @@ Every number here is an emulated setting, stated with its source (docs/PLANNER.m
 - the phone, edges and cloud use the node presets of `edgellm.deploy.presets` (compute slowdown, memory budget);
 - each edge server gives this model `EDGE_MEMORY_MB`: a share of a shared MEC server, scaled to the 135M model as
   the phone's budget is, so that neither edge holds all 30 fp32 layers with its runtime and KV cache alone;
-- radio links use the `6g` profile (ITU-R M.2160 targets), the edge-to-edge backhaul the `metro` profile (10 Gb/s
-  Ethernet inside one MEC site, 0.2 ms RTT), the cloud the `wan` profile.
+- the phone reaches edge1 over the `6g` profile (ITU-R M.2160 targets) and edge2, a neighbouring cell's server,
+  over `5g` (ITU-R M.2410); the edge-to-edge backhaul is the `metro` profile (10 Gb/s Ethernet inside one MEC
+  site, 0.2 ms RTT); the cloud is behind the `wan` profile.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def paper_document(token_file: Path, threads: int | None = None, model: str = DE
         {"between": ["phone", "edge1"], "profile": "6g", "codec": "none"},
         {"between": ["edge1", "edge2"], "profile": "metro", "codec": "none"},
         {"between": ["edge2", "cloud"], "profile": "wan", "codec": "none"},
-        {"between": ["phone", "edge2"], "profile": "6g", "codec": "none"},
+        {"between": ["phone", "edge2"], "profile": "5g", "codec": "none"},
         {"between": ["phone", "cloud"], "profile": "wan", "codec": "none"},
     ]
     return {
