@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import secrets
 import sys
@@ -38,7 +39,7 @@ from report import PROMPT, markdown_table, with_ci
 from edgellm.control.demo import StoryConfig, run_scenario
 from edgellm.control.documents import planned_document, read_document
 from edgellm.control.paper_topology import paper_document
-from edgellm.control.planning import obtain_profile
+from edgellm.control.planning import obtain_profile, predicted
 from edgellm.control.profile_file import instance_from_profile
 from edgellm.deploy.local_deployment import LocalDeployment, free_port
 from edgellm.deploy.node_builder import channel_config
@@ -57,8 +58,9 @@ def log(text: str) -> None:
     print(f"[plan] {text}", file=sys.stderr, flush=True)
 
 
-def _node(name: str, role: str, threads: int, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "role": role, "address": f"127.0.0.1:{free_port()}", "threads": threads, **extra}
+def _node(name: str, role: str, threads: int | None, **extra: Any) -> dict[str, Any]:
+    node = {"name": name, "role": role, "address": f"127.0.0.1:{free_port()}", **extra}
+    return node if threads is None else {**node, "threads": threads}
 
 
 def _doc(nodes: list[dict[str, Any]], links: list[tuple[str, str, str]], token: Path, mode: str = "chain",
@@ -78,7 +80,7 @@ def _doc(nodes: list[dict[str, Any]], links: list[tuple[str, str, str]], token: 
 
 
 # name -> (topology document, plan options). Each differs from the others in slowdown, budget, link, hops, head.
-def topologies(token: Path, threads: int) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+def topologies(token: Path, threads: int | None) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     t = threads
     return {
         "phone-edge-6g": (_doc([_node("phone", "device", t, preset="phone"), _node("edge", "edge", t)],
@@ -135,9 +137,10 @@ def part_accuracy(args: argparse.Namespace, work: Path, token: Path, prompt_toke
         profile, profile_path, fresh = obtain_profile(topology, on_progress=log)
         instance = instance_from_profile(profile, topology.mode, prompt_tokens)
         solution = solve(instance, "latency", args.max_ppl_increase, **options)
+        pred = predicted(instance, solution.plan, profile)
         planned = work / f"{name}-planned.toml"
         write_topology(planned, planned_document(read_document(source), solution.plan))
-        log(f"{name}: plan {solution.plan.to_json()}; predicted decode {solution.cost.decode_ms:.1f} ms/token")
+        log(f"{name}: plan {solution.plan.to_json()}; predicted decode {pred['decode_ms']:.1f} ms/token")
         runs = []
         with deployed(planned, work) as generate:
             generate(4)  # warm-up
@@ -148,14 +151,15 @@ def part_accuracy(args: argparse.Namespace, work: Path, token: Path, prompt_toke
                 runs.append({"repeat": repeat, "ttft_ms": report["ttft_ms"], "decode_ms": decode_ms,
                              "tokens": len(report["new_tokens"]), "prompt_tokens": len(report["prompt_tokens"]),
                              **stamp})  # fmt: skip
-        cost = solution.cost
-        ttft_ratio = [r["ttft_ms"] / cost.ttft_ms for r in runs]
-        decode_ratio = [r["decode_ms"] / cost.decode_ms for r in runs]
+        ttft_ratio = [r["ttft_ms"] / pred["ttft_ms"] for r in runs]
+        decode_ratio = [r["decode_ms"] / pred["decode_ms"] for r in runs]
         row = {
             "topology": name, "document": doc, "options": {k: list(v) for k, v in options.items()},
             "profile": str(profile_path), "profile_fresh": fresh, "profile_created": profile["created"],
             "plan": solution.plan.to_json(), "binding": solution.binding,
-            "predicted": {"ttft_ms": cost.ttft_ms, "decode_ms": cost.decode_ms, "ppl_increase_pct": cost.ppl_increase_pct},
+            "predicted": pred, "calibration": profile.get("calibration"),
+            "emulation": {"nodes": {n: v["emulated"] for n, v in profile["nodes"].items()}, "links": [
+                {"between": [k["a"], k["b"]], "profile": k["profile"], **k["emulated"]} for k in profile["links"]]},
             "ttft_ms": summary([r["ttft_ms"] for r in runs]), "decode_ms": summary([r["decode_ms"] for r in runs]),
             "ttft_ratio": summary(ttft_ratio), "decode_ratio": summary(decode_ratio), "runs": runs,
         }  # fmt: skip
@@ -201,8 +205,8 @@ def part_sweep(args: argparse.Namespace, work: Path, token: Path, prompt_tokens:
     points = []
     for mbps in [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 3000, 10000]:
         per_byte = 8e-3 / mbps + transport_ms_per_byte
-        changed = link.__class__(link.a, link.b, link.up_fixed_ms, per_byte, link.down_fixed_ms, per_byte)
-        instance = base.__class__(**{**vars(base), "links": (changed,)})
+        changed = dataclasses.replace(link, up_ms_per_byte=per_byte, down_ms_per_byte=per_byte)
+        instance = dataclasses.replace(base, links=(changed,))
         for objective in ("latency", "ttft"):
             sol = solve(instance, objective, args.max_ppl_increase)
             first = sol.plan.stages[0]
@@ -247,9 +251,8 @@ def part_migration(args: argparse.Namespace, work: Path, token: Path) -> dict[st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per accuracy run (default: 24)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="threads per node (default: each preset's)")
     parser.add_argument("--max-ppl-increase", type=float, default=1.0)
     parser.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma-separated topology names")
     parser.add_argument("--parts", type=lambda s: s.split(","), default=["accuracy", "solve", "sweep", "migration"])
@@ -257,7 +260,7 @@ def main() -> int:
     parser.add_argument("--switch-after", type=int, default=12)
     parser.add_argument("--switch-tokens", type=int, default=40)
     parser.add_argument("--chart", type=Path, default=Path("docs/plan-bandwidth.png"))
-    add_record_arguments(parser)
+    add_record_arguments(parser, rows="topology (part a) and re-plan setting (part d), back to back")
     args = parser.parse_args()
     recorder = Recorder("plan", args.json, args.allow_dirty)
     log(recorder.header())

@@ -15,6 +15,7 @@ from edgellm.errors import ConfigError
 from edgellm.plan import Plan
 
 _PATH_KEYS = ("token_file",)
+PROFILING_CONTEXT = 256
 _TLS_KEYS = ("cert", "key", "ca")
 
 
@@ -43,8 +44,11 @@ def read_document(path: Path) -> dict[str, Any]:
 
 def profiling_layout(doc: dict[str, Any], num_layers: int) -> dict[str, Any]:
     """Same nodes and links; the device holds no layer, each server an even share, the head on the last server,
-    no quantization: a layout every node can load before the planner has chosen anything."""
+    no quantization, and a short `max_context` (`PROFILING_CONTEXT`) so that the KV cache and activations a node
+    reserves leave room in its budget: a layout every node can load before the planner has chosen anything."""
     out = copy.deepcopy(doc)
+    dep = out["deployment"]
+    dep["max_context"] = min(int(dep.get("max_context", PROFILING_CONTEXT)), PROFILING_CONTEXT)
     route = out["deployment"]["route"]
     servers = len(route) - 1
     model = out["model"]

@@ -26,6 +26,9 @@ from edgellm.plan import CodecCost, Instance, LinkCaps, ModelDims, NodeCaps, Sch
 from edgellm.store.paths import home
 
 FORMAT = "edgellm-profile"
+# The share of each node's budget the planner leaves free: a node checks its measured RSS after loading, and what
+# loading leaves behind (allocator pages, a quantized file's staging) varies by scheme by tens of MB.
+MEMORY_HEADROOM = 0.1
 VERSION = 1
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -140,7 +143,8 @@ def instance_from_profile(
         nodes.append(
             NodeCaps(
                 name=name, role=node["role"], schemes=schemes,
-                memory_bytes=None if budget is None else int(budget * 1_000_000), base_bytes=node["base_bytes"],
+                memory_bytes=None if budget is None else int(budget * 1_000_000 * (1 - MEMORY_HEADROOM)),
+                base_bytes=node["base_bytes"],
                 stage_overhead_ms=node["stage_overhead_ms"], activation_bytes=node.get("activation_bytes", 0),
                 kv_bytes_per_token_per_layer=model["kv_bytes_per_token_per_layer"],
             )

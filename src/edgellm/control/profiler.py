@@ -153,7 +153,8 @@ def profile_deployment(
             on_progress(f"node {name}: timing layers, embedding and head at {len(schemes)} scheme(s)")
             hop = _hop(running, name)
             try:
-                request = {"op": "profile_compute", "schemes": list(schemes), "prompt_tokens": prompt_tokens}
+                request = {"op": "profile_compute", "schemes": list(schemes), "prompt_tokens": prompt_tokens,
+                           "max_context": topology.limits.max_context}  # fmt: skip
                 nodes[name] = hop.control(request, timeout_s=900.0)
             finally:
                 hop.shutdown()

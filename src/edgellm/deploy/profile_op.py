@@ -29,6 +29,7 @@ PROFILE_FIELDS = {
     "schemes": Field(list, required=True),
     "prompt_tokens": Field(int, default=64),
     "context_tokens": Field(int, default=64),
+    "max_context": Field(int),  # the deployment's, to size activations (default: this node's)
 }
 
 
@@ -55,12 +56,13 @@ def register_profile_ops(
         schemes = [str(s) for s in request["schemes"]]
         base = max(rss_bytes() - held_weight_bytes(), 0)  # before the measurement's scratch stages
         measured = measure_compute(model_dir, schemes, request["context_tokens"], request["prompt_tokens"])
-        fixed = activation_bytes(model_config, [StageSpec(0, 1)], max_context, dtype)
-        one_more = activation_bytes(model_config, [StageSpec(0, 2)], max_context, dtype) - fixed
+        context = request["max_context"] or max_context
+        fixed = activation_bytes(model_config, [StageSpec(0, 1)], context, dtype)
+        one_more = activation_bytes(model_config, [StageSpec(0, 2)], context, dtype) - fixed
         out = scaled(measured, node.emulation.compute_scale)
-        out["kv_bytes_per_token_per_layer"] += one_more // max_context
+        out["kv_bytes_per_token_per_layer"] += one_more // context
         out.update(role=node.role, threads=node.threads, emulated=node.emulation.to_json(), base_bytes=base,
-                   activation_bytes=fixed - one_more, max_context=max_context)  # fmt: skip
+                   activation_bytes=fixed - one_more, max_context=context)  # fmt: skip
 
         return out
 
