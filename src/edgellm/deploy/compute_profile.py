@@ -11,7 +11,9 @@ every decoder layer, the embedding alone, the head alone) at each scheme, and ti
   Decode streams the weights from memory, and every node of an emulation shares this machine's caches, so a
   layer costs what it costs while the whole model's weights are in play: timed alone and repeated, a small
   stage stays in cache and looks up to 1.6x faster than it runs in a deployment (docs/PLANNER.md);
-- bytes come from the built stages (`quant.memory.stage_memory`), so they are exact for the scheme.
+- bytes: `layer_weight_bytes` are exact (`quant.memory.stage_memory`); `layer_bytes`, what the planner budgets, is
+  the larger of that and what loading every layer really adds to the process's RSS (after freed memory is handed
+  back), per layer: loading a quantized stage keeps staging memory the weights alone do not account for.
 
 Times are the machine's own: the node multiplies them by its emulated `compute_scale` before reporting. Results are
 cached on disk per (model, scheme, threads, wait policy, torch and edgellm versions, CPU), so nodes that share a
@@ -37,13 +39,14 @@ from edgellm import __version__
 from edgellm.model.stage import Stage, StageSpec
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import parse_quant
+from edgellm.split.budget import release_freed_memory, rss_bytes
 from edgellm.split.one_process import load_stages
 from edgellm.store.paths import home
 from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
+CACHE_VERSION = 4  # 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
 
 
 def _cpu_name() -> str:
@@ -144,8 +147,13 @@ def measure_scheme(
     layers = int(config.num_hidden_layers)
     hidden = int(config.hidden_size)
     quant = parse_quant(scheme)
-    specs = [StageSpec(0, 1), StageSpec(0, layers), StageSpec(0, 0, embed=True), StageSpec(layers, layers, head=True)]
-    one, full, embed, head = load_stages(model_dir, specs, torch.float32, quant)
+    specs = [StageSpec(0, 1), StageSpec(0, 0, embed=True), StageSpec(layers, layers, head=True)]
+    one, embed, head = load_stages(model_dir, specs, torch.float32, quant)
+    release_freed_memory()
+    before = rss_bytes()
+    full = load_stages(model_dir, [StageSpec(0, layers)], torch.float32, quant)[0]
+    release_freed_memory()
+    resident = rss_bytes() - before  # what loading the layers really keeps, staging and allocator included
     full_step = _decode_step(full, hidden, context_tokens)
     t_one = _decode_ms(one, hidden, context_tokens, repeats, between=full_step)
     t_full = _decode_ms(full, hidden, context_tokens, repeats)
@@ -157,7 +165,8 @@ def measure_scheme(
         "name": scheme,
         "layer_decode_ms": layer_ms,
         "layer_prefill_ms_per_token": max((p_full - p_one) / span / prompt_tokens, 0.0),
-        "layer_bytes": (bytes_full - bytes_one) // span,
+        "layer_bytes": max((bytes_full - bytes_one) // span, resident // layers),  # what the planner budgets
+        "layer_weight_bytes": (bytes_full - bytes_one) // span,
         "embed_bytes": stage_memory(embed).weight_bytes,
         "head_bytes": stage_memory(head).weight_bytes,
         "embed_decode_ms": _decode_ms(embed, hidden, 0, repeats, between=full_step),

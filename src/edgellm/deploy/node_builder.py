@@ -34,7 +34,7 @@ from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.local_engine import DTYPES
 from edgellm.serve.migration import Controller, LiveMigration
 from edgellm.serve.report import weight_bytes
-from edgellm.split.budget import MemoryLedger, rss_bytes
+from edgellm.split.budget import MemoryLedger, release_freed_memory, rss_bytes
 from edgellm.split.control import ControlOps
 from edgellm.split.host import SessionLimits, StageHost
 from edgellm.split.one_process import load_stages, stage_label
@@ -106,6 +106,7 @@ def build_node(topology: Topology, name: str, controller: ControllerFactory | No
     predicted = predict_need(config, specs, parse_quant(quant), dtype, max_context, runtime)
     check_need(name, predicted, node.memory_mb, topology.source)
     stages = load_stages(model_dir, specs, dtype, parse_quant(quant))
+    release_freed_memory()  # loading's staging buffers: RSS below is what the stages really hold
     tokenizer = load_tokenizer(model_dir) if node.role == "device" else None  # before measuring: it is resident
     ledger = ledger_after_load(name, predicted, node.memory_mb, topology.source)
     memory = NodeMemory(ledger, config, dtype, max_context, runtime, topology.source)

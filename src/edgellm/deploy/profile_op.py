@@ -2,8 +2,8 @@
 
 - `profile_compute` (`schemes`, `prompt_tokens`, `context_tokens`): this node's costs per weight scheme
   (edgellm.deploy.compute_profile), every time multiplied by its emulated `compute_scale`, with the memory the
-  planner adds up: `base_bytes` (the process's resident memory less the weights it holds: Python, torch, gRPC,
-  the tokenizer on a device, and what loading left behind), `activation_bytes` (the fixed part of a prefill of
+  planner adds up: `base_bytes` (the process's resident memory less the weights it holds, measured after the
+  timing, once every scheme's loading code is resident: Python, torch, gRPC, the tokenizer on a device), `activation_bytes` (the fixed part of a prefill of
   `max_context` tokens) and `kv_bytes_per_token_per_layer` (the KV cache, plus the part of a prefill's
   activations that grows with the layers, per token of context: edgellm.deploy.memory_budget's estimate.
 - `probe_link` also reaches a node this one has a declared link to but no hop (a link the current route does not
@@ -22,7 +22,7 @@ from edgellm.deploy.compute_profile import measure_compute, scaled
 from edgellm.deploy.memory_budget import activation_bytes
 from edgellm.deploy.topology import Topology
 from edgellm.model.stage import StageSpec
-from edgellm.split.budget import rss_bytes
+from edgellm.split.budget import release_freed_memory, rss_bytes
 from edgellm.split.control import ControlOps, Field, probe_link
 
 PROFILE_FIELDS = {
@@ -54,8 +54,11 @@ def register_profile_ops(
 
     def profile_compute(request: dict[str, Any]) -> dict[str, Any]:
         schemes = [str(s) for s in request["schemes"]]
-        base = max(rss_bytes() - held_weight_bytes(), 0)  # before the measurement's scratch stages
         measured = measure_compute(model_dir, schemes, request["context_tokens"], request["prompt_tokens"])
+        # After the measurement: its scratch stages are freed and handed back, and the code every scheme's
+        # loading imports (quantized kernels, file readers) is now resident, as in a node that runs the plan.
+        release_freed_memory()
+        base = max(rss_bytes() - held_weight_bytes(), 0)
         context = request["max_context"] or max_context
         fixed = activation_bytes(model_config, [StageSpec(0, 1)], context, dtype)
         one_more = activation_bytes(model_config, [StageSpec(0, 2)], context, dtype) - fixed

@@ -43,6 +43,18 @@ def rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed since the last call back to the OS, so RSS measures what is live: collect garbage, then
+    (glibc) `malloc_trim(0)`. Loading a stage frees large staging buffers that glibc otherwise keeps mapped."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: RSS then keeps what the allocator holds
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def to_mb(nbytes: int | float) -> float:
     """Bytes -> MB (10^6 bytes), rounded to 0.1 for reports."""
     return round(nbytes / MB, 1)
