@@ -46,7 +46,7 @@ from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
+CACHE_VERSION = 5  # 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
 
 
 def _cpu_name() -> str:
@@ -140,7 +140,7 @@ def _prefill_ms(stage: Stage, hidden: int, prompt: int, repeats: int) -> float:
 
 
 def measure_scheme(
-    model_dir: Path, scheme: str, context_tokens: int = 64, prompt_tokens: int = 64, repeats: int = 9
+    model_dir: Path, scheme: str, context_tokens: int = 64, prompt_tokens: int = 64, repeats: int = 21
 ) -> dict[str, Any]:
     """Time and weigh one scheme (`none` = floating point) on this process's torch threads; see the module doc."""
     config = load_config(model_dir)
