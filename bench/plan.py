@@ -11,6 +11,8 @@ b) solve time: `edgellm.plan.benchmark_instance` (64 layers x 8 nodes x 5 scheme
 c) the trade-off (the seed's "split depth vs communication overhead"): on the profiled phone-edge topology, the
    device<->edge link's bandwidth swept from 1 Mb/s to 10 Gb/s in the profile (RTT kept), re-solved for decode
    latency and for TTFT: the layers the device keeps, its scheme and the hop's codec. A chart.
+e) depth (`--parts depth`, not in the default parts): ms per decode step of a stage of 1..30 layers per scheme,
+   one thread, and the whole depth on two: why the profile times layers at the whole depth.
 d) re-planning: the paper topology; after `--switch-after` tokens the phone<->edge1 link becomes `lte`; with the
    device's re-planner on and off (`[control] replan`), `--repeats` runs each, taking turns; ms/token after the
    switch. Target: the migrated deployment decodes faster than staying put.
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import secrets
 import sys
 import tempfile
@@ -249,6 +252,43 @@ def part_migration(args: argparse.Namespace, work: Path, token: Path) -> dict[st
             "target": target_record("ms/token after the switch, re-planned / stayed", 1.0, summary(ratios), False)}  # fmt: skip
 
 
+DEPTHS = (1, 5, 10, 15, 20, 30)
+
+
+def part_depth(args: argparse.Namespace) -> dict[str, Any]:
+    """Why the profile times layers at the whole depth: ms per decode step of a stage of k layers, per scheme, one
+    thread (and two, at the whole depth), in a child process per scheme and thread count (OMP_WAIT_POLICY PASSIVE,
+    as in the nodes); the median of `--repeats` x 7 steps."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, sys, torch\n"
+        "torch.set_num_threads(int(sys.argv[2]))\n"
+        "from edgellm.store import resolve_model\n"
+        "from edgellm.split.one_process import load_stages\n"
+        "from edgellm.model.stage import StageSpec\n"
+        "from edgellm.quant.scheme import parse_quant\n"
+        "from edgellm.deploy.compute_profile import _decode_ms\n"
+        "md = resolve_model('smollm2-135m'); q = parse_quant(sys.argv[1]); out = {}\n"
+        "for k in json.loads(sys.argv[3]):\n"
+        "    st = load_stages(md, [StageSpec(0, k)], torch.float32, q)[0]\n"
+        "    out[k] = _decode_ms(st, 576, 64, int(sys.argv[4])); del st\n"
+        "print(json.dumps(out))\n"
+    )
+    rows = []
+    for scheme in ("none", "int8", "int4-g32,head=int8,embed=int8"):
+        for threads, depths in ((1, DEPTHS), (2, (30,))):
+            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+            done = subprocess.run([sys.executable, "-c", code, scheme, str(threads), json.dumps(depths),
+                                   str(7 * args.repeats)], capture_output=True, text=True, env=env, check=True)  # fmt: skip
+            ms = {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+            rows.append({"scheme": scheme, "threads": threads, "ms_per_step": ms,
+                         "ms_per_layer": {k: ms[k] / k for k in ms}})  # fmt: skip
+            log(f"depth {scheme} x{threads}: {ms}")
+    return {"rows": rows, "context_tokens": 64}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per accuracy run (default: 24)")
@@ -281,6 +321,8 @@ def main() -> int:
             sweep_chart(results["sweep"], args.chart)
         if "migration" in args.parts:
             results["migration"] = part_migration(args, work, token)
+        if "depth" in args.parts:
+            results["depth"] = part_depth(args)
     print_tables(results)
     recorder.write(results, machine_info(args.threads))
     return 0

@@ -7,10 +7,10 @@ every decoder layer, the embedding alone, the head alone) at each scheme, and ti
   every repeat sees the same context); prefill: `prompt_tokens` tokens into an empty cache;
 - a layer's time is the difference between the all-layer and the one-layer stage, over L - 1; what is left of the
   one-layer stage is the fixed cost of a stage call (rotary tables, masks, Python);
-- the small stages (one layer, embedding, head) are timed each right after an untimed step of the all-layer stage.
-  Decode streams the weights from memory, and every node of an emulation shares this machine's caches, so a
-  layer costs what it costs while the whole model's weights are in play: timed alone and repeated, a small
-  stage stays in cache and looks up to 1.6x faster than it runs in a deployment (docs/PLANNER.md);
+- every timed step comes right after reading a buffer larger than the CPU's caches. Decode streams the weights
+  from memory, and every node of an emulation shares this machine's caches with the others, whose weights stream
+  through them between this node's steps: timed alone and repeated, a stage stays in cache and looks up to 1.6x
+  faster per layer than it runs in a deployment (docs/PLANNER.md);
 - bytes: `layer_weight_bytes` are exact (`quant.memory.stage_memory`); `layer_bytes`, what the planner budgets, is
   the larger of that and what loading every layer really adds to the process's RSS (after freed memory is handed
   back), per layer: loading a quantized stage keeps staging memory the weights alone do not account for.
@@ -46,7 +46,7 @@ from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5  # 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
+CACHE_VERSION = 6  # 6: caches evicted before every timed step; 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
 
 
 def _cpu_name() -> str:
@@ -114,6 +114,20 @@ def _decode_step(stage: Stage, hidden: int, context: int) -> Callable[[], None]:
     return step
 
 
+EVICT_BYTES = 512 << 20  # more than this machine's last-level cache (480 MiB on the project machine)
+
+
+def _evictor() -> Callable[[], None]:
+    """Reads a buffer larger than the CPU's caches: a step timed after it finds no weight cached, as in a
+    deployment, where the other nodes' weights stream through the caches this node shares with them."""
+    buffer = torch.ones(EVICT_BYTES // 4)
+
+    def evict() -> None:
+        buffer.sum()
+
+    return evict
+
+
 def _decode_ms(
     stage: Stage, hidden: int, context: int, repeats: int, between: Callable[[], None] | None = None
 ) -> float:
@@ -154,9 +168,9 @@ def measure_scheme(
     full = load_stages(model_dir, [StageSpec(0, layers)], torch.float32, quant)[0]
     release_freed_memory()
     resident = rss_bytes() - before  # what loading the layers really keeps, staging and allocator included
-    full_step = _decode_step(full, hidden, context_tokens)
-    t_one = _decode_ms(one, hidden, context_tokens, repeats, between=full_step)
-    t_full = _decode_ms(full, hidden, context_tokens, repeats)
+    evict = _evictor()
+    t_one = _decode_ms(one, hidden, context_tokens, repeats, between=evict)
+    t_full = _decode_ms(full, hidden, context_tokens, repeats, between=evict)
     p_one, p_full = _prefill_ms(one, hidden, prompt_tokens, repeats), _prefill_ms(full, hidden, prompt_tokens, repeats)
     span = max(layers - 1, 1)
     layer_ms = max((t_full - t_one) / span, 0.0)
@@ -169,8 +183,8 @@ def measure_scheme(
         "layer_weight_bytes": (bytes_full - bytes_one) // span,
         "embed_bytes": stage_memory(embed).weight_bytes,
         "head_bytes": stage_memory(head).weight_bytes,
-        "embed_decode_ms": _decode_ms(embed, hidden, 0, repeats, between=full_step),
-        "head_decode_ms": _decode_ms(head, hidden, 0, repeats, between=full_step),
+        "embed_decode_ms": _decode_ms(embed, hidden, 0, repeats, between=evict),
+        "head_decode_ms": _decode_ms(head, hidden, 0, repeats, between=evict),
         "stage_overhead_ms": max(t_one - layer_ms, 0.0),
     }
 
