@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +78,64 @@ def plan_from_profile(profile: dict[str, Any], request: PlanRequest, mode: str =
     return solve(instance, request.objective, request.max_ppl_increase_pct, device_first=request.device_first)
 
 
+def cache_share(instance: Instance, plan: Plan, cache_bytes: int | None) -> float:
+    """How cold the plan runs, 0 (every weight stays in the last-level cache) to 1 (none does): the weights of
+    every node of the plan share one cache on this machine. 0 while they take at most half of it, 1 from all of
+    it on, linear between (a documented rule of thumb; docs/PLANNER.md)."""
+    if not cache_bytes:
+        return 1.0
+    weights = 0
+    for stage in plan.stages:
+        node = instance.node(stage.node)
+        scheme = node.scheme(stage.scheme) if node is not None else None
+        if scheme is not None:
+            weights += stage.num_layers * scheme.layer_bytes
+    first = instance.node(plan.stages[0].node)
+    scheme = first.scheme(plan.stages[0].scheme) if first is not None else None
+    if scheme is not None:
+        weights += scheme.embed_bytes + (0 if instance.model.tied_embeddings else scheme.head_bytes)
+    return min(max((weights - cache_bytes / 2) / (cache_bytes / 2), 0.0), 1.0)
+
+
 def predicted(instance: Instance, plan: Plan, profile: dict[str, Any]) -> dict[str, float]:
-    """The plan's predicted TTFT and decode ms/token: the cost model's, plus the profile's calibration (what a
-    real generation costs beyond the model on every plan alike: the device's loop and the token stream)."""
-    cost = evaluate(instance, plan)
+    """The plan's predicted TTFT and decode ms/token: the cost model's, between its warm-cache and cold-cache
+    times by how much of the plan's weights the machine's cache holds (`cache_share`), plus the profile's
+    calibration (what a real generation costs beyond the model on every plan alike: the device's loop and the
+    token stream)."""
+    cold = evaluate(instance, plan)
+    warm_instance = warm(instance, profile)
+    hot = evaluate(warm_instance, plan) if warm_instance is not None else cold
+    share = cache_share(instance, plan, profile.get("machine", {}).get("llc_bytes"))
+    decode = hot.decode_ms + share * (cold.decode_ms - hot.decode_ms)
+    ttft = hot.ttft_ms + share * (cold.ttft_ms - hot.ttft_ms)
     cal = profile.get("calibration", {})
     return {
-        "ttft_ms": cost.ttft_ms + cal.get("ttft_overhead_ms", 0.0),
-        "decode_ms": cost.decode_ms + cal.get("step_overhead_ms", 0.0),
-        "model_ttft_ms": cost.ttft_ms,
-        "model_decode_ms": cost.decode_ms,
-        "ppl_increase_pct": cost.ppl_increase_pct,
+        "ttft_ms": ttft + cal.get("ttft_overhead_ms", 0.0),
+        "decode_ms": decode + cal.get("step_overhead_ms", 0.0),
+        "model_ttft_ms": ttft,
+        "model_decode_ms": decode,
+        "cold_decode_ms": cold.decode_ms,
+        "warm_decode_ms": hot.decode_ms,
+        "cache_share": share,
+        "ppl_increase_pct": cold.ppl_increase_pct,
     }
+
+
+def warm(instance: Instance, profile: dict[str, Any]) -> Instance | None:
+    """The instance with every node's warm-cache times (None when the profile has none)."""
+    import dataclasses
+
+    nodes = []
+    for node in instance.nodes:
+        rows = {r["name"]: r.get("warm") for r in profile["nodes"][node.name]["schemes"]}
+        if not all(rows.values()):
+            return None
+        schemes = tuple(dataclasses.replace(s, layer_decode_ms=rows[s.name]["layer_decode_ms"],
+                                            embed_decode_ms=rows[s.name]["embed_decode_ms"],
+                                            head_decode_ms=rows[s.name]["head_decode_ms"]) for s in node.schemes)  # fmt: skip
+        overhead = statistics.median(rows[s.name]["stage_overhead_ms"] for s in node.schemes)
+        nodes.append(dataclasses.replace(node, schemes=schemes, stage_overhead_ms=overhead))
+    return dataclasses.replace(instance, nodes=tuple(nodes))
 
 
 def plan_report(topology: Topology, profile: dict[str, Any], solution: Solution, request: PlanRequest,

@@ -126,8 +126,24 @@ def probe_links(topology: Topology, sizes: Sequence[int], repeats: int) -> list[
     return out
 
 
+def llc_bytes() -> int | None:
+    """The size of this machine's last-level CPU cache (Linux sysfs), or None."""
+    best = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        if best is None or level > best[0]:
+            best = (level, size)
+    return None if best is None else best[1]
+
+
 def _machine() -> dict[str, Any]:
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"llc_bytes": llc_bytes(), "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform()}  # fmt: skip
 
 

@@ -7,7 +7,8 @@ every decoder layer, the embedding alone, the head alone) at each scheme, and ti
   every repeat sees the same context); prefill: `prompt_tokens` tokens into an empty cache;
 - a layer's time is the difference between the all-layer and the one-layer stage, over L - 1; what is left of the
   one-layer stage is the fixed cost of a stage call (rotary tables, masks, Python);
-- every timed step comes right after reading a buffer larger than the CPU's caches. Decode streams the weights
+- every timed step comes right after reading a buffer larger than the CPU's caches (the "cold" times the
+  planner optimizes with), and again repeated back to back (`warm`: the weights stay in cache). Decode streams the weights
   from memory, and every node of an emulation shares this machine's caches with the others, whose weights stream
   through them between this node's steps: timed alone and repeated, a stage stays in cache and looks up to 1.6x
   faster per layer than it runs in a deployment (docs/PLANNER.md);
@@ -46,7 +47,7 @@ from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 6  # 6: caches evicted before every timed step; 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
+CACHE_VERSION = 7  # 7: warm times too; 6: caches evicted before every timed step; 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
 
 
 def _cpu_name() -> str:
@@ -171,9 +172,12 @@ def measure_scheme(
     evict = _evictor()
     t_one = _decode_ms(one, hidden, context_tokens, repeats, between=evict)
     t_full = _decode_ms(full, hidden, context_tokens, repeats, between=evict)
+    w_one = _decode_ms(one, hidden, context_tokens, repeats)  # warm: repeated, the weights stay in cache
+    w_full = _decode_ms(full, hidden, context_tokens, repeats)
     p_one, p_full = _prefill_ms(one, hidden, prompt_tokens, repeats), _prefill_ms(full, hidden, prompt_tokens, repeats)
     span = max(layers - 1, 1)
     layer_ms = max((t_full - t_one) / span, 0.0)
+    warm_layer = max((w_full - w_one) / span, 0.0)
     bytes_one, bytes_full = stage_memory(one).weight_bytes, stage_memory(full).weight_bytes
     return {
         "name": scheme,
@@ -186,6 +190,12 @@ def measure_scheme(
         "embed_decode_ms": _decode_ms(embed, hidden, 0, repeats, between=evict),
         "head_decode_ms": _decode_ms(head, hidden, 0, repeats, between=evict),
         "stage_overhead_ms": max(t_one - layer_ms, 0.0),
+        "warm": {
+            "layer_decode_ms": warm_layer,
+            "stage_overhead_ms": max(w_one - warm_layer, 0.0),
+            "embed_decode_ms": _decode_ms(embed, hidden, 0, repeats),
+            "head_decode_ms": _decode_ms(head, hidden, 0, repeats),
+        },
     }
 
 
@@ -237,6 +247,12 @@ def scaled(measured: dict[str, Any], compute_scale: float) -> dict[str, Any]:
     """The measurement as this node reports it: every time multiplied by its emulated `compute_scale`."""
     time_keys = ("layer_decode_ms", "layer_prefill_ms_per_token", "embed_decode_ms", "head_decode_ms",
                  "stage_overhead_ms")  # fmt: skip
-    rows = [{k: (v * compute_scale if k in time_keys else v) for k, v in row.items()} for row in measured["schemes"]]
+
+    def scale(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: (v * compute_scale if k in time_keys else scale(v) if isinstance(v, dict) else v) for k, v in row.items()
+        }
+
+    rows = [scale(row) for row in measured["schemes"]]
     return {**measured, "schemes": rows, "stage_overhead_ms": measured["stage_overhead_ms"] * compute_scale,
             "compute_scale": compute_scale}  # fmt: skip
