@@ -8,7 +8,8 @@ every decoder layer, the embedding alone, the head alone) at each scheme, and ti
 - a layer's time is the difference between the all-layer and the one-layer stage, over L - 1; what is left of the
   one-layer stage is the fixed cost of a stage call (rotary tables, masks, Python);
 - every timed step comes right after reading a buffer larger than the CPU's caches (the "cold" times the
-  planner optimizes with), and again repeated back to back (`warm`: the weights stay in cache). Decode streams the weights
+  planner optimizes with), and again as in a generation whose weights all stay in cache (`warm`: the layers back
+  to back, each small stage right after a step of all the layers). Decode streams the weights
   from memory, and every node of an emulation shares this machine's caches with the others, whose weights stream
   through them between this node's steps: timed alone and repeated, a stage stays in cache and looks up to 1.6x
   faster per layer than it runs in a deployment (docs/PLANNER.md);
@@ -47,7 +48,7 @@ from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 7  # 7: warm times too; 6: caches evicted before every timed step; 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
+CACHE_VERSION = 8  # 8: warm small stages after a full step; 7: warm times too; 6: caches evicted before every timed step; 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
 
 
 def _cpu_name() -> str:
@@ -172,7 +173,10 @@ def measure_scheme(
     evict = _evictor()
     t_one = _decode_ms(one, hidden, context_tokens, repeats, between=evict)
     t_full = _decode_ms(full, hidden, context_tokens, repeats, between=evict)
-    w_one = _decode_ms(one, hidden, context_tokens, repeats)  # warm: repeated, the weights stay in cache
+    # Warm, as in a generation on one node whose weights all stay in cache: the layers back to back, and each
+    # small stage right after a step of all the layers (as the head comes after them).
+    full_step = _decode_step(full, hidden, context_tokens)
+    w_one = _decode_ms(one, hidden, context_tokens, repeats, between=full_step)
     w_full = _decode_ms(full, hidden, context_tokens, repeats)
     p_one, p_full = _prefill_ms(one, hidden, prompt_tokens, repeats), _prefill_ms(full, hidden, prompt_tokens, repeats)
     span = max(layers - 1, 1)
@@ -193,8 +197,8 @@ def measure_scheme(
         "warm": {
             "layer_decode_ms": warm_layer,
             "stage_overhead_ms": max(w_one - warm_layer, 0.0),
-            "embed_decode_ms": _decode_ms(embed, hidden, 0, repeats),
-            "head_decode_ms": _decode_ms(head, hidden, 0, repeats),
+            "embed_decode_ms": _decode_ms(embed, hidden, 0, repeats, between=full_step),
+            "head_decode_ms": _decode_ms(head, hidden, 0, repeats, between=full_step),
         },
     }
 
