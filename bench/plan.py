@@ -12,6 +12,8 @@ c) the trade-off (the seed's "split depth vs communication overhead"): on the pr
    device<->edge link's bandwidth swept from 10 kb/s to 10 Gb/s in the profile (RTT and the transport's own
    per-byte cost kept), re-solved for decode latency and for TTFT: the layers the device keeps, its scheme and the
    hop's codec. A chart.
+f) story (`--parts story`, not in the default parts): the default demo, `--repeats` times; the planned split
+   against device-only and cloud. Target: the split decodes faster than both.
 e) depth (`--parts depth`, not in the default parts): ms per decode step of a stage of 1..30 layers per scheme,
    one thread, and the whole depth on two: why the profile times layers at the whole depth.
 d) re-planning: the paper topology; after `--switch-after` tokens the phone<->edge1 link becomes `lte`; with the
@@ -255,6 +257,36 @@ def part_migration(args: argparse.Namespace, work: Path, token: Path) -> dict[st
             "target": target_record("ms/token after the switch, re-planned / stayed", 1.0, summary(ratios), False)}  # fmt: skip
 
 
+def part_story(args: argparse.Namespace) -> dict[str, Any]:
+    """The default demo (`edgellm demo`: the paper topology, planned, lossless) `--repeats` times: each scenario's
+    measured TTFT and decode ms/token, and the split against device-only and cloud, paired by repeat."""
+    from edgellm.control.demo import run_story
+
+    runs = []
+    for repeat in range(args.repeats):
+        with stamped() as stamp:
+            report = run_story(StoryConfig(PROMPT, args.tokens), on_phase=log)
+        scenarios = report["scenarios"]
+        row = {"repeat": repeat, **stamp, "same_tokens_as_whole_model": report["same_tokens_as_whole_model"]}
+        for name, r in scenarios.items():
+            if r.get("fits", True):
+                row[name] = {"ttft_ms": r["ttft_ms"], "decode_ms": r["breakdown"]["total"], "plan": r["plan"],
+                             "predicted": r["predicted"], "emulation": r["emulation"]}  # fmt: skip
+        runs.append(row)
+        log(f"story repeat {repeat}: " + ", ".join(f"{k} {v['decode_ms']:.1f} ms/token" for k, v in row.items()
+                                                   if isinstance(v, dict) and "decode_ms" in v))  # fmt: skip
+    out: dict[str, Any] = {"runs": runs}
+    for name in ("split", "device_only", "cloud"):
+        if all(name in r for r in runs):
+            out[name] = {k: summary([r[name][k] for r in runs]) for k in ("ttft_ms", "decode_ms")}
+    for base in ("device_only", "cloud"):
+        if base in out:
+            ratio = summary([r["split"]["decode_ms"] / r[base]["decode_ms"] for r in runs])
+            out[f"split_over_{base}"] = ratio
+            out[f"target_{base}"] = target_record(f"split / {base} decode ms per token", 1.0, ratio, False)
+    return out
+
+
 DEPTHS = (1, 5, 10, 15, 20, 30)
 
 
@@ -326,6 +358,8 @@ def main() -> int:
             results["migration"] = part_migration(args, work, token)
         if "depth" in args.parts:
             results["depth"] = part_depth(args)
+        if "story" in args.parts:
+            results["story"] = part_story(args)
     print_tables(results)
     recorder.write(results, machine_info(args.threads))
     return 0

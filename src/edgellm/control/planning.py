@@ -99,16 +99,17 @@ def cache_share(instance: Instance, plan: Plan, cache_bytes: int | None) -> floa
 
 def predicted(instance: Instance, plan: Plan, profile: dict[str, Any]) -> dict[str, float]:
     """The plan's predicted TTFT and decode ms/token: the cost model's, between its warm-cache and cold-cache
-    times by how much of the plan's weights the machine's cache holds (`cache_share`), plus the profile's
-    calibration (what a real generation costs beyond the model on every plan alike: the device's loop and the
-    token stream)."""
-    cold = evaluate(instance, plan)
+    times by how much of the plan's weights the machine's cache holds (`cache_share`), with the profile's
+    calibration (edgellm.control.profiler.calibrate: a compute factor, and a per-token constant for the device's
+    loop and the token stream, the same for every plan)."""
+    cal = profile.get("calibration", {})
+    factor = cal.get("compute_factor", 1.0)
+    cold = evaluate(scaled_compute(instance, factor), plan)
     warm_instance = warm(instance, profile)
-    hot = evaluate(warm_instance, plan) if warm_instance is not None else cold
+    hot = evaluate(scaled_compute(warm_instance, factor), plan) if warm_instance is not None else cold
     share = cache_share(instance, plan, profile.get("machine", {}).get("llc_bytes"))
     decode = hot.decode_ms + share * (cold.decode_ms - hot.decode_ms)
     ttft = hot.ttft_ms + share * (cold.ttft_ms - hot.ttft_ms)
-    cal = profile.get("calibration", {})
     return {
         "ttft_ms": ttft + cal.get("ttft_overhead_ms", 0.0),
         "decode_ms": decode + cal.get("step_overhead_ms", 0.0),
@@ -119,6 +120,22 @@ def predicted(instance: Instance, plan: Plan, profile: dict[str, Any]) -> dict[s
         "cache_share": share,
         "ppl_increase_pct": cold.ppl_increase_pct,
     }
+
+
+def scaled_compute(instance: Instance, factor: float) -> Instance:
+    """The instance with every node's compute times multiplied by `factor` (links untouched)."""
+    import dataclasses
+
+    if factor == 1.0:
+        return instance
+    nodes = []
+    for node in instance.nodes:
+        schemes = tuple(dataclasses.replace(s, layer_decode_ms=s.layer_decode_ms * factor,
+                                            layer_prefill_ms_per_token=s.layer_prefill_ms_per_token * factor,
+                                            head_decode_ms=s.head_decode_ms * factor,
+                                            embed_decode_ms=s.embed_decode_ms * factor) for s in node.schemes)  # fmt: skip
+        nodes.append(dataclasses.replace(node, schemes=schemes, stage_overhead_ms=node.stage_overhead_ms * factor))
+    return dataclasses.replace(instance, nodes=tuple(nodes))
 
 
 def warm(instance: Instance, profile: dict[str, Any]) -> Instance | None:

@@ -237,23 +237,33 @@ def generate_once(topology: Topology, tokens: int = 24) -> dict[str, Any]:
 
 
 def calibrate(profile: dict[str, Any], running: Topology, report: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """What a real generation costs per token beyond its stages' compute and its links' wire time, as the device
-    itself accounts them (the breakdown's "other": its generation loop, sampling, the token stream to the client).
-    Measured once, on the profiling layout, and added to every plan's TTFT and decode predictions alike: it does
-    not depend on the plan. Model errors do not leak into it: compute and wire are the measured ones."""
+    """What a real generation costs beyond the microbenchmarks, measured once on the profiling layout and applied to
+    every plan's predictions alike:
+
+    - `step_overhead_ms`: per token, beyond its stages' compute and its links' wire time, as the device itself
+      accounts them (the breakdown's "other": its generation loop, sampling, the token stream to the client);
+    - `compute_factor`: the stages' compute per token in the running deployment over what the profile's timings
+      predict for the same layout (node processes serving gRPC, sharing the machine, run a little slower than
+      the same stage timed alone)."""
     from edgellm.control.profile_file import instance_from_profile
     from edgellm.control.replanner import current_plan
     from edgellm.deploy.demo_scenarios import per_token_breakdown
     from edgellm.plan import evaluate
+    from edgellm.plan.cost import layout, stage_decode_ms
 
     plan = current_plan(running, num_layers)
     instance = instance_from_profile(profile, running.mode, len(report["prompt_tokens"]))
     cost = evaluate(instance, plan)
     breakdown = per_token_breakdown(report)
     other = breakdown.get("other", 0.0)
+    runs, _ = layout(instance, plan)
+    model_compute = sum(stage_decode_ms(r) for r in runs)
+    measured_compute = sum(v for k, v in breakdown.items() if k.startswith("compute "))
+    factor = measured_compute / model_compute if model_compute > 0 and measured_compute > 0 else 1.0
     return {
         "step_overhead_ms": other,
         "ttft_overhead_ms": other,
+        "compute_factor": factor,
         "measured": {
             "decode_ms": breakdown["total"],
             "ttft_ms": report["ttft_ms"],
