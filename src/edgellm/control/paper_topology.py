@@ -18,7 +18,7 @@ from typing import Any
 from edgellm.deploy.local_deployment import free_port
 from edgellm.store import DEFAULT_MODEL
 
-EDGE_MEMORY_MB = 900
+EDGE_MEMORY_MB = 1000
 NODES = (("phone", "device", "phone"), ("edge1", "edge", "edge-server"), ("edge2", "edge", "edge-server"),
          ("cloud", "cloud", "cloud"))  # fmt: skip
 
