@@ -335,8 +335,15 @@ def main() -> int:
     parser.add_argument("--switch-after", type=int, default=12)
     parser.add_argument("--switch-tokens", type=int, default=40)
     parser.add_argument("--chart", type=Path, default=Path("docs/plan-bandwidth.png"))
+    parser.add_argument("--redraw", type=Path, default=None, metavar="JSON",
+                        help="only draw --chart from the sweep of a results file, then exit")  # fmt: skip
     add_record_arguments(parser, rows="topology (part a) and re-plan setting (part d), back to back")
     args = parser.parse_args()
+    if args.redraw is not None:
+        import json
+
+        sweep_chart(json.loads(args.redraw.read_text())["sweep"], args.chart)
+        return 0
     recorder = Recorder("plan", args.json, args.allow_dirty)
     log(recorder.header())
     prompt_tokens = len(encode_prompt(load_tokenizer(resolve_model(DEFAULT_MODEL)), PROMPT, True))
@@ -375,10 +382,16 @@ def sweep_chart(sweep: dict[str, Any], path: Path) -> None:
     for ax, objective in zip(axes, ("latency", "ttft")):
         pts = [p for p in sweep["points"] if p["objective"] == objective]
         xs = [p["mbps"] for p in pts]
-        ax.step(xs, [p["device_layers"] for p in pts], where="mid", label="layers on the phone")
-        for p in pts:
-            ax.annotate(f"{p['codec']}\n{p['device_scheme'].split(',')[0]}", (p["mbps"], p["device_layers"]),
-                        fontsize=6, ha="center", va="bottom")  # fmt: skip
+        ax.step(xs, [p["device_layers"] for p in pts], where="mid", label="layers on the device")
+        last = None
+        for p in pts:  # label each run of equal choices once, at its first point
+            choice = (p["device_layers"], p["device_scheme"], p["codec"], p["head"])
+            if choice != last:
+                scheme = p["device_scheme"].split(",")[0]
+                text = f"device: {scheme}, head on {p['head']}" if p["device_layers"] else f"codec {p['codec']}"
+                ax.annotate(text, (p["mbps"], p["device_layers"]), fontsize=7, xytext=(4, 6),
+                            textcoords="offset points")  # fmt: skip
+            last = choice
         ax.set_xscale("log")
         ax.set_xlabel("device<->edge bandwidth, Mb/s (emulated; RTT 5 ms, wifi6's)")
         ax.set_title(f"objective: {'decode ms/token' if objective == 'latency' else 'TTFT'}", fontsize=9)

@@ -202,13 +202,9 @@ class Topology:
         return self.node(self.route[i + 1])
 
     def stage_assignment(self, num_layers: int) -> list[tuple[str, StageSpec]]:
-        """The stages in execution order, each with the node that runs it.
-
-        `route[i]` runs layers `[cuts[i-1], cuts[i])`: the device from layer 0, with the embedding, unless the
-        first cut is 0 (then the device runs no layers and `route[1]` embeds, or, with `model.embed = "device"`,
-        the device keeps the embedding alone); the last server up to `num_layers`. With `model.head = "device"`
-        a final head-only stage goes to the device, else the last server's stage holds the head
-        (`edgellm.model.stage.chain_stages`).
+        """The stages in execution order, each with the node that runs it (`edgellm.model.stage.chain_stages`:
+        `route[i]` runs `[cuts[i-1], cuts[i])`; a first cut of 0 makes a thin device, or with `model.embed =
+        "device"` an embedding-only one; `model.head` places the head).
 
         Raises:
             ConfigError: at `model.cuts`, when the cuts do not fit `num_layers`.
