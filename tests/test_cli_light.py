@@ -113,3 +113,14 @@ def test_cli_choices_mirror_the_library() -> None:
     assert LoraSpec().target_modules == choices.LORA_TARGETS
     assert tuple(sorted(SHARE_MODES)) == choices.SHARE_MODES
     assert DEFAULT_PROMPT == choices.DEMO_PROMPT
+    from edgellm.cli import plan as plan_cli
+    from edgellm.cli import profile as profile_cli
+    from edgellm.control import demo as story
+    from edgellm.control import profiler
+    from edgellm.deploy.specs import CONTROL_OBJECTIVES
+    from edgellm.plan.placement import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == plan_cli.OBJECTIVES == CONTROL_OBJECTIVES
+    assert profiler.DEFAULT_SCHEMES == profile_cli.DEFAULT_SCHEMES
+    assert profiler.DEFAULT_CODECS == profile_cli.DEFAULT_CODECS
+    assert story.DEFAULT_PROMPT == choices.DEMO_PROMPT

@@ -26,7 +26,7 @@ from edgellm.control.documents import planned_document, read_document
 from edgellm.control.paper_topology import paper_document
 from edgellm.control.planning import obtain_profile, predicted
 from edgellm.control.profile_file import instance_from_profile
-from edgellm.deploy.demo_scenarios import generate_request, per_token_breakdown
+from edgellm.deploy.demo_scenarios import DEFAULT_PROMPT, generate_request, per_token_breakdown
 from edgellm.deploy.local_deployment import LocalDeployment
 from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import Topology, load_topology, write_topology
@@ -38,8 +38,6 @@ from edgellm.net.rpc import RemoteHop
 from edgellm.plan import InfeasiblePlan, Instance, Plan, StageAssign, evaluate, solve
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_tokenizer
-
-DEFAULT_PROMPT = "Explain in two sentences why running a language model at the network edge reduces latency."
 
 
 @dataclass(frozen=True)
