@@ -149,6 +149,18 @@ def build_node(topology: Topology, name: str, controller: ControllerFactory | No
     return BuiltNode(name, node.address, server, stages)
 
 
+def _owner(topology: Topology, address: str) -> str:
+    """Who already serves `address`, as a clause for the error ("" when nothing answers there)."""
+    hop = RemoteHop("?", address, channel_config(topology), sender="starting node")
+    try:
+        info = hop.info(timeout_s=2.0)
+    except Exception:  # noqa: BLE001 - nothing (or something foreign) answers: say nothing more
+        return ""
+    finally:
+        hop.shutdown()
+    return f"; node {info.get('name', '?')!r} of this deployment already serves it (is it started twice?)"
+
+
 def _profile_ops(ops: ControlOps, topology: Topology, name: str, model_dir: Path, config: Any,
                  stages: list[Stage], max_context: int, hops: Callable[[], dict[str, Any]]) -> None:  # fmt: skip
     """What `edgellm profile` asks a node (edgellm.deploy.profile_op)."""
@@ -228,7 +240,10 @@ def device_hops(
 def run_node(topology: Topology, name: str, on_ready: Any = None, controller: ControllerFactory | None = None) -> int:
     """Serve node `name` until SIGINT/SIGTERM; returns an exit code. `controller` makes the device's re-planner."""
     built = build_node(topology, name, controller)
-    server, port = serve(built.handler, built.address, channel_config(topology))
+    try:
+        server, port = serve(built.handler, built.address, channel_config(topology))
+    except ConfigError as exc:
+        raise ConfigError(f"node {name}: {exc}{_owner(topology, built.address)}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

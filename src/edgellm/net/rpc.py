@@ -301,7 +301,9 @@ def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: i
     Raises:
         ConfigError: the address cannot be bound.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_options(channel.max_message_bytes))
+    # No SO_REUSEPORT (gRPC's default is on): a second node on a taken port must fail, not share the port.
+    options = [*_options(channel.max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     service = _Service(handler, channel.token)
     methods = {
         "Forward": grpc.unary_unary_rpc_method_handler(service.forward),
