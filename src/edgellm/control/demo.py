@@ -27,7 +27,7 @@ from edgellm.control.paper_topology import paper_document
 from edgellm.control.planning import obtain_profile, predicted
 from edgellm.control.profile_file import instance_from_profile
 from edgellm.deploy.demo_scenarios import DEFAULT_PROMPT, generate_request, per_token_breakdown
-from edgellm.deploy.local_deployment import LocalDeployment
+from edgellm.deploy.local_deployment import LocalDeployment, ensure_local_token
 from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import Topology, load_topology, write_topology
 from edgellm.errors import ConfigError
@@ -164,6 +164,7 @@ def run_story(cfg: StoryConfig, on_text: Callable[[str], None] | None = None,
         else:
             source = cfg.topology
         topology = load_topology(source)
+        ensure_local_token(topology)  # the demo starts every node itself
         on_phase(f"profile: {topology.source} (reused while the nodes, links, model and code stay the same)")
         profile, profile_path, _ = obtain_profile(topology, on_progress=on_phase)
         instance = instance_from_profile(profile, topology.mode, _prompt_tokens(topology.model.name, cfg.prompt))

@@ -31,7 +31,7 @@ from edgellm.control.documents import profiling_layout, read_document
 from edgellm.control.profile_file import FORMAT, VERSION, fit_line, profile_key
 from edgellm.control.quality import ppl_costs
 from edgellm.deploy.compute_profile import _cpu_name
-from edgellm.deploy.local_deployment import LocalDeployment
+from edgellm.deploy.local_deployment import LocalDeployment, ensure_local_token
 from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import Topology, write_topology
 from edgellm.errors import ConfigError
@@ -85,6 +85,7 @@ def nodes_running(topology: Topology, num_layers: int, on_progress: Callable[[st
         down = [n for n, ok in up.items() if not ok]
         raise ConfigError(f"nodes {down} do not answer while {[n for n, ok in up.items() if ok]} do; start them all")
     on_progress(f"no node of {topology.source} answers: starting all {len(topology.route)} on this machine")
+    ensure_local_token(topology)
     with tempfile.TemporaryDirectory(prefix="edgellm-profile-") as tmp:
         path = Path(tmp) / "profiling.toml"
         running = write_topology(path, profiling_layout(read_document(Path(topology.source)), num_layers))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from edgellm.deploy.node_builder import channel_config
+from edgellm.deploy.specs import is_loopback
 from edgellm.deploy.topology import Topology
 from edgellm.errors import ProcessFailed
 from edgellm.net.rpc import NodeUnreachable, RemoteHop
@@ -35,6 +37,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def ensure_local_token(topology: Topology) -> bool:
+    """Give a deployment that this process starts whole, on loopback, a shared secret when its `token_env` is unset:
+    a fresh random one, in this process's environment, which the node processes it starts inherit. Returns True
+    when it made one. A file or inline token, a variable already set, or a node off loopback: left alone (an
+    unset variable is then an error where the token is read)."""
+    token = topology.security.token
+    if token is None or token.kind != "env" or os.environ.get(token.value, "").strip():
+        return False
+    if any(n.host_port is not None and not is_loopback(n.host_port[0]) for n in topology.nodes):
+        return False
+    os.environ[token.value] = secrets.token_hex(16)
+    log.info("%s is not set: the processes started here share a fresh random token", token.value)
+    return True
 
 
 class LocalDeployment:

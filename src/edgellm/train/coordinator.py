@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from edgellm.deploy.local_deployment import LocalDeployment
+from edgellm.deploy.local_deployment import LocalDeployment, ensure_local_token
 from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.topology import load_topology, write_topology
 from edgellm.errors import ConfigError, ProcessFailed
@@ -90,7 +90,10 @@ def prepare(job: FinetuneJob) -> FinetuneJob:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", plan.run):
         raise ConfigError(f"run name {plan.run!r} may only hold letters, digits, '.', '_' and '-'")
     if plan.topology is not None:
-        check_topology(load_topology(plan.topology))
+        declared = load_topology(plan.topology)
+        check_topology(declared)
+        if job.launch:  # every process is started here: a missing token_env needs no user action
+            ensure_local_token(declared)
     data = plan.config.data.path
     if data is not None and not data.is_file():
         raise ConfigError(f"training data {data} is not a file")
