@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = generate_text(loaded, args.prompt, options, on_text=echo_text)
     print()
-    print_summary(report)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer alone: `generate ... > answer.txt`
+        print_summary(report)
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from typing import Any
 
 from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print()
-        print_deployment_summary(report)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer alone
+            print_deployment_summary(report)
     return 0
 
 
@@ -117,7 +120,6 @@ def _emulated(node: dict[str, Any]) -> str:
 
 def _plan_and_apply(args: argparse.Namespace, topology: Any) -> None:
     """Profile (cached), plan, and move the running deployment to the plan; say what was chosen on stderr."""
-    import sys
 
     from edgellm.control.planning import apply_plan, obtain_profile, plan_from_profile
 
