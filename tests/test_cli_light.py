@@ -48,6 +48,8 @@ def _edgellm() -> list[str]:
         ["generate"],
         ["run"],
         ["node"],
+        ["profile"],
+        ["plan"],
         ["finetune"],
         ["models", "pull"],
         ["eval", "ppl"],

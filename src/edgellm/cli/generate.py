@@ -26,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Generate text with the model cut into stages at --cuts, all stages in this process. "
         "Decoding is greedy unless --temperature, --top-k or --top-p is given.",
     )
-    parser.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    parser.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                        help="the prompt text; '-' or none (with stdin not a terminal) reads it from stdin")  # fmt: skip
     add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
     add_sampling_arguments(parser)
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.model.stage import parse_cuts
     from edgellm.serve.local_engine import LocalSplitConfig, PromptConfig, generate_text, load_split
 
+    args.prompt = read_prompt(args.prompt)
     sampling = sampling_from(args)
     split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant)
     options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
@@ -102,6 +104,23 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer alone: `generate ... > answer.txt`
         print_summary(report)
     return 0
+
+
+def read_prompt(prompt: str | None) -> str:
+    """The prompt argument; `-`, or no argument while stdin is not a terminal, reads it from stdin.
+
+    Raises:
+        ConfigError: no prompt argument and stdin is a terminal, or the prompt read is empty.
+    """
+    from edgellm.errors import ConfigError
+
+    if prompt is None and sys.stdin.isatty():
+        raise ConfigError("give a PROMPT argument, or pipe the prompt on stdin (or pass '-')")
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise ConfigError("the prompt read from stdin is empty")
+    return prompt
 
 
 def echo_text(text: str) -> None:

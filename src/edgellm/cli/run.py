@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
+from edgellm.cli.generate import add_sampling_arguments, echo_text, read_prompt, sampling_from
 from edgellm.cli.plan import add_plan_arguments, plan_request
 from edgellm.errors import ConfigError
 
@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the device runs its layers and drives the edge nodes. Decoding is greedy unless --temperature, "
         "--top-k or --top-p is given. The chat template is applied unless --no-chat.",
     )
-    parser.add_argument("prompt", metavar="PROMPT")
+    parser.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                        help="the prompt text; '-' or none (with stdin not a terminal) reads it from stdin")  # fmt: skip
     parser.add_argument("--topology", required=True, metavar="T.toml", help="the deployment's topology file")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
     parser.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.deploy.topology import load_topology
     from edgellm.net.rpc import RemoteHop
 
+    args.prompt = read_prompt(args.prompt)
     sampling = sampling_from(args)
     topology = load_topology(args.topology)
     device = topology.device
