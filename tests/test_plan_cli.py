@@ -68,8 +68,8 @@ def test_profile_measures_every_node_scheme_and_link(profiled):
     assert [r["name"] for r in phone["schemes"]] == ["none", "int8"]
     for a, b in zip(phone["schemes"], edge1["schemes"]):  # one machine, one thread each: the same measurement,
         assert a["layer_decode_ms"] == pytest.approx(4.0 * b["layer_decode_ms"])  # scaled by compute_scale
-        assert a["layer_bytes"] == b["layer_bytes"] > 0
-    assert phone["schemes"][1]["layer_bytes"] < phone["schemes"][0]["layer_bytes"]  # int8 is smaller
+        assert a["layer_weight_bytes"] == b["layer_weight_bytes"] > 0 and a["layer_bytes"] >= a["layer_weight_bytes"]
+    assert phone["schemes"][1]["layer_weight_bytes"] < phone["schemes"][0]["layer_weight_bytes"]  # int8 is smaller
     assert phone["emulated"]["compute_scale"] == 4.0 and phone["base_bytes"] > 50e6  # a Python+torch process
     links = {(link["a"], link["b"]): link for link in profile["links"]}
     assert set(links) == {("phone", "edge1"), ("edge1", "edge2"), ("phone", "edge2")}  # edge2 too: a spare link
