@@ -125,31 +125,26 @@ def _run_story(args: argparse.Namespace, story: Any, on_text: Any, on_phase: Any
     from edgellm.control.demo import run_story
 
     report = run_story(story, on_text=on_text, on_phase=on_phase)
-    drawn = plotting_available()
-    report["chart"] = str(story_chart(report, args.chart)) if drawn else None
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print()
-        print_story(report)
-    if not drawn:
-        print(f"chart skipped: matplotlib is not installed ({PLOT_INSTALL})", file=sys.stderr, flush=True)
-    return 0
+    return _finish(args, report, lambda: story_chart(report, args.chart), print_story)
 
 
 def _run_manual(args: argparse.Namespace, cfg: Any, on_text: Any, on_phase: Any) -> int:
     from edgellm.deploy.demo_scenarios import run_demo
 
-    quiet = args.json
     report = run_demo(cfg, on_text=on_text, on_phase=on_phase)
     title = f"{cfg.hops}-hop split over {cfg.profile} ({cfg.codec}, head on {cfg.head}) vs device only vs cloud (wan)"
-    drawn = plotting_available()  # matplotlib is the optional `plot` extra
-    report["chart"] = str(breakdown_chart(report["breakdown"], args.chart, title)) if drawn else None
-    if quiet:
+    return _finish(args, report, lambda: breakdown_chart(report["breakdown"], args.chart, title), print_breakdown)
+
+
+def _finish(args: argparse.Namespace, report: dict[str, Any], draw: Any, show: Any) -> int:
+    """Draw the chart (matplotlib is the optional `plot` extra), then print the report as JSON or tables."""
+    drawn = plotting_available()
+    report["chart"] = str(draw()) if drawn else None
+    if args.json:
         print(json.dumps(report))
     else:
         print()
-        print_breakdown(report)
+        show(report)
     if not drawn:
         print(f"chart skipped: matplotlib is not installed ({PLOT_INSTALL})", file=sys.stderr, flush=True)
     return 0
