@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from edgellm import __version__
-from edgellm.cli import demo, eval, finetune, generate, models, node, plan, profile, run
+from edgellm.cli import cache, chat, check, demo, eval, finetune, generate, models, node, plan, profile, run
 from edgellm.errors import EdgellmError
 
-SUBCOMMANDS = [demo, generate, run, node, profile, plan, finetune, models, eval]
+SUBCOMMANDS = [demo, generate, chat, run, check, node, profile, plan, finetune, models, cache, eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
