@@ -6,26 +6,29 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from edgellm import __version__
 from edgellm.cli import cache, chat, check, demo, eval, finetune, generate, models, node, plan, profile, run
+from edgellm.cli.parsing import Parser, add_common_flags, reject_unknown, subcommand_parsers
 from edgellm.errors import EdgellmError
 
 SUBCOMMANDS = [demo, generate, chat, run, check, node, profile, plan, finetune, models, cache, eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="edgellm",
         description="Split inference and training of language models across a device and edge servers.",
     )
     parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_common_flags(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(subparsers)
+    for sub in subcommand_parsers(parser):
+        add_common_flags(sub, top=False)
     return parser
 
 
@@ -34,24 +37,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     0 ok; 1 internal error (a bug: its traceback is printed); 2 bad input (arguments, files, topology);
     3 a peer or the network failed (retry); 4 a node is busy (back off and retry); 130 interrupted.
-    An expected error prints one line, `edgellm: error: ...`; --debug (or EDGELLM_DEBUG=1) raises it instead.
+    An expected error prints one line, `edgellm: error: ...`; --debug (or EDGELLM_DEBUG=1) prints its traceback
+    too, and the exit code stays the same.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    reject_unknown(parser, args, extras)  # exits 2: a typo never runs a command, nor becomes its prompt
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if not args.verbose:
-        logging.getLogger("edgellm").setLevel(logging.INFO)  # progress of long steps (pull, convert)
+        # progress of long steps (pull, convert, load) shows by default; --quiet keeps only warnings
+        logging.getLogger("edgellm").setLevel(logging.WARNING if args.quiet else logging.INFO)
         _quiet_third_party()
     debug = args.debug or os.environ.get("EDGELLM_DEBUG") == "1"
     try:
         return int(args.run(args) or 0)
     except EdgellmError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
         print(f"edgellm: error: {detail}", file=sys.stderr)
         return int(exc.exit_code)
