@@ -6,7 +6,7 @@ import argparse
 import difflib
 import re
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 _INVALID_CHOICE = re.compile(r"invalid choice: '(?P<given>[^']*)' \(choose from (?P<choices>.*)\)")
 
@@ -35,11 +35,11 @@ def add_common_flags(parser: argparse.ArgumentParser, top: bool) -> None:
 
     On a subcommand the defaults are suppressed, so a flag given before the command is not reset after it.
     """
-    default: dict[str, object] = {} if top else {"default": argparse.SUPPRESS}
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr", **default)
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="print only the answer or result: no progress lines or bars, no stats tables", **default)  # fmt: skip
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors", **default)
+    default: Any = False if top else argparse.SUPPRESS
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress details to stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="print only the answer or result: no progress lines or bars, no stats tables")  # fmt: skip
+    parser.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
