@@ -110,6 +110,8 @@ def test_bad_input_is_one_line_and_exit_2(bad_input_runs, case):
         (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
         (["--top-k", "-1"], "top-k must be >= 0 (0 = off), got -1"),
         (["--max-new-tokens", "0"], "max new tokens must be >= 1, got 0"),
+        (["--repetition-penalty", "0"], "repetition penalty must be in [0.001, 1000] (1.0 = off), got 0.0"),
+        (["--no-repeat-ngram", "-1"], "no-repeat n-gram size must be >= 0 (0 = off), got -1"),
         (["--threads", "0"], "threads must be >= 1, got 0"),
         ([], "has no tokenizer (none of tokenizer.json, "),  # the tiny model is saved without one
     ],
@@ -159,7 +161,7 @@ NEW_TOKENS = 8
 @pytest.mark.real_model
 def test_generate_json_split_equals_unsplit_and_transformers(real_model_dir, monkeypatch, capsys):
     home = real_model_dir.parent.parent
-    common = ["generate", "--json", "--max-new-tokens", str(NEW_TOKENS), PROMPT]
+    common = ["generate", "--json", "--no-chat", "--max-new-tokens", str(NEW_TOKENS), PROMPT]
     proc = edgellm([*common, "--cuts", "10,20", "--head", "device"], home)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1  # one JSON object, nothing else on stdout
@@ -169,13 +171,13 @@ def test_generate_json_split_equals_unsplit_and_transformers(real_model_dir, mon
     whole = json.loads(capsys.readouterr().out)
 
     keys = ["model", "cuts", "head", "prompt_tokens", "new_tokens", "text", "stages", "ttft_ms"]
-    keys.append("decode_tok_per_s")
+    keys += ["decode_tok_per_s", "loop_detected"]
     assert set(keys) <= set(split), sorted(set(keys) - set(split))
     assert split["model"] == DEFAULT_MODEL and split["cuts"] == [10, 20] and split["head"] == "device"
     assert [s["layers"] for s in split["stages"]] == [[0, 10], [10, 20], [20, 30], [30, 30]]
     assert all(s["compute_ms"] > 0 for s in split["stages"])
     assert split["ttft_ms"] > 0 and split["decode_tok_per_s"] > 0
-    assert [s["layers"] for s in whole["stages"]] == [[0, 30]]
+    assert [s["layers"] for s in whole["stages"]] == [[0, 30]] and whole["head"] == "device"  # the default
     assert len(split["new_tokens"]) == NEW_TOKENS and split["text"].strip()
 
     assert split["prompt_tokens"] == whole["prompt_tokens"]

@@ -60,3 +60,27 @@ def test_debug_prints_the_traceback_and_keeps_the_exit_code(capsys: pytest.Captu
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" in err and "edgellm: error: temperature must be in" in err
     assert main(["generate", "--temperature", "0", "x"]) == 2 and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cuts", "5"], "cut 5 is out of range"),  # the tiny model has 2 layers
+        (["--cuts", "1,1"], "increasing"),
+        (["--quant", "int3"], "unknown"),
+        (["--max-new-tokens", "0"], "max new tokens must be >= 1"),
+        (["--repetition-penalty", "0"], "repetition"),
+    ],
+)
+def test_bad_input_is_refused_before_the_weights_load(
+    argv: list[str], message: str, tiny_chat_dir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgellm.split import one_process
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("the weights were loaded before the input was checked")
+
+    monkeypatch.setattr(one_process, "load_stages", never)
+    monkeypatch.setattr("edgellm.serve.local_engine.load_stages", never)
+    assert main(["generate", "--model", str(tiny_chat_dir), *argv, "hi"]) == 2
+    assert message in capsys.readouterr().err

@@ -72,8 +72,8 @@ def tiny_deployment(tiny_chat_dir, tmp_path):
     deployed.stop()
 
 
-def generate(device: RemoteHop, n: int = 16, prompt: str = "the cat sat on the mat and") -> dict:
-    request = {"prompt": prompt, "chat": False, "max_new_tokens": n}
+def generate(device: RemoteHop, n: int = 16, prompt: str = "the cat sat on the mat and", **sampling) -> dict:
+    request = {"prompt": prompt, "chat": False, "max_new_tokens": n, **sampling}
     return [e["report"] for e in device.generate(request) if "report" in e][0]
 
 
@@ -269,6 +269,34 @@ def test_a_device_migrates_mid_generation_to_the_same_tokens(tiny_deployment):
     assert {row["name"] for row in got["nodes"]} == {"device", "edge1"}
     assert tiny_deployment.hop("edge1").info()["head"] is True
     assert generate(device)["new_tokens"] == want["new_tokens"]  # and it stays there
+
+
+def test_a_guarded_generation_with_the_head_on_a_server_equals_one_process_and_survives_a_migration(
+    tiny_chat_dir, tmp_path
+):
+    """The repetition guard's fields reach the device, which then gets logits from the server's head and chooses:
+    the tokens equal a one-process guarded generation, also across a live migration (the history is kept)."""
+    from edgellm.model.prompt import stop_ids
+    from edgellm.model.sampling import SamplingConfig
+    from edgellm.store.weights import load_config, load_tokenizer
+
+    guard = {"repetition_penalty": 1.3, "no_repeat_ngram": 2}
+    deployed = InProcess(tmp_path / "t.toml", document(tiny_chat_dir, [1, 3], head="server"))
+    try:
+        device = deployed.hop("device")
+        plain, guarded = generate(device), generate(device, **guard)
+        assert guarded["new_tokens"] != plain["new_tokens"]  # the guard reached the device and changed the answer
+        stops = stop_ids(load_tokenizer(tiny_chat_dir), load_config(tiny_chat_dir))
+        config = GenerationConfig(16, SamplingConfig(**guard), stops)
+        stages = load_stages(tiny_chat_dir, stage_specs(4, [1, 3], "server"))
+        local = Generator(local_pipeline(stages), config).run(torch.tensor([guarded["prompt_tokens"]]))
+        assert local.new_tokens[0] == guarded["new_tokens"]
+        device.control({"op": "migrate", "cuts": [2], "route": ["edge1"], "head": "device", "at_step": 5})
+        migrated = generate(device, **guard)
+        assert [m["step"] for m in migrated["migrations"]] == [5]
+        assert migrated["new_tokens"] == guarded["new_tokens"]
+    finally:
+        deployed.stop()
 
 
 def test_an_idle_device_migrates_at_once_and_refuses_bad_layouts(tiny_deployment):

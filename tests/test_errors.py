@@ -180,7 +180,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
 def test_cli_exit_code_says_whose_fault(stub_address, tmp_path, capsys, prompt, code):
     """`run` against a stub device node: the node's error kind decides the exit code (its bug is a failed peer)."""
     got, err = run_cli(["run", prompt, "--topology", str(topology(tmp_path, stub_address))], capsys)
-    assert got == code and len(err) == 1 and err[0].startswith("edgellm: error: node device at "), err
+    failing = "edge2" if prompt == "relay" else "device"  # a relayed failure names the node where it began
+    assert got == code and len(err) == 1 and err[0].startswith(f"edgellm: error: node {failing} at "), err
+    assert prompt != "relay" or err[0].endswith(f"(relayed by node device at {stub_address})"), err
 
 
 def test_cli_exits_2_on_bad_input_and_3_when_the_device_is_down(tmp_path, capsys):

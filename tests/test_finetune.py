@@ -160,6 +160,13 @@ def test_qlora_trains_float_adapters_over_a_4bit_base_on_every_node(tiny_chat_di
     result = report(finetune(args, tmp_path / "home"))
     losses = result["losses"]["0"]
     assert losses[-1] < losses[0]
+    # Without --checkpoint-every: one checkpoint per side, after the last step, all in the run's folder.
+    assert result["run"].startswith("run-")  # the folder's name and a hash of its full path
+    servers = out / "checkpoints" / result["run"]
+    for node in ("edge1", "edge2"):
+        assert [p.name for p in (servers / node / "shared").iterdir()] == ["step-00000008.pt"]
+    assert [p.name for p in (out / "client-0").glob("step-*.pt")] == ["step-00000008.pt"]
+    assert not (tmp_path / "home" / "checkpoints").exists()  # nothing in the shared cache
     assert 'quant = "int4"' in (out / "topology.toml").read_text()  # what the launched servers loaded
     assert list((tmp_path / "home" / "quant").iterdir()), "the quantized stages were built and cached"
     config = json.loads((Path(result["adapters"][0]) / "adapter_config.json").read_text())
@@ -246,7 +253,9 @@ def test_several_clients_resume_together_from_the_newest_step_all_of_them_have(t
     out, home = tmp_path / "run", tmp_path / "home"
     args = ["--topology", str(topology(tiny_chat_dir, tmp_path, servers=1)), "--steps", "4", "--clients", "2",
             "--aggregate-every", "2", "--checkpoint-every", "2", "--output", str(out), *COMMON]  # fmt: skip
-    report(finetune(args, home))
+    run = report(finetune(args, home))["run"]
+    server = out / "checkpoints" / run / "edge1" / "shared"  # the servers it started kept theirs in the run folder
+    assert sorted(p.name for p in server.iterdir()) == ["step-00000002.pt", "step-00000004.pt"]
     (out / "client-1" / "step-00000004.pt").unlink()  # client 1 died before its last checkpoint
     resumed = report(finetune([*args, "--resume"], home))
     assert resumed["start_step"] == 2

@@ -62,3 +62,21 @@ def test_a_topology_with_the_head_on_a_server_is_refused(tiny_chat_dir, tmp_path
         capsys, ["--topology", str(path), "--task", "dates", "--steps", "2", "--output", str(tmp_path / "o")]
     )
     assert code == 2 and 'model.head = "device"' in err
+
+
+def test_runs_in_folders_named_alike_get_distinct_names_kept_across_resumes(tmp_path):
+    from edgellm.train.coordinator import run_name
+
+    first, second = run_name(tmp_path / "a" / "split"), run_name(tmp_path / "b" / "split")
+    assert first.startswith("split-") and second.startswith("split-") and first != second
+    assert run_name(tmp_path / "a" / "split") == first  # the same folder, the same name
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "run.json").write_text(json.dumps({"run": first, "settings": {}}))
+    assert run_name(moved) == first  # a run folder keeps the name it recorded
+
+
+def test_clients_started_separately_must_name_their_run(tiny_chat_dir, tmp_path, capsys):
+    args = ["--task", "dates", "--steps", "2", "--clients", "2", "--client", "0", "--no-launch", "--attempt", "x"]
+    code, _, err = run(capsys, [*args, "--model", str(tiny_chat_dir), "--output", str(tmp_path / "o")])
+    assert code == 2 and "--run NAME" in err

@@ -404,6 +404,8 @@ generate_requests = st.dictionaries(
     "top_k": st.integers(-1, 20) | st.sampled_from([2**63, 2**70]),
     "top_p": st.floats(0, 1) | st.sampled_from([1e-300]),
     "seed": st.integers(-(2**63), 2**64 - 1) | st.sampled_from([-(2**63) - 1, 2**64, 2**70]),
+    "repetition_penalty": st.floats(0, 10) | st.sampled_from([1e-300, 1e300, math.inf, math.nan, -1.0]),
+    "no_repeat_ngram": st.integers(-1, 6) | st.sampled_from([2**63]),
 })  # fmt: skip
 REGRESSIONS_GENERATE = {  # accepted, then sampling fails with another error
     "seed-2**64": {"prompt": "x", "seed": 2**64},  # ValueError from torch's manual_seed
@@ -421,7 +423,8 @@ def test_a_generate_request_is_refused_or_can_be_sampled_from(request):
         return
     assert isinstance(parsed.prompt, str) and config.max_new_tokens >= 1
     logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)) * 5  # [B, V]
-    chosen = next_tokens(logits, parsed.sampling, torch.Generator().manual_seed(parsed.sampling.seed))
+    history = [[1, 2, 1, 2, 15, 40], [5]]  # the repetition guard's: ids past the vocabulary are ignored
+    chosen = next_tokens(logits, parsed.sampling, torch.Generator().manual_seed(parsed.sampling.seed), history)
     assert chosen.shape == (2,) and bool(((chosen >= 0) & (chosen < 16)).all())
 
 
@@ -429,7 +432,7 @@ def test_a_generate_request_is_refused_or_can_be_sampled_from(request):
 def test_regression_generate_requests_are_refused_with_config_error(name):
     with pytest.raises(ConfigError):
         parsed = GenerateRequest.from_json(REGRESSIONS_GENERATE[name])
-        next_tokens(torch.randn(1, 16), parsed.sampling, torch.Generator().manual_seed(parsed.sampling.seed))
+        next_tokens(torch.randn(1, 16), parsed.sampling, torch.Generator().manual_seed(parsed.sampling.seed), [[1]])
 
 
 scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.text(max_size=3)

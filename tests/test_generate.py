@@ -301,5 +301,37 @@ def test_encode_prompt_refusals():
     assert encode_prompt(_ByteTokenizer(), "hi", chat=False) == [104, 105]
     with pytest.raises(ConfigError, match="the prompt is empty"):
         encode_prompt(_ByteTokenizer(), "", chat=False)
-    with pytest.raises(ConfigError, match="no chat template; run without --chat"):
+    with pytest.raises(ConfigError, match="no chat template; run with --no-chat"):
         encode_prompt(_ByteTokenizer(), "hi", chat=True)
+
+
+GUARD = SamplingConfig(repetition_penalty=1.3, no_repeat_ngram=2)
+
+
+def test_guarded_generation_equals_transformers_and_asks_for_logits(stages, alone, tiny_llama_dir):
+    """With the repetition guard on, the head returns the distribution (not its argmax) and the device chooses:
+    each prompt's tokens equal transformers' `generate(repetition_penalty=..., no_repeat_ngram_size=...)`."""
+    from conftest import reference_model
+
+    pipeline, _ = make_pipeline(stages)
+    asked: list[bool] = []
+    forward = pipeline.forward
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["argmax"])
+        return forward(*args, **kwargs)
+
+    pipeline.forward = spy
+    ids, mask = pad_prompts(PROMPTS, PAD_ID)
+    guarded = Generator(pipeline, GenerationConfig(STEPS, GUARD)).run(ids, mask).new_tokens
+    assert asked == [False] * STEPS
+    assert guarded != alone  # the guard changed the answer, so the comparison below is not vacuous
+    model = reference_model(tiny_llama_dir)
+    for prompt, got in zip(PROMPTS, guarded):
+        prompt_ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                                 max_new_tokens=STEPS, min_new_tokens=STEPS, repetition_penalty=1.3,
+                                 no_repeat_ngram_size=2)  # fmt: skip
+        assert out[0, len(prompt) :].tolist() == got  # (min_new_tokens: the tiny model's EOS, 3, is not a stop here)
+    assert not any(3 in row for row in guarded)

@@ -19,9 +19,17 @@ from __future__ import annotations
 
 
 class EdgellmError(Exception):
-    """Base class of the errors edgellm expects (not bugs); `exit_code` is what the CLI exits with."""
+    """Base class of the errors edgellm expects (not bugs); `exit_code` is what the CLI exits with.
+
+    An error a node answered a call with (`edgellm.net.rpc_status.error_from`) also says where the failure began:
+    `origin` is the failure's own message, naming the node where it happened, and `relays` the nodes that passed
+    it on towards this caller, the nearest to the failure first (empty when the called node failed itself). A
+    node relays them in turn, so a failure deep in a chain reaches the user as one line naming the failing node.
+    """
 
     exit_code = 1
+    origin: str | None = None
+    relays: tuple[str, ...] = ()
 
 
 class InputError(EdgellmError, ValueError):

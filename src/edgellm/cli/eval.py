@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from edgellm.cli.choices import CODECS
@@ -106,28 +105,7 @@ def run_task_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
     )
-    from tqdm import tqdm
-
-    bars: list[tqdm] = []  # made when the model is loaded and the batches are counted
-
-    def on_batch(done: int, total: int) -> None:
-        if not bars:
-            bars.append(
-                tqdm(
-                    total=total,
-                    desc=f"eval {args.task}",
-                    unit="batch",
-                    file=sys.stderr,
-                    disable=not sys.stderr.isatty(),
-                )
-            )
-        bars[0].update(done - bars[0].n)
-
-    try:
-        report = run_task(config, on_batch)
-    finally:
-        for bar in bars:
-            bar.close()
+    report = run_task(config)  # progress (a bar on a terminal, lines otherwise) goes to stderr
     if args.json:
         print(json.dumps(report))
         return 0

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 from edgellm.cli.choices import LORA_TARGETS, SHARE_MODES
 from edgellm.errors import ConfigError
+from edgellm.progress import Phase, note
 from edgellm.store.registry import DEFAULT_MODEL
 from edgellm.train.tasks import TASKS
 
 # The library (torch, transformers) is imported inside the functions that run a command, not here: building the
 # parser for `edgellm --help` must stay light (tests/test_cli_light.py).
+
+log = logging.getLogger("edgellm.finetune")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="steps between checkpoints; 0: only at the end (default: 0)",
+        help="steps between checkpoints, written in --output (the servers this command starts write theirs in "
+        "DIR/checkpoints); 0: none but the one after the last step, which --resume needs to finish an "
+        "interrupted export (default: 0)",
     )
     parser.add_argument("--init-adapter", type=Path, metavar="DIR", help="a peft LoRA adapter to start from")
     parser.add_argument("--no-launch", action="store_true", help="use servers that are already running")
@@ -75,8 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--run",
         dest="run_label",
         metavar="NAME",
-        help="the run's name on the servers (adapters, checkpoints, FedAvg rounds); clients of one run "
-        "must agree on it (default: the --output folder's name)",
+        help="the run's name on the servers (adapters, checkpoints, FedAvg rounds); clients started separately "
+        "(--client) must pass the same one (default: the name run.json in --output records, else the folder's "
+        "name and a hash of its full path, so runs in folders named alike never collide)",
     )
     parser.add_argument(
         "--attempt",
@@ -142,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give the training data: --data FILE or --task NAME")
 
     parse_quant(args.quant)  # a bad scheme fails here, before any process starts
+    if args.client is not None and args.clients > 1 and not args.run_label:
+        raise ConfigError("clients that start separately must share one run name: pass the same --run NAME to each")
     config = TrainConfig(
         steps=args.steps,
         data=DataSpec(path=args.data, task=args.task, task_examples=args.task_examples),
@@ -171,12 +179,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     total = config.steps * (config.clients if args.client is None else 1)
-    progress = _Progress(total, enabled=sys.stderr.isatty() or not args.json)
-    try:
+    with Phase("finetune", total=total, unit="steps", log=log) as phase:
         job = FinetuneJob(plan, not args.no_launch, args.quant, args.client, args.attempt)
-        result = finetune(job, progress.on_event)
-    finally:
-        progress.close()
+        result = finetune(job, lambda event: _on_event(phase, event))
     if args.json:
         print(json.dumps(result))
     else:
@@ -188,40 +193,18 @@ def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
-class _Progress:
-    """A tqdm bar over all clients' steps: loss, step time and bytes sent per step."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self._total = total
-        self._enabled = enabled
-        self._made: Any = None  # the bar appears with the first event, once the processes are up
-
-    @property
-    def _bar(self) -> Any:
-        if self._made is None:
-            from tqdm import tqdm
-
-            self._made = tqdm(
-                total=self._total, desc="finetune", unit="step", disable=not self._enabled, file=sys.stderr
-            )
-        return self._made
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        if event["event"] == "open":  # a resumed client starts past its checkpoint
-            self._bar.update(event["start_step"])
-        if event["event"] == "dropped":
-            self._bar.write(f"client {event['client']} dropped out: {event['error']}")
-        if event["event"] != "step":
-            return
+def _on_event(phase: Phase, event: dict[str, Any]) -> None:
+    """Count steps over all clients; the latest loss, step time and bytes ride along in the bar and log lines."""
+    if event["event"] == "open":  # a resumed client starts past its checkpoint
+        phase.advance(event["start_step"])
+    elif event["event"] == "dropped":
+        note(log, "client %s dropped out: %s", event["client"], event["error"])
+    elif event["event"] == "step":
         sent = sum(event["bytes"].values())
-        self._bar.set_postfix_str(
+        phase.detail = (
             f"client {event['client']} loss {event['loss']:.4f} {event['step_ms']:.0f} ms/step {sent / 1e6:.2f} MB/step"
         )
-        self._bar.update(1)
-
-    def close(self) -> None:
-        if self._made is not None:
-            self._made.close()
+        phase.advance()
 
 
 def _print_summary(result: dict[str, Any]) -> None:

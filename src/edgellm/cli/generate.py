@@ -24,14 +24,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="generate text with the model cut into stages, all in this process",
         description="Generate text with the model cut into stages at --cuts, all stages in this process. "
-        "Decoding is greedy unless --temperature, --top-k or --top-p is given.",
+        "The LM head runs on the device and the prompt is wrapped in the model's chat template unless --head server "
+        "or --no-chat. Decoding is greedy unless --temperature, --top-k or --top-p is given.",
     )
     parser.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                         help="the prompt text; '-' or none (with stdin not a terminal) reads it from stdin")  # fmt: skip
     add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
     add_sampling_arguments(parser)
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_chat_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(run=run)
 
@@ -53,9 +54,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--head",
         choices=HEAD_PLACEMENTS,
-        default="server",
-        help="where the final norm + LM head run: the last server stage, or the device (U-shaped) "
-        "(default: %(default)s)",
+        default="device",
+        help="where the final norm + LM head run: the device (U-shaped: the output distribution stays on it), or "
+        "the last server stage (default: %(default)s)",
     )
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="weight precision (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -69,6 +70,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
     group.add_argument("--top-p", type=float, default=None, metavar="P", help="sample from the top-P probability mass")
     group.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, metavar="F",
+                       help="divide the logits of tokens already seen (prompt and answer) by F, or multiply the "
+                       "negative ones (1.2 is usual; default: 1.0, off)")  # fmt: skip
+    group.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                       help="never repeat an N-token sequence already seen (3 is usual; default: 0, off)")  # fmt: skip
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--no-chat` (raw text) and `--chat` (the default, accepted for compatibility) -> `args.chat`."""
+    parser.add_argument("--chat", dest="chat", action="store_true", default=True,
+                        help="wrap the prompt in the model's chat template (the default)")  # fmt: skip
+    parser.add_argument("--no-chat", dest="chat", action="store_false",
+                        help="send the prompt as raw text, without the chat template")  # fmt: skip
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingConfig:
@@ -84,10 +98,13 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
         top_k=args.top_k or 0,
         top_p=1.0 if args.top_p is None else args.top_p,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.model.sampling import detect_loop
     from edgellm.model.stage import parse_cuts
     from edgellm.serve.local_engine import LocalSplitConfig, PromptConfig, generate_text, load_split
 
@@ -97,12 +114,15 @@ def run(args: argparse.Namespace) -> int:
     options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
     loaded = load_split(split)
     if args.json:
-        print(json.dumps(generate_text(loaded, args.prompt, options)))
+        report = generate_text(loaded, args.prompt, options)
+        print(json.dumps({**report, "loop_detected": detect_loop(report["new_tokens"])}))
         return 0
     report = generate_text(loaded, args.prompt, options, on_text=echo_text)
     print()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer alone: `generate ... > answer.txt`
-        print_summary(report)
+    if not getattr(args, "quiet", False):
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer alone: `generate ... > answer.txt`
+            print_summary(report)
+            print_loop_hint(report["new_tokens"], sampling)
     return 0
 
 
@@ -127,6 +147,14 @@ def echo_text(text: str) -> None:
     """Write streamed text as it arrives (the `on_text` of every streaming command)."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def print_loop_hint(new_tokens: list[int], sampling: SamplingConfig) -> None:
+    """One hint line when the answer ended in a loop and the repetition guard was off."""
+    from edgellm.model.sampling import detect_loop
+
+    if not sampling.guarded and detect_loop(new_tokens):
+        print("edgellm: hint: the answer ends in a loop; try --repetition-penalty 1.2 or --no-repeat-ngram 3")
 
 
 def print_summary(report: dict) -> None:

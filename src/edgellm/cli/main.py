@@ -13,6 +13,7 @@ from edgellm import __version__
 from edgellm.cli import cache, chat, check, demo, eval, finetune, generate, models, node, plan, profile, run
 from edgellm.cli.parsing import Parser, add_common_flags, reject_unknown, subcommand_parsers
 from edgellm.errors import EdgellmError
+from edgellm.progress import set_quiet
 
 SUBCOMMANDS = [demo, generate, chat, run, check, node, profile, plan, finetune, models, cache, eval]
 
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    set_quiet(args.quiet)  # progress bars and phase lines (edgellm.progress)
     if not args.verbose:
         # progress of long steps (pull, convert, load) shows by default; --quiet keeps only warnings
         logging.getLogger("edgellm").setLevel(logging.WARNING if args.quiet else logging.INFO)

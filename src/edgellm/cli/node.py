@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 # The library (torch, grpc) is imported inside `run`, not here: building the parser for `edgellm --help` must stay
 # light (tests/test_cli_light.py).
@@ -23,6 +24,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--topology", required=True, metavar="T.toml", help="the deployment's topology file")
     parser.add_argument("--name", required=True, help="which node of the topology to run")
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        metavar="DIR",
+        help="where a server keeps its fine-tuning clients' checkpoints, as DIR/<run>/<node>/<adapter>/step-N.pt "
+        "(default: <cache>/checkpoints; `edgellm finetune` gives the servers it starts <output>/checkpoints)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -38,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         def controller(num_layers, reach):  # type: ignore[no-untyped-def]
             return Replanner(topology, num_layers, control_prober(topology, args.name, reach))
 
-    code = run_node(topology, args.name, on_ready=_announce, controller=controller)
+    code = run_node(topology, args.name, on_ready=_announce, controller=controller, checkpoint_dir=args.checkpoint_dir)
     # The server has drained; skip interpreter teardown (seconds of module finalization with torch loaded),
     # so a deployment stops promptly.
     sys.stdout.flush()

@@ -8,7 +8,14 @@ import json
 import sys
 from typing import Any
 
-from edgellm.cli.generate import add_sampling_arguments, echo_text, read_prompt, sampling_from
+from edgellm.cli.generate import (
+    add_chat_arguments,
+    add_sampling_arguments,
+    echo_text,
+    print_loop_hint,
+    read_prompt,
+    sampling_from,
+)
 from edgellm.cli.plan import add_plan_arguments, plan_request
 from edgellm.errors import ConfigError
 
@@ -28,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the prompt text; '-' or none (with stdin not a terminal) reads it from stdin")  # fmt: skip
     parser.add_argument("--topology", required=True, metavar="T.toml", help="the deployment's topology file")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
-    parser.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
+    add_chat_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--plan", choices=["fixed", "auto"], default="fixed",
                         help="fixed: the layout the nodes run (default); auto: profile the deployment (cached), plan "
@@ -41,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgellm.deploy.node_builder import channel_config
     from edgellm.deploy.topology import load_topology
+    from edgellm.model.sampling import detect_loop
     from edgellm.net.rpc import RemoteHop
 
     args.prompt = read_prompt(args.prompt)
@@ -55,13 +63,9 @@ def run(args: argparse.Namespace) -> int:
         _plan_and_apply(args, topology)
     request = {
         "prompt": args.prompt,
-        "chat": not args.no_chat,
+        "chat": args.chat,
         "max_new_tokens": args.max_new_tokens,
-        "greedy": sampling.greedy,
-        "temperature": sampling.temperature,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-        "seed": sampling.seed,
+        **sampling.to_json(),
     }
     report: dict[str, Any] = {}
     for event in hop.generate(request):
@@ -70,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
         elif not args.json:
             echo_text(event["text"])
     if args.json:
-        print(json.dumps(report))
-    else:
-        print()
+        print(json.dumps({**report, "loop_detected": detect_loop(report.get("new_tokens", []))}))
+        return 0
+    print()
+    if not getattr(args, "quiet", False):
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer alone
             print_deployment_summary(report)
+            print_loop_hint(report["new_tokens"], sampling)
     return 0
 
 

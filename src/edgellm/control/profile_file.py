@@ -23,7 +23,7 @@ from edgellm.deploy.topology import Topology
 from edgellm.errors import ConfigError
 from edgellm.net.codec import bytes_per_token, parse_codec
 from edgellm.plan import CodecCost, Instance, LinkCaps, ModelDims, NodeCaps, SchemeCost
-from edgellm.store.paths import home
+from edgellm.store.paths import profiles_dir
 
 FORMAT = "edgellm-profile"
 # The share of each node's budget the planner leaves free: a node checks its measured RSS after loading, and what
@@ -73,7 +73,7 @@ def profile_key(topology: Topology, model_config_sha: str) -> dict[str, str]:
 
 def default_path(key: dict[str, str]) -> Path:
     """Where a profile with this key is cached when no --output is given."""
-    return home() / "profiles" / f"{key['topology']}-{key['model']}-{key['code']}.json"
+    return profiles_dir() / f"{key['topology']}-{key['model']}-{key['code']}.json"
 
 
 def save_profile(profile: dict[str, Any], path: Path) -> Path:

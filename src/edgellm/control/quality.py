@@ -23,7 +23,7 @@ from edgellm.eval.ppl import PplConfig
 from edgellm.eval.ppl_engine import EvalConfig, run_ppl
 from edgellm.net.codec import parse_codec
 from edgellm.quant.scheme import parse_quant
-from edgellm.store.paths import home
+from edgellm.store.paths import profiles_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ LOSSY_FLOOR_PCT = 1e-4
 
 def _cached_ppl(model: str, key: dict[str, Any], config: EvalConfig) -> float:
     digest = hashlib.sha256(json.dumps({**key, "v": __version__}, sort_keys=True).encode()).hexdigest()[:24]
-    path = home() / "profiles" / "ppl" / f"{digest}.json"
+    path = profiles_dir() / "ppl" / f"{digest}.json"
     if path.is_file():
         try:
             return float(json.loads(path.read_text())["ppl"])

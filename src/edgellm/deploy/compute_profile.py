@@ -43,7 +43,7 @@ from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import parse_quant
 from edgellm.split.budget import release_freed_memory, rss_bytes
 from edgellm.split.one_process import load_stages
-from edgellm.store.paths import home
+from edgellm.store.paths import profiles_dir
 from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def measure_compute(
     """
     threads = torch.get_num_threads()
     config = load_config(model_dir)
-    root = home() / "profiles" / "compute"
+    root = profiles_dir() / "compute"
     rows, cached = [], []
     for scheme in schemes:
         path = root / f"{cache_key(model_dir, scheme, threads, context_tokens, prompt_tokens)}.json"

@@ -96,11 +96,7 @@ def cloud_document(cfg: DemoConfig, token_file: Path) -> dict[str, Any]:
 
 
 def generate_request(cfg: DemoConfig) -> dict[str, Any]:
-    s = cfg.sampling
-    return {
-        "prompt": cfg.prompt, "chat": True, "max_new_tokens": cfg.max_new_tokens, "greedy": s.greedy,
-        "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed,
-    }  # fmt: skip
+    return {"prompt": cfg.prompt, "chat": True, "max_new_tokens": cfg.max_new_tokens, **cfg.sampling.to_json()}
 
 
 def run_deployed(topology: Topology, path: Path, log_dir: Path, request: dict[str, Any],

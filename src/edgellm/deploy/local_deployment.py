@@ -13,12 +13,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from edgellm.deploy.node_builder import channel_config
 from edgellm.deploy.specs import is_loopback
 from edgellm.deploy.topology import Topology
 from edgellm.errors import ProcessFailed
 from edgellm.net.rpc import NodeUnreachable, RemoteHop
+from edgellm.progress import Phase, note
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +56,41 @@ def ensure_local_token(topology: Topology) -> bool:
     return True
 
 
+def layers_text(info: dict[str, Any]) -> str:
+    """What a node's `Info` says it serves: `layers 20-30`, `layers 0-10+embed, head` (a device), `no layers`."""
+    rows = [info] if "layers" in info else [r for r in info.get("layout", []) if r.get("node") == info.get("name")]
+    parts = []
+    for row in rows:
+        start, end = row["layers"]
+        extras = "+".join(part for part in ("embed", "head") if row.get(part))
+        if end > start:
+            parts.append(f"{start}-{end}{'+' + extras if extras else ''}")
+        elif extras:
+            parts.append(extras)
+    return f"layers {', '.join(parts)}" if parts else "no layers"
+
+
 class LocalDeployment:
     """The nodes of `topology` (from the file `path`) as child processes of this one.
 
     Use as a context manager: on exit, also through Ctrl-C or an error, every process started is terminated
-    (SIGTERM, then SIGKILL after a grace period). Each node's stderr goes to `<log_dir>/<name>.log`.
+    (SIGTERM, then SIGKILL after a grace period). Each node's stderr goes to `<log_dir>/<name>.log`. `node_args`
+    are added to every node's command line (`edgellm node --checkpoint-dir DIR`).
     """
 
-    def __init__(self, topology: Topology, path: Path, log_dir: Path, names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        path: Path,
+        log_dir: Path,
+        names: Sequence[str] | None = None,
+        node_args: Sequence[str] = (),
+    ) -> None:
         self.topology = topology
         self.path = path
         self.log_dir = log_dir
         self.names = list(names) if names is not None else list(topology.route)
+        self.node_args = list(node_args)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def __enter__(self) -> LocalDeployment:
@@ -80,41 +105,70 @@ class LocalDeployment:
         self.stop()
 
     def start(self, timeout_s: float = 180.0) -> None:
-        """Start every node, then wait until each answers `Info`."""
+        """Start every node, then wait until each answers `Info`, logging each as it becomes ready
+        (`edge2 ready (layers 20-30, 14.2 s)`); on a terminal a bar counts them meanwhile."""
         env = dict(os.environ)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle stages must not spin on the cores the busy one needs
+        started = time.monotonic()
         for name in self.names:
-            cmd = [sys.executable, "-m", "edgellm", "node", "--topology", str(self.path), "--name", name]
+            cmd = [
+                sys.executable,
+                "-m",
+                "edgellm",
+                "node",
+                "--topology",
+                str(self.path),
+                "--name",
+                name,
+                *self.node_args,
+            ]
             with open(self.log_dir / f"{name}.log", "wb") as log_file:  # the child keeps its own descriptor
                 self.processes[name] = subprocess.Popen(
                     cmd, stdout=subprocess.DEVNULL, stderr=log_file, stdin=subprocess.DEVNULL, env=env
                 )
-        deadline = time.monotonic() + timeout_s
-        for name in self.names:
-            self._wait_ready(name, deadline)
+        count = f"{len(self.names)} node{'s' if len(self.names) != 1 else ''}"
+        announce = f"starting {count}: {', '.join(self.names)} (logs in {self.log_dir}/NAME.log)"
+        with Phase("start nodes", total=len(self.names), unit="ready", log=log, announce=announce) as phase:
+            self._wait_ready(started, started + timeout_s, phase)
+            phase.summary = f"{count} ready"
 
-    def _wait_ready(self, name: str, deadline: float) -> None:
-        node = self.topology.node(name)
-        assert node.address is not None
-        hop = RemoteHop(name, node.address, channel_config(self.topology))
+    def _wait_ready(self, started: float, deadline: float, phase: Phase) -> None:
+        """Poll every node not yet ready until all answer `Info`; LaunchError when one exits or time runs out."""
+        hops = {name: self._control_hop(name) for name in self.names}
+        pending = list(self.names)
         try:
-            while True:
-                code = self.processes[name].poll()
-                if code is not None:
+            while pending:
+                for name in list(pending):
+                    info = self._poll(name, hops[name])
+                    if info is not None:
+                        pending.remove(name)
+                        phase.advance()
+                        note(log, "%s ready (%s, %.1f s)", name, layers_text(info), time.monotonic() - started)
+                if pending and time.monotonic() > deadline:
+                    address = self.topology.node(pending[0]).address
                     raise LaunchError(
-                        f"node {name} exited with code {code} before serving: {self.log_tail(name)}", code
+                        f"node {pending[0]} at {address} was not ready in time: {self.log_tail(pending[0])}"
                     )
-                try:
-                    hop.info(timeout_s=1.0)
-                    return
-                except NodeUnreachable:
-                    if time.monotonic() > deadline:
-                        raise LaunchError(
-                            f"node {name} at {node.address} was not ready in time: {self.log_tail(name)}"
-                        ) from None
+                if pending:
                     time.sleep(0.2)
         finally:
-            hop.shutdown()
+            for hop in hops.values():
+                hop.shutdown()
+
+    def _control_hop(self, name: str) -> RemoteHop:
+        node = self.topology.node(name)
+        assert node.address is not None
+        return RemoteHop(name, node.address, channel_config(self.topology))
+
+    def _poll(self, name: str, hop: RemoteHop) -> dict[str, Any] | None:
+        """The node's `Info` if it answers now, None if not yet; LaunchError if its process has exited."""
+        code = self.processes[name].poll()
+        if code is not None:
+            raise LaunchError(f"node {name} exited with code {code} before serving: {self.log_tail(name)}", code)
+        try:
+            return hop.info(timeout_s=1.0)
+        except NodeUnreachable:
+            return None
 
     def log_tail(self, name: str, lines: int = 3) -> str:
         path = self.log_dir / f"{name}.log"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from edgellm.model.stage import Stage
 from edgellm.net.direct_hop import LocalHop
 from edgellm.net.link import EmulatedLink
 from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, serve
+from edgellm.progress import Phase, note
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.local_engine import DTYPES
@@ -82,11 +84,14 @@ class BuiltNode:
 ControllerFactory = Callable[[int, Callable[[str], RemoteHop]], Controller]  # (num_layers, reach) -> controller
 
 
-def build_node(topology: Topology, name: str, controller: ControllerFactory | None = None) -> BuiltNode:
+def build_node(
+    topology: Topology, name: str, controller: ControllerFactory | None = None, checkpoint_dir: Path | None = None
+) -> BuiltNode:
     """Load the stages of node `name` and wire its handler (device engine or stage server).
 
     The node's `memory_mb` is checked twice: predicted before loading (runtime + weights + KV + activations,
     `edgellm.deploy.memory_budget`) and measured after; its stage hosts then reserve each session's KV cache.
+    A server keeps its clients' training checkpoints under `checkpoint_dir` (default: `paths.checkpoint_root()`).
 
     Raises:
         ConfigError/ModelError: unknown node, no address, cuts that do not fit the model, memory over budget.
@@ -139,12 +144,11 @@ def build_node(topology: Topology, name: str, controller: ControllerFactory | No
     if nxt is not None:
         downstream[nxt.name] = remote_hop(topology, name, nxt.name, route=None)
     host = factory.host(stages[0])
-    trainer = TrainHost(host, arch_for(config).layers, name, checkpoint_root())
+    checkpoints = checkpoint_dir if checkpoint_dir is not None else checkpoint_root()
+    trainer = TrainHost(host, arch_for(config).layers, name, checkpoints)
     server = StageServer(name, host, downstream, {**info, "role": node.role}, trainer=trainer)
     layers_path = arch_for(config).layers
-    StageReloader(factory, server, lambda h: TrainHost(h, layers_path, name, checkpoint_root())).register(
-        server.control_ops
-    )
+    StageReloader(factory, server, lambda h: TrainHost(h, layers_path, name, checkpoints)).register(server.control_ops)
     _profile_ops(server.control_ops, topology, name, model_dir, config, stages, max_context, lambda: server.downstream)
     return BuiltNode(name, node.address, server, stages)
 
@@ -237,9 +241,24 @@ def device_hops(
     return [*first, *remote, *head]
 
 
-def run_node(topology: Topology, name: str, on_ready: Any = None, controller: ControllerFactory | None = None) -> int:
-    """Serve node `name` until SIGINT/SIGTERM; returns an exit code. `controller` makes the device's re-planner."""
-    built = build_node(topology, name, controller)
+def run_node(
+    topology: Topology,
+    name: str,
+    on_ready: Any = None,
+    controller: ControllerFactory | None = None,
+    checkpoint_dir: Path | None = None,
+) -> int:
+    """Serve node `name` until SIGINT/SIGTERM; returns an exit code. `controller` makes the device's re-planner;
+    `checkpoint_dir`: where a server keeps training checkpoints (default: `paths.checkpoint_root()`).
+
+    Start-up logs its phases (`edgellm.progress`): loading (and quantizing) the weights, then listening.
+    """
+    started = time.perf_counter()
+    announce = f"node {name}: loading {topology.model.name} ({topology.model.dtype}, quant {_quant(topology, name)})"
+    with Phase(f"load node {name}", log=log, announce=announce) as phase:
+        built = build_node(topology, name, controller, checkpoint_dir)
+        layers = ", ".join(f"[{s.spec.start}, {s.spec.end})" for s in built.stages)
+        phase.summary = f"layers {layers}, {sum(weight_bytes(s) for s in built.stages) / 1e6:.0f} MB of weights"
     try:
         server, port = serve(built.handler, built.address, channel_config(topology))
     except ConfigError as exc:
@@ -247,10 +266,15 @@ def run_node(topology: Topology, name: str, on_ready: Any = None, controller: Co
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    spec = ", ".join(f"[{s.spec.start}, {s.spec.end})" for s in built.stages)
-    log.info("node %s serving layers %s on %s", name, spec, built.address)
+    note(log, "node %s listening on %s (layers %s), ready %.1f s after start", name, built.address, layers,
+         time.perf_counter() - started)  # fmt: skip
     if on_ready is not None:
         on_ready({"event": "ready", "name": name, "address": built.address, "port": port})
     stop.wait()
     server.stop(grace=1.0).wait()
     return 0
+
+
+def _quant(topology: Topology, name: str) -> str:
+    node = topology.node(name)
+    return (node.quant if node.quant is not None else topology.model.quant) or "none"

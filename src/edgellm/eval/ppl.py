@@ -127,10 +127,18 @@ def chain_logits(stages: Sequence[nn.Module], ids: torch.Tensor, hop: Hop | None
     return data
 
 
+OnWindow = Callable[[int, int], None]  # (windows done, windows in all); first called with 0 before any window
+
+
 def evaluate_ppl(
-    stages: Sequence[nn.Module], token_ids: Sequence[int] | torch.Tensor, config: PplConfig, hop: Hop | None = None
+    stages: Sequence[nn.Module],
+    token_ids: Sequence[int] | torch.Tensor,
+    config: PplConfig,
+    hop: Hop | None = None,
+    on_window: OnWindow | None = None,
 ) -> PplResult:
-    """Perplexity of the chained stages over `token_ids` (one long sequence), window by window.
+    """Perplexity of the chained stages over `token_ids` (one long sequence), window by window; `on_window`, if
+    given, hears how many windows are done (for a progress bar).
 
     Raises:
         ConfigError: the sequence is shorter than one window.
@@ -140,9 +148,13 @@ def evaluate_ppl(
         ids = ids[: config.max_tokens]
     spans = windows(ids.numel(), config)
     nll = 0.0
+    if on_window is not None:
+        on_window(0, len(spans))
     with torch.inference_mode():
-        for w in spans:
+        for index, w in enumerate(spans):
             logits = chain_logits(stages, ids[w.begin : w.end].unsqueeze(0), hop)[0]  # [S, V]
             predicted = logits[w.score_from - 1 - w.begin :]  # [scored, V]
             nll += float(F.cross_entropy(predicted.float(), ids[w.score_from : w.end + 1], reduction="sum"))
+            if on_window is not None:
+                on_window(index + 1, len(spans))
     return PplResult(nll, ids.numel() - 1, len(spans))

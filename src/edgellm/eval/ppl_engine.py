@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from edgellm.eval.ppl import PplConfig, codec_hop, evaluate_ppl
 from edgellm.model.arch import arch_for
 from edgellm.model.stage import HeadPlacement, Stage, stage_specs
 from edgellm.net.codec import CodecSpec, parse_codec
+from edgellm.progress import Phase
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import QuantConfig
 from edgellm.quant.stage_files import load_or_quantize
@@ -21,6 +23,8 @@ from edgellm.serve.local_engine import DTYPES, check_placement
 from edgellm.split.one_process import load_stages, stage_name
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,14 @@ def load_eval_stages(model_dir: Path, config: EvalConfig, model_config: Any) -> 
     """The stages of the model cut at `config.cuts`, each quantized with `config.quant` if given."""
     specs = stage_specs(int(model_config.num_hidden_layers), config.cuts, config.head)
     dtype = DTYPES[config.dtype]
-    if config.quant is None:
-        return load_stages(model_dir, specs, dtype)
-    return [load_or_quantize(model_dir, spec, config.quant, dtype, cache=config.cache) for spec in specs]
+    with Phase("load model", log=log) as phase:
+        if config.quant is None:
+            stages = load_stages(model_dir, specs, dtype)
+        else:
+            stages = [load_or_quantize(model_dir, spec, config.quant, dtype, cache=config.cache) for spec in specs]
+        quant = config.quant.text if config.quant is not None else config.dtype
+        phase.summary = f"{len(stages)} stage{'s' if len(stages) != 1 else ''} ({quant})"
+    return stages
 
 
 def run_ppl(config: EvalConfig) -> dict[str, Any]:
@@ -94,7 +103,9 @@ def run_ppl(config: EvalConfig) -> dict[str, Any]:
     codec = config.codec
     hop = None if codec.codec == "none" else codec_hop(codec)
     start = time.perf_counter()
-    result = evaluate_ppl(stages, token_ids, config.window, hop)
+    with Phase("eval ppl", unit="windows", log=log) as phase:
+        result = evaluate_ppl(stages, token_ids, config.window, hop, on_window=phase.update)
+        phase.summary = f"{result.windows} windows, {result.tokens} tokens"
     eval_s = time.perf_counter() - start
     memories = [stage_memory(s) for s in stages]
     return {

@@ -23,6 +23,7 @@ from edgellm.model.arch import arch_for
 from edgellm.model.prompt import stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import Stage
+from edgellm.progress import Phase
 from edgellm.serve.local_engine import LoadedSplit, LocalSplitConfig, load_split
 from edgellm.split.generator import GenerationConfig, Generator, pad_prompts
 from edgellm.split.one_process import local_pipeline
@@ -172,17 +173,31 @@ def evaluate_examples(
 
 
 def run_task(config: TaskEvalConfig, on_batch: OnBatch | None = None) -> dict[str, Any]:
-    """Load the model (and adapter), evaluate the task; returns the report of `edgellm eval task --json`."""
+    """Load the model (and adapter), evaluate the task; returns the report of `edgellm eval task --json`.
+
+    Progress (`edgellm.progress`): a phase for the load and one for the batches; `on_batch`, if given, also
+    hears how many batches are done.
+    """
     examples = task_examples(config.task, config.n, config.seed, "eval")
-    loaded: LoadedSplit = load_split(config.model)
-    if config.adapter is not None:
-        apply_adapter(loaded.stages, loaded.model_config, config.adapter)
+    with Phase("load model", log=log) as phase:
+        loaded: LoadedSplit = load_split(config.model)
+        if config.adapter is not None:
+            apply_adapter(loaded.stages, loaded.model_config, config.adapter)
+        phase.summary = f"{len(loaded.stages)} stages ({config.model.dtype}, quant {config.model.quant})"
     stops = stop_ids(loaded.tokenizer, loaded.model_config)
     if not stops:
         raise ConfigError("the model defines no end-of-sequence token; cannot tell where an answer ends")
     generation = GenerationConfig(config.max_new_tokens, SamplingConfig(greedy=True), stops)
     start = time.perf_counter()
-    result = evaluate_examples(loaded.stages, loaded.tokenizer, examples, generation, config.batch_size, on_batch)
+    with Phase(f"eval task {config.task}", unit="batches", log=log) as phase:
+
+        def batch_done(done: int, total: int) -> None:
+            phase.update(done, total)
+            if on_batch is not None:
+                on_batch(done, total)
+
+        result = evaluate_examples(loaded.stages, loaded.tokenizer, examples, generation, config.batch_size, batch_done)
+        phase.summary = f"{len(examples)} examples ({phase.total} batches), exact match {result.exact_match:.1%}"
     eval_s = time.perf_counter() - start
     return {
         "model": config.model.model,

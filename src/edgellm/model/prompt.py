@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgellm.errors import ConfigError
@@ -15,15 +16,31 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     """
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("this model has no chat template; run without --chat")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            raise ConfigError("this model has no chat template; run with --no-chat")
+        ids = encode_messages(tokenizer, [{"role": "user", "content": prompt}])
     else:
         ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise ConfigError("the prompt is empty")
+    return list(ids)
+
+
+def encode_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a conversation (`{"role", "content"}` dicts, in order) in the model's chat template, ending
+    with the prompt for the assistant's next turn. A template may add its own system turn when the messages start
+    without one (SmolLM2's does); a leading system message replaces it.
+
+    Raises:
+        ConfigError: the model has no chat template, or the conversation encodes to nothing.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this model has no chat template, so it cannot take chat messages")
+    text = tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError("the conversation is empty")
     return list(ids)
 
 

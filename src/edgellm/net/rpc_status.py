@@ -15,10 +15,18 @@ a message over gRPC's size cap (both UNAVAILABLE, and both RESOURCE_EXHAUSTED, u
 | (nothing: a message over the size cap) | RESOURCE_EXHAUSTED | `ConfigError` |
 | anything else: a bug, logged with its traceback on the node | INTERNAL | `RemoteError`: the node's internal error |
 | (a wrong deployment token) | UNAUTHENTICATED | `AuthError` |
+
+A failure a node only relays (an error its own call to a peer behind it raised, from `error_from`) keeps its kind
+and its message: the node answers with the message of the node where it began (`EdgellmError.origin`) and the
+nodes that relayed it so far (trailing metadata `x-edgellm-relays`), and the caller adds the node it called. So a
+token a server refused two hops away reaches `edgellm run` as `node edge2 at ... refused the deployment token: ...
+(relayed by node edge1 at ..., then node device at ...)`, not as a nest of "node X refused the request: node Y
+...", and a downstream node that is down never reads as if the device were.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import NoReturn
 
@@ -30,6 +38,7 @@ from edgellm.errors import BusyError, ConfigError, EdgellmError, InputError, Pee
 log = logging.getLogger(__name__)
 
 KIND_HEADER = "x-edgellm-kind"
+RELAYS_HEADER = "x-edgellm-relays"  # a relayed failure: JSON list of the nodes that passed it on
 
 
 class NodeUnreachable(PeerError):
@@ -48,8 +57,10 @@ class AuthError(InputError):
     """
 
 
-# Order matters: a SessionError is also a PeerError.
+# Order matters: a SessionError is also a PeerError, an AuthError (a peer behind the node refused its token) an
+# InputError.
 _STATUSES: tuple[tuple[type[EdgellmError], StatusCode, str], ...] = (
+    (AuthError, StatusCode.INVALID_ARGUMENT, "auth"),
     (InputError, StatusCode.INVALID_ARGUMENT, "input"),
     (SessionError, StatusCode.NOT_FOUND, "session"),
     (PeerError, StatusCode.UNAVAILABLE, "peer"),
@@ -69,10 +80,14 @@ def abort_with(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     """End the call with `exc`'s status and message; an internal error (a bug) is logged here, on the node."""
     status, kind = status_for(exc)
     details = str(exc)
+    metadata = [(KIND_HEADER, kind)]
     if status == StatusCode.INTERNAL:
         log.error("request failed (a bug)", exc_info=exc)
         details = f"{type(exc).__name__}: {exc}"
-    context.set_trailing_metadata(((KIND_HEADER, kind),))
+    elif isinstance(exc, EdgellmError) and exc.origin is not None:  # relayed: the caller adds this node
+        details = exc.origin
+        metadata.append((RELAYS_HEADER, json.dumps(list(exc.relays))))
+    context.set_trailing_metadata(tuple(metadata))
     context.abort(status, details)
     raise AssertionError("unreachable: context.abort raises")
 
@@ -80,7 +95,17 @@ def abort_with(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 def error_from(exc: grpc.RpcError, where: str) -> EdgellmError:
     """The error a caller raises for a failed call to the node `where` ("node NAME at ADDRESS")."""
     code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-    marked = any(key == KIND_HEADER for key, _ in exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+    metadata = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+    relays = _relays(metadata.get(RELAYS_HEADER))
+    if relays is not None:
+        return _relayed(code, metadata.get(KIND_HEADER), details, (*relays, where))
+    error = _own_error(code, details, where, KIND_HEADER in metadata)
+    error.origin = str(error)
+    return error
+
+
+def _own_error(code: StatusCode, details: str, where: str, marked: bool) -> EdgellmError:
+    """The error for a failure of the node `where` itself (or of the call to it)."""
     if code == StatusCode.INVALID_ARGUMENT:
         return ConfigError(f"{where} refused the request: {details}")
     if code == StatusCode.NOT_FOUND:
@@ -98,3 +123,28 @@ def error_from(exc: grpc.RpcError, where: str) -> EdgellmError:
     if code == StatusCode.INTERNAL and marked:
         return RemoteError(f"{where} failed with an internal error (a bug; its log has the traceback): {details}")
     return RemoteError(f"{where} answered {code.name}: {details}")
+
+
+def _relays(header: object) -> tuple[str, ...] | None:
+    """The nodes that relayed a failure so far, from `RELAYS_HEADER`; None when the header is absent or garbled."""
+    if not isinstance(header, str):
+        return None
+    try:
+        relays = json.loads(header)
+    except ValueError:
+        return None
+    if not isinstance(relays, list) or not all(isinstance(r, str) for r in relays):
+        return None
+    return tuple(relays)
+
+
+def _relayed(code: StatusCode, kind: object, origin: str, relays: tuple[str, ...]) -> EdgellmError:
+    """A failure that began at another node (`origin` names it), of the same kind, with its path."""
+    kinds: dict[StatusCode, type[EdgellmError]] = {
+        StatusCode.INVALID_ARGUMENT: AuthError if kind == "auth" else ConfigError,
+        StatusCode.NOT_FOUND: SessionError,
+        StatusCode.RESOURCE_EXHAUSTED: BusyError,
+    }
+    error = kinds.get(code, RemoteError)(f"{origin} (relayed by {', then '.join(relays)})")
+    error.origin, error.relays = origin, relays
+    return error

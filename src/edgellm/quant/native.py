@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.store.paths import home
+from edgellm.store.paths import kernels_dir
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def library() -> ctypes.CDLL | None:
         # Per CPU, not per compiler alone: a home shared between machines must not load an AVX-512 (or AMX)
         # build on a CPU without it, which would die of SIGILL at the first call.
         key = cache_key(compiler, os.uname().machine, target_macros(compiler))
-        path = home() / "kernels" / f"quant-{key}.so"
+        path = kernels_dir() / f"quant-{key}.so"
         if not path.is_file():
             build(path)
     except (OSError, subprocess.SubprocessError) as exc:

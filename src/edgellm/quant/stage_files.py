@@ -23,11 +23,12 @@ from edgellm.errors import ModelError
 from edgellm.model.arch import Arch, arch_for, get_module
 from edgellm.model.build import build_stage
 from edgellm.model.stage import Stage, StageSpec
+from edgellm.progress import Phase
 from edgellm.quant.modules import QuantEmbedding, is_quantized, quant_linear
 from edgellm.quant.scheme import QuantConfig
 from edgellm.quant.tensor import QuantizedWeight
 from edgellm.quant.walker import float_weight, quantize_module, quantized_modules
-from edgellm.store.paths import home
+from edgellm.store.paths import quant_dir, quant_model_key
 from edgellm.store.weights import SafetensorsSource, load_config
 
 log = logging.getLogger(__name__)
@@ -171,15 +172,10 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def cache_path(model_dir: Path, spec: StageSpec, config: QuantConfig) -> Path:
     """Where `load_or_quantize` keeps a stage: under the edgellm home, keyed by the weights file and the scheme."""
-    weights = model_dir / "model.safetensors"
-    if not weights.exists():
-        weights = model_dir / "model.safetensors.index.json"
-    stat = weights.stat() if weights.exists() else None
-    ident = f"{model_dir.resolve()}|{stat.st_size if stat else 0}|{stat.st_mtime_ns if stat else 0}"
-    model_key = f"{model_dir.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
     rules = "-r" + hashlib.sha256(config.text.encode()).hexdigest()[:8] if config.rules else ""
     parts = "".join(p for p, on in (("+embed", spec.embed), ("+head", spec.head)) if on)
-    return home() / "quant" / model_key / f"{config.scheme}{rules}-L{spec.start}-{spec.end}{parts}.safetensors"
+    name = f"{config.scheme}{rules}-L{spec.start}-{spec.end}{parts}.safetensors"
+    return quant_dir() / quant_model_key(model_dir) / name
 
 
 def load_or_quantize(
@@ -193,13 +189,17 @@ def load_or_quantize(
     """
     model_config = load_config(model_dir)
     path = cache_path(model_dir, spec, config)
+    parts = "".join(f"+{part}" for part, on in (("embed", spec.embed), ("head", spec.head)) if on)
+    label = f"stage [{spec.start}:{spec.end}){parts} ({config.text})"
     if cache and path.is_file():
-        log.info("loading quantized stage from %s", path)
-        return load_stage(path, model_config, spec, dtype)
-    with SafetensorsSource(model_dir) as tensors:
-        stage = build_stage(model_config, spec, tensors, dtype)
-    quantize_module(stage, config)
-    if cache:
-        save_stage(stage, path, model_config, config)
-        log.info("saved quantized stage to %s", path)
+        with Phase(f"load quantized {label}", log=log) as phase:
+            phase.summary = f"from {path}"
+            return load_stage(path, model_config, spec, dtype)
+    with Phase(f"quantize {label}", log=log, announce=f"quantizing {label}") as phase:
+        with SafetensorsSource(model_dir) as tensors:
+            stage = build_stage(model_config, spec, tensors, dtype)
+        quantize_module(stage, config)
+        if cache:
+            save_stage(stage, path, model_config, config)
+            phase.summary = f"saved to {path}"
     return stage

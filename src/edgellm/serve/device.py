@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from edgellm.errors import ConfigError
-from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
+from edgellm.model.prompt import TextStream, encode_messages, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import StageSpec
+from edgellm.serve.conversation import Message, parse_messages
 from edgellm.serve.migration import LiveMigration, local_compute, migration_rows, run_traces
 from edgellm.serve.report import link_report, node_compute, timing_report
 from edgellm.split.control import Field, link_profiles, node_ops
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # Field -> (type, default) of a Generate request.
 GENERATE_FIELDS: dict[str, tuple[type, Any]] = {
     "prompt": (str, None),
+    "messages": (list, None),  # [{role, content}, ...] in the chat template, instead of a prompt
     "chat": (bool, True),
     "max_new_tokens": (int, 64),
     "greedy": (bool, True),
@@ -35,7 +37,11 @@ GENERATE_FIELDS: dict[str, tuple[type, Any]] = {
     "top_k": (int, 0),
     "top_p": (float, 1.0),
     "seed": (int, 0),
+    "repetition_penalty": (float, 1.0),
+    "no_repeat_ngram": (int, 0),
 }
+PROMPT_FIELDS = ("prompt", "messages")
+SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_repeat_ngram")
 
 
 MIGRATE_FIELDS = {  # the `migrate` control op: a `Layout`, and before which decode step (None: the next one)
@@ -47,12 +53,13 @@ MIGRATE_FIELDS = {  # the `migrate` control op: a `Layout`, and before which dec
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """A prompt and how to decode it, as sent to a device node."""
+    """A prompt (or chat messages) and how to decode it, as sent to a device node."""
 
-    prompt: str
+    prompt: str | None
     chat: bool = True
     max_new_tokens: int = 64
     sampling: SamplingConfig = SamplingConfig()
+    messages: tuple[Message, ...] | None = None  # the conversation to answer, when no `prompt`
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerateRequest:
@@ -67,6 +74,9 @@ class GenerateRequest:
         values: dict[str, Any] = {}
         for name, (kind, default) in GENERATE_FIELDS.items():
             value = data.get(name, default)
+            if value is None and name in PROMPT_FIELDS:  # exactly one of them, checked below
+                values[name] = None
+                continue
             if value is None:
                 raise ConfigError(f"generate request needs {name!r}")
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -74,10 +84,20 @@ class GenerateRequest:
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ConfigError(f"generate field {name!r} must be {kind.__name__}, got {type(value).__name__}")
             values[name] = value
-        sampling = SamplingConfig(
-            values["greedy"], values["temperature"], values["top_k"], values["top_p"], values["seed"]
-        )
-        return cls(values["prompt"], values["chat"], values["max_new_tokens"], sampling)
+        sampling = SamplingConfig(**{name: values[name] for name in SAMPLING_FIELDS})
+        if (values["prompt"] is None) == (values["messages"] is None):
+            raise ConfigError("generate request needs exactly one of 'prompt' and 'messages'")
+        messages = None if values["messages"] is None else parse_messages(values["messages"])
+        if messages is not None and not values["chat"]:
+            raise ConfigError("generate field 'chat' must be true with 'messages' (they always use the chat template)")
+        return cls(values["prompt"], values["chat"], values["max_new_tokens"], sampling, messages=messages)
+
+    def prompt_ids(self, tokenizer: Any) -> list[int]:
+        """The prompt's token ids: the messages in the chat template, or the prompt (wrapped in it if `chat`)."""
+        if self.messages is not None:
+            return encode_messages(tokenizer, [m.to_json() for m in self.messages])
+        assert self.prompt is not None  # from_json allows exactly one of them
+        return encode_prompt(tokenizer, self.prompt, self.chat)
 
 
 class DeviceEngine:
@@ -194,7 +214,7 @@ class DeviceEngine:
     def generate(self, data: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Events: {"token": id, "text": delta} per token, then {"report": {...}}."""
         request = GenerateRequest.from_json(data)
-        prompt_ids = encode_prompt(self.tokenizer, request.prompt, request.chat)
+        prompt_ids = request.prompt_ids(self.tokenizer)
         config = GenerationConfig(request.max_new_tokens, request.sampling, stop_ids(self.tokenizer, self.model_config))
         with self._lock:
             while self.migration is not None and (waiting := self.migration.take_unscheduled()) is not None:

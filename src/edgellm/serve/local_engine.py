@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,9 +12,10 @@ import torch
 
 from edgellm.errors import ConfigError
 from edgellm.model.arch import arch_for
-from edgellm.model.prompt import TextStream, encode_prompt, stop_ids
+from edgellm.model.prompt import TextStream, encode_messages, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_specs
+from edgellm.progress import Phase
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.report import stage_report, timing_report
@@ -21,6 +23,8 @@ from edgellm.split.generator import GenerationConfig, Generator
 from edgellm.split.one_process import load_stages, local_pipeline
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,7 +49,7 @@ class LocalSplitConfig:
 
     model: str
     cuts: tuple[int, ...] = ()
-    head: HeadPlacement = "server"
+    head: HeadPlacement = "device"  # the commands' convention: head and labels stay on the device
     dtype: str = "fp32"
     threads: int | None = None
     quant: str = "none"  # SCHEME[,PATTERN=SCHEME...] for every stage, see edgellm.quant.scheme.parse_quant
@@ -76,7 +80,9 @@ def load_split(config: LocalSplitConfig) -> LoadedSplit:
     arch_for(model_config)  # refuse an unsupported architecture before anything else
     specs = stage_specs(int(model_config.num_hidden_layers), config.cuts, config.head)
     tokenizer = load_tokenizer(model_dir)  # before the weights: a missing tokenizer should fail in seconds
-    stages = load_stages(model_dir, specs, DTYPES[config.dtype], parse_quant(config.quant))
+    with Phase("load model", log=log) as phase:
+        stages = load_stages(model_dir, specs, DTYPES[config.dtype], parse_quant(config.quant))
+        phase.summary = f"{config.model}, {len(stages)} stage(s), {config.dtype}, quant {config.quant}"
     return LoadedSplit(config, model_config, tokenizer, stages, time.perf_counter() - start)
 
 
@@ -84,7 +90,7 @@ def load_split(config: LocalSplitConfig) -> LoadedSplit:
 class PromptConfig:
     """What to generate from the prompt."""
 
-    chat: bool = False
+    chat: bool = True  # the model's chat template, as every command applies it by default
     max_new_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -100,7 +106,16 @@ def generate_text(
 
     The report has the fields of `edgellm generate --json` (see docs/CLI.md).
     """
-    prompt_ids = encode_prompt(loaded.tokenizer, prompt, options.chat)
+    return generate_ids(loaded, encode_prompt(loaded.tokenizer, prompt, options.chat), options, on_text)
+
+
+def generate_ids(
+    loaded: LoadedSplit, prompt_ids: list[int], options: PromptConfig, on_text: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Generate from prompt token ids already built (`options.chat` is not applied again); as `generate_text`.
+
+    Each call opens new sessions on the loaded stages, so one `LoadedSplit` serves any number of calls.
+    """
     gen_config = GenerationConfig(
         options.max_new_tokens, options.sampling, stop_ids(loaded.tokenizer, loaded.model_config)
     )
@@ -137,3 +152,36 @@ def generate_text(
         **timing_report(result),
         "load_s": round(loaded.load_s, 3),
     }
+
+
+def context_tokens(loaded: LoadedSplit) -> int:
+    """The longest sequence the loaded model can attend over: its position limit, or its sliding window."""
+    return min(stage.max_length for stage in loaded.stages)
+
+
+class LocalChat:
+    """A chat backend (`edgellm.serve.chat_session.ChatBackend`) on stages loaded once in this process: every
+    turn runs on the same `LoadedSplit`.
+
+    Args:
+        loaded: the model's stages, tokenizer and config.
+        options: decoding of each answer (`chat` is implied: messages always go through the chat template).
+    """
+
+    def __init__(self, loaded: LoadedSplit, options: PromptConfig) -> None:
+        self.loaded = loaded
+        self.options = options
+
+    @property
+    def context_tokens(self) -> int:
+        return context_tokens(self.loaded)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.options.max_new_tokens
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(encode_messages(self.loaded.tokenizer, messages))
+
+    def generate(self, messages: list[dict[str, str]], on_text: Callable[[str], None] | None) -> dict[str, Any]:
+        return generate_ids(self.loaded, encode_messages(self.loaded.tokenizer, messages), self.options, on_text)

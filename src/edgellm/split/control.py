@@ -11,6 +11,10 @@ with one. Each node holds a `ControlOps` registry; `dispatch` refuses an unknown
   each; answers `{"from", "to", "profile", "samples": [[up_bytes, down_bytes, seconds], ...]}`;
 - `set_link` (`to`, `profile_name` and/or `profile`, `seed`): replaces the emulation of this node's link to `to`
   from its next message on, and answers `{"to", "profile"}`.
+- `ping_peer` (`to`, `timeout_s`): calls `Info` of this node's hop to `to` as its own traffic would (the address,
+  token and TLS this node dials it with, no link emulation) and answers `{"from", "to", "ms", "info"}`; a peer that
+  refuses this node's token or does not answer fails the op with that error, relayed naming the peer
+  (`edgellm check` asks each node so, to find a token mismatch between nodes before the first prompt).
 
 Stage servers add `load_stage` (`edgellm.deploy.reconfigure`), the device adds `migrate`
 (`edgellm.serve.migration`); other ops register by name with `ControlOps.register`.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -122,7 +127,28 @@ def node_ops(name: str, info: Callable[[], dict[str, Any]], hops: Callable[[], M
         lambda r: set_link(linked_hop(name, hops(), r["to"]), r["profile_name"], r["profile"], r["seed"]),
         {"to": Field(str, required=True), "profile_name": Field(str), "profile": Field(dict), "seed": Field(int, default=0)},
     )  # fmt: skip
+    ops.register("ping_peer", lambda r: ping_peer(name, hops(), r["to"], r["timeout_s"]),
+                 {"to": Field(str, required=True), "timeout_s": Field(float, default=5.0)})  # fmt: skip
     return ops
+
+
+def ping_peer(node: str, hops: Mapping[str, Any], to: str, timeout_s: float) -> dict[str, Any]:
+    """`Info` of `node`'s hop to `to`, asked as `node`'s own traffic goes (its address for `to`, its token).
+
+    Raises:
+        ConfigError: no hop to `to`, an in-process hop, a timeout outside (0, 60] s.
+        AuthError, PeerError: `to` refused `node`'s token, or did not answer (relayed to the caller, naming `to`).
+    """
+    if not 0 < timeout_s <= 60:
+        raise ConfigError(f"ping_peer timeout_s must be in (0, 60], got {timeout_s}")
+    hop = hops.get(to)
+    if hop is None:
+        raise ConfigError(f"node {node} has no link to {to!r}; it has links to {sorted(hops)}")
+    if not hasattr(hop, "info"):
+        raise ConfigError(f"node {node}'s hop to {to!r} runs in-process: there is no peer to ping")
+    start = time.perf_counter()
+    info = hop.info(timeout_s=timeout_s)
+    return {"from": node, "to": to, "ms": round((time.perf_counter() - start) * 1e3, 3), "info": info}
 
 
 def linked_hop(node: str, hops: Mapping[str, Any], to: str) -> LinkedHop:

@@ -147,11 +147,14 @@ class Generator:
         result = GenerationResult(new_tokens=[[] for _ in range(batch)])
         finished = [False] * batch
         fed = [ids[row][mask[row]].tolist() for row in range(batch)] if self.between_steps else []
+        # The repetition guard reads every row's real tokens, prompt and generated, so the device chooses
+        seen = [ids[row][mask[row]].tolist() for row in range(batch)] if cfg.sampling.guarded else None
         session = secrets.token_hex(8)  # 64 random bits; short, since it rides every frame
         start = time.perf_counter()
         try:
             tokens = torch.empty(batch, dtype=torch.long)  # the previous step's choice, fed back
-            greedy = cfg.sampling.greedy  # then the head stage replies with token ids, not the distribution
+            # greedy and unguarded: the head stage replies with token ids, not the distribution
+            greedy = cfg.sampling.greedy and seen is None
             logits = self.pipeline.forward(
                 session, ids, positions_for(mask), None if token_mask is None else mask, True, argmax=greedy
             )
@@ -165,10 +168,7 @@ class Generator:
                         session, tokens.view(batch, 1), next_pos.view(batch, 1), None, False, argmax=greedy
                     )
                     next_pos = next_pos + 1
-                if logits.is_floating_point():
-                    tokens = next_tokens(logits[:, -1], cfg.sampling, rng)  # [B]
-                else:  # the head already chose: [B, 1] ids
-                    tokens = logits[:, -1]
+                tokens = self._choose(logits, rng, seen)  # [B]
                 if index == 0:
                     result.ttft_ms = (time.perf_counter() - start) * 1e3
                 for row, token in enumerate(tokens.tolist()):
@@ -188,6 +188,20 @@ class Generator:
             raise
         self._finish(result, start)
         self.pipeline.close(session)
+
+    def _choose(self, logits: torch.Tensor, rng: torch.Generator, seen: list[list[int]] | None) -> torch.Tensor:
+        """Each row's next token, from a step's logits (chosen here, guarded against repetition when `seen`, each
+        row's tokens so far, is given; the choice is appended to it) or from the head's own choice.
+
+        logits: [B, S, V] float, or [B, 1] int64 ids -> [B] int64
+        """
+        if not logits.is_floating_point():  # the head already chose
+            return logits[:, -1]
+        tokens = next_tokens(logits[:, -1], self.config.sampling, rng, seen)
+        if seen is not None:
+            for row, token in enumerate(tokens.tolist()):
+                seen[row].append(token)
+        return tokens
 
     def _maybe_migrate(self, index: int, fed: list[list[int]], session: str, result: GenerationResult) -> str:
         """Ask the hook; on a new pipeline, replay `fed` there as a new session. -> the session to go on with."""

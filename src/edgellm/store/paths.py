@@ -1,7 +1,12 @@
-"""Where edgellm keeps fetched and converted models on disk."""
+"""Where edgellm keeps its files on disk: one home folder, one subfolder per cache.
+
+`edgellm cache info` lists these folders and `edgellm cache clean` empties them (`edgellm.store.inventory`), so
+every cache a module writes under `home()` is named here.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -21,6 +26,33 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+def quant_dir() -> Path:
+    """Quantized stages: `<quant_dir>/<quant_model_key(model)>/<scheme>-L<start>-<end>[+embed][+head].safetensors`."""
+    return home() / "quant"
+
+
+def profiles_dir() -> Path:
+    """Measured profiles: deployment profiles, per-scheme compute costs (`compute/`), perplexities (`ppl/`)."""
+    return home() / "profiles"
+
+
+def kernels_dir() -> Path:
+    """Native kernels compiled for this CPU on first use."""
+    return home() / "kernels"
+
+
 def checkpoint_root() -> Path:
-    """Training checkpoints a server node keeps for its clients: `<home>/checkpoints/<run>/<node>/<adapter>/`."""
+    """Where a server node started on its own keeps its clients' training checkpoints:
+    `<home>/checkpoints/<run>/<node>/<adapter>/` (`edgellm node --checkpoint-dir` puts them elsewhere)."""
     return home() / "checkpoints"
+
+
+def quant_model_key(model_dir: Path) -> str:
+    """The folder name of a model's quantized stages: its directory's name and a hash of where it is and of its
+    weights file's size and time, so stages of a model converted again are never mistaken for the new one's."""
+    weights = model_dir / "model.safetensors"
+    if not weights.exists():
+        weights = model_dir / "model.safetensors.index.json"
+    stat = weights.stat() if weights.exists() else None
+    ident = f"{model_dir.resolve()}|{stat.st_size if stat else 0}|{stat.st_mtime_ns if stat else 0}"
+    return f"{model_dir.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"

@@ -7,6 +7,7 @@ Without a topology there is nothing to split: the whole model trains in this pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import queue
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -79,8 +81,24 @@ class FinetuneJob:
 
 
 def run_name(output: Path) -> str:
-    """The run's name, from its folder: letters, digits, '.', '_' and '-'."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", output.resolve().name) or "run"
+    """The run's default name (letters, digits, '.', '_' and '-'): the one `output/run.json` records when the
+    folder already holds a run (so a resumed or moved run keeps its name), else the folder's name and a hash of
+    this machine's name and the folder's full path. Servers key a run's adapters, FedAvg rounds and checkpoints
+    by its name: two runs in folders named alike must not share one."""
+    try:
+        recorded = json.loads((output / "run.json").read_text())["run"]
+        if isinstance(recorded, str) and re.fullmatch(r"[A-Za-z0-9._-]+", recorded):
+            return recorded
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    folder = output.resolve()
+    digest = hashlib.sha256(f"{socket.gethostname()}:{folder}".encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', folder.name) or 'run'}-{digest}"
+
+
+def checkpoint_dir(output: Path) -> Path:
+    """Where the servers `finetune` starts keep the run's checkpoints: `<output>/checkpoints/<run>/<node>/...`."""
+    return output / "checkpoints"
 
 
 def prepare(job: FinetuneJob) -> FinetuneJob:
@@ -183,7 +201,9 @@ def _run_processes(job: FinetuneJob, collect: Callable[[Event], None]) -> None:
     with ExitStack() as stack:
         servers = [n.name for n in topology.servers] if topology is not None else []
         if topology is not None and job.launch and servers:
-            stack.enter_context(LocalDeployment(topology, Path(str(plan.topology)), logs, names=servers))
+            # The servers started here keep their checkpoints in the run's folder, next to the device's.
+            node_args = ["--checkpoint-dir", str(checkpoint_dir(plan.output).resolve())]
+            stack.enter_context(LocalDeployment(topology, Path(str(plan.topology)), logs, servers, node_args))
         if not servers and plan.config.clients > 1:  # federated without a split: meet at an aggregator here
             channel = channel_config(topology) if topology is not None else ChannelConfig()
             server, port = serve(AggregatorServer(), "127.0.0.1:0", channel)
