@@ -103,6 +103,7 @@ def test_demo_without_matplotlib_skips_the_chart_in_one_line(
 
 def test_cli_choices_mirror_the_library() -> None:
     from edgellm.deploy.demo_scenarios import DEFAULT_PROMPT
+    from edgellm.engine.select import ENGINES
     from edgellm.lora.config import LoraSpec
     from edgellm.model.stage import HEAD_PLACEMENTS
     from edgellm.net.codec import CODECS
@@ -111,6 +112,7 @@ def test_cli_choices_mirror_the_library() -> None:
     from edgellm.splitlearn.settings import SHARE_MODES
 
     assert HEAD_PLACEMENTS == choices.HEAD_PLACEMENTS
+    assert ENGINES == choices.ENGINES
     assert tuple(sorted(DTYPES)) == choices.DTYPE_NAMES
     assert NO_QUANT == choices.NO_QUANT
     assert tuple(SCHEMES) == choices.QUANT_SCHEMES

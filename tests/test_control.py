@@ -247,6 +247,7 @@ def test_load_stage_at_another_scheme_reports_it(tiny_deployment):
     assert answer["quant"] == "int8" and answer["next"] == "edge2"
     info = edge1.info()
     assert info["quant"] == "int8" and info["next"] == "edge2"
+    assert info["engine"] == "fast"  # the node process runs its blocks on the fast engine (the default)
 
 
 # -- migrate ----------------------------------------------------------------------------------------------------

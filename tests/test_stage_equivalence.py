@@ -103,11 +103,12 @@ def left_padded_batch():
     return rows, ids, mask
 
 
+@pytest.mark.parametrize("engine", ["fast", "generic"])
 @pytest.mark.parametrize("cuts,head", [([2], "server"), ([1, 3], "device")])
-def test_left_padded_batch_equals_whole_model(tiny_model_dir, cuts, head):
+def test_left_padded_batch_equals_whole_model(tiny_model_dir, cuts, head, engine):
     ref = reference_model(tiny_model_dir)
     rows, ids, mask = left_padded_batch()
-    stages = load_stages(tiny_model_dir, stage_specs(TINY_LAYERS, cuts, head))
+    stages = load_stages(tiny_model_dir, stage_specs(TINY_LAYERS, cuts, head), engine=engine)
     got = staged_run(stages, ids, mask)
     assert_same_run(got, reference_run(ref, ids, mask), real_rows=mask)
     # and each row equals that prompt run alone, unpadded

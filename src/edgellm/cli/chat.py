@@ -74,7 +74,9 @@ def _local(args: argparse.Namespace, sampling: SamplingConfig) -> tuple[ChatBack
     from edgellm.model.stage import parse_cuts
     from edgellm.serve.local_engine import LocalChat, LocalSplitConfig, PromptConfig, load_split
 
-    split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant)
+    split = LocalSplitConfig(
+        args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant, args.engine
+    )
     options = PromptConfig(chat=True, max_new_tokens=args.max_new_tokens, sampling=sampling)
     loaded = load_split(split)
     return LocalChat(loaded, options), f"{args.model} loaded in {loaded.load_s:.1f} s"

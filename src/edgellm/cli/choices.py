@@ -7,6 +7,7 @@ every `edgellm --help`). tests/test_cli_light.py checks every mirror against its
 from __future__ import annotations
 
 HEAD_PLACEMENTS = ("device", "server")  # edgellm.model.stage.HEAD_PLACEMENTS
+ENGINES = ("fast", "generic")  # edgellm.engine.select.ENGINES
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # sorted keys of edgellm.serve.local_engine.DTYPES
 NO_QUANT = "none"  # edgellm.quant.scheme.NO_QUANT
 QUANT_SCHEMES = (  # keys of edgellm.quant.scheme.SCHEMES, in its order

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         threads=args.threads,
         cache=not args.no_cache,
+        engine=args.engine,
     )
     report = run_ppl(config)
     if args.json:
@@ -97,7 +98,9 @@ def run_task_command(args: argparse.Namespace) -> int:
     from edgellm.serve.local_engine import LocalSplitConfig
 
     config = TaskEvalConfig(
-        model=LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant),
+        model=LocalSplitConfig(
+            args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant, args.engine
+        ),
         task=args.task,
         n=args.n,
         seed=args.seed,

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from edgellm.cli.choices import DTYPE_NAMES, HEAD_PLACEMENTS, NO_QUANT, QUANT_PARTS, QUANT_SCHEMES
+from edgellm.cli.choices import DTYPE_NAMES, ENGINES, HEAD_PLACEMENTS, NO_QUANT, QUANT_PARTS, QUANT_SCHEMES
 from edgellm.errors import ConfigError
 from edgellm.store import DEFAULT_MODEL
 
@@ -60,6 +60,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="weight precision (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--engine", choices=ENGINES, default="fast",
+                        help="what runs the decoder blocks: fast (Llama, Mistral, Qwen2, Qwen3; others fall back to "
+                        "generic) or generic (transformers' block modules, the reference) (default: %(default)s)")  # fmt: skip
     add_quant_arguments(parser)
 
 
@@ -110,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
     args.prompt = read_prompt(args.prompt)
     sampling = sampling_from(args)
-    split = LocalSplitConfig(args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant)
+    split = LocalSplitConfig(
+        args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant, args.engine
+    )
     options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
     loaded = load_split(split)
     if args.json:

@@ -35,7 +35,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 
 # The code a profile's numbers depend on: what runs a stage, moves bytes, and measures. Not the planner (plan/):
 # a new optimizer reuses old measurements.
-MEASURED_CODE = ("model", "quant", "net", "split", "deploy/compute_profile.py", "deploy/profile_op.py",
+MEASURED_CODE = ("model", "engine", "quant", "net", "split", "deploy/compute_profile.py", "deploy/profile_op.py",
                  "control/profiler.py", "control/quality.py")  # fmt: skip
 
 

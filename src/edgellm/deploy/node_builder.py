@@ -110,13 +110,14 @@ def build_node(
     runtime = rss_bytes()  # the process before it loads any weight
     predicted = predict_need(config, specs, parse_quant(quant), dtype, max_context, runtime)
     check_need(name, predicted, node.memory_mb, topology.source)
-    stages = load_stages(model_dir, specs, dtype, parse_quant(quant))
+    stages = load_stages(model_dir, specs, dtype, parse_quant(quant), topology.model.engine)
     release_freed_memory()  # loading's staging buffers: RSS below is what the stages really hold
     tokenizer = load_tokenizer(model_dir) if node.role == "device" else None  # before measuring: it is resident
     ledger = ledger_after_load(name, predicted, node.memory_mb, topology.source)
     memory = NodeMemory(ledger, config, dtype, max_context, runtime, topology.source)
     limits = SessionLimits(topology.limits.max_sessions, topology.limits.idle_timeout_s, max_context)
     info = {"model": topology.model.name, "mode": topology.mode, "dtype": topology.model.dtype, "quant": quant,
+            "engine": stages[0].engine if stages else topology.model.engine,
             "max_context": max_context, "emulated": node.emulation.to_json()}  # fmt: skip
     factory = node_factory(topology, name, model_dir, int(config.num_hidden_layers), limits, memory)
     if node.role == "device":
@@ -193,7 +194,9 @@ def node_factory(
         topology,
         name,
         num_layers,
-        load=lambda specs, quants: load_stages(model_dir, specs, dtype, [parse_quant(q) for q in quants]),
+        load=lambda specs, quants: load_stages(
+            model_dir, specs, dtype, [parse_quant(q) for q in quants], topology.model.engine
+        ),
         check_memory=lambda stages: None if memory is None else memory.check_stages(stages),
         host=host,
         connect=lambda receiver, route: remote_hop(topology, name, receiver, route),

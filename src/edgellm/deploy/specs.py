@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from edgellm.deploy.presets import get_preset
+from edgellm.engine.select import ENGINES
 from edgellm.errors import ConfigError
 from edgellm.model.stage import HEAD_PLACEMENTS
 from edgellm.net.codec import CodecSpec
@@ -83,6 +84,7 @@ class ModelSpec:
     head: str = "device"
     quant: str = "none"  # every node's stages, unless the node says otherwise (edgellm.quant.scheme.parse_quant)
     embed: str = "auto"  # where the token embedding runs: auto | device (see above)
+    engine: str = "fast"  # what runs the decoder blocks: fast | generic (edgellm.engine.select)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -92,6 +94,8 @@ class ModelSpec:
             raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; choose from {list(DTYPE_NAMES)}")
         if self.head not in HEAD_PLACEMENTS:
             raise ConfigError(f"head: unknown head placement {self.head!r}; choose from {sorted(HEAD_PLACEMENTS)}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: unknown engine {self.engine!r}; choose from {list(ENGINES)}")
         if self.embed not in ("auto", "device"):
             raise ConfigError(f"embed: must be 'auto' or 'device', got {self.embed!r}")
         if self.embed == "device" and self.cuts and self.cuts[0] != 0:

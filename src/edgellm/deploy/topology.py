@@ -52,7 +52,7 @@ MODES = {
 # The schema: the keys each table may hold (anything else is an error).
 TOP_KEYS = {"model", "deployment", "nodes", "links", "control"}
 CONTROL_KEYS = {"replan", "profile", "objective", "max_ppl_increase", "hysteresis", "margin", "min_samples"}
-MODEL_KEYS = {"name", "dtype", "cuts", "head", "quant", "embed"}
+MODEL_KEYS = {"name", "dtype", "cuts", "head", "quant", "embed", "engine"}
 DEPLOYMENT_KEYS = {"route", "mode", "deadline_s", "max_sessions", "idle_timeout_s", "max_context", "tls", *TOKEN_KEYS}
 TLS_KEYS = {"cert", "key", "ca", "client_auth"}
 NODE_KEYS = {"name", "role", "address", "threads", "memory_mb", "quant", "compute_scale", "preset"}
@@ -248,9 +248,9 @@ class Topology:
 def _parse_model(t: Table) -> ModelSpec:
     name, cuts = t.string("name"), tuple(t.integers("cuts"))
     dtype, head, quant = t.string("dtype", "fp32"), t.string("head", "device"), t.string("quant", "none")
-    embed = t.string("embed", "auto")
+    embed, engine = t.string("embed", "auto"), t.string("engine", "fast")
     with t.building():
-        return ModelSpec(name, cuts, dtype, head, quant, embed)
+        return ModelSpec(name, cuts, dtype, head, quant, embed, engine)
 
 
 def _parse_node(t: Table) -> NodeSpec:

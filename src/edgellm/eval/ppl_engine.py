@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from edgellm.engine.select import DEFAULT_ENGINE, check_engine, engine_for, use_engine
 from edgellm.errors import ConfigError
 from edgellm.eval.ppl import PplConfig, codec_hop, evaluate_ppl
 from edgellm.model.arch import arch_for
@@ -52,9 +53,11 @@ class EvalConfig:
     dtype: str = "fp32"
     threads: int | None = None
     cache: bool = True
+    engine: str = DEFAULT_ENGINE
 
     def __post_init__(self) -> None:
         check_placement(self.head, self.dtype, self.threads)
+        check_engine(self.engine)
         parse_codec(self.act_codec)  # a bad codec fails now, before the model loads
 
     @property
@@ -79,9 +82,10 @@ def load_eval_stages(model_dir: Path, config: EvalConfig, model_config: Any) -> 
     dtype = DTYPES[config.dtype]
     with Phase("load model", log=log) as phase:
         if config.quant is None:
-            stages = load_stages(model_dir, specs, dtype)
+            stages = load_stages(model_dir, specs, dtype, engine=config.engine)
         else:
             stages = [load_or_quantize(model_dir, spec, config.quant, dtype, cache=config.cache) for spec in specs]
+            use_engine(stages, model_config.model_type, config.engine)
         quant = config.quant.text if config.quant is not None else config.dtype
         phase.summary = f"{len(stages)} stage{'s' if len(stages) != 1 else ''} ({quant})"
     return stages
@@ -118,6 +122,7 @@ def run_ppl(config: EvalConfig) -> dict[str, Any]:
         "ctx": config.window.ctx,
         "stride": config.window.step,
         "quant": config.quant.text if config.quant else "none",
+        "engine": engine_for(model_config.model_type, config.engine),
         "act_codec": config.act_codec,
         "cuts": list(config.cuts),
         "head": config.head,

@@ -7,9 +7,9 @@ that runs on the device (U-shaped split), so neither the raw text nor the output
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -193,6 +193,8 @@ class Stage(nn.Module):
         self.rotary = parts.get("rotary")
         self.norm = parts.get("norm")
         self.head = parts.get("head")
+        self.engine = "generic"  # which code runs the blocks: `edgellm.engine.select.use_engine` may change it
+        self.prepare_rotary: Callable[[Any], Any] | None = None  # the engine's form of (cos, sin), once per pass
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,6 +249,8 @@ class Stage(nn.Module):
         else:
             mask = attention_mask(cache.begin(token_mask), past=cache.length)
         rotary = self.rotary(h, positions) if self.rotary is not None else None
+        if rotary is not None and self.prepare_rotary is not None:
+            rotary = self.prepare_rotary(rotary)
         try:
             for block in self.blocks:
                 h = self.call(block, h, mask, rotary, positions, cache)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from edgellm.engine.select import DEFAULT_ENGINE, check_engine
 from edgellm.errors import ConfigError
 from edgellm.model.arch import arch_for
 from edgellm.model.prompt import TextStream, encode_messages, encode_prompt, stop_ids
@@ -53,10 +54,12 @@ class LocalSplitConfig:
     dtype: str = "fp32"
     threads: int | None = None
     quant: str = "none"  # SCHEME[,PATTERN=SCHEME...] for every stage, see edgellm.quant.scheme.parse_quant
+    engine: str = DEFAULT_ENGINE  # what runs the blocks (edgellm.engine.select): fast, or generic
 
     def __post_init__(self) -> None:
         check_placement(self.head, self.dtype, self.threads)
         parse_quant(self.quant)  # an unknown scheme fails before the model loads
+        check_engine(self.engine)
 
 
 @dataclass
@@ -81,7 +84,7 @@ def load_split(config: LocalSplitConfig) -> LoadedSplit:
     specs = stage_specs(int(model_config.num_hidden_layers), config.cuts, config.head)
     tokenizer = load_tokenizer(model_dir)  # before the weights: a missing tokenizer should fail in seconds
     with Phase("load model", log=log) as phase:
-        stages = load_stages(model_dir, specs, DTYPES[config.dtype], parse_quant(config.quant))
+        stages = load_stages(model_dir, specs, DTYPES[config.dtype], parse_quant(config.quant), config.engine)
         phase.summary = f"{config.model}, {len(stages)} stage(s), {config.dtype}, quant {config.quant}"
     return LoadedSplit(config, model_config, tokenizer, stages, time.perf_counter() - start)
 
@@ -135,6 +138,7 @@ def generate_ids(
         "head": loaded.config.head,
         "dtype": loaded.config.dtype,
         "quant": loaded.config.quant,
+        "engine": loaded.stages[0].engine,  # the one running: fast falls back to generic where it has no blocks
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_ids,
         "new_tokens": new_tokens,

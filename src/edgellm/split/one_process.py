@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from edgellm.engine.select import DEFAULT_ENGINE, check_engine, use_engine
 from edgellm.errors import ConfigError
 from edgellm.model.build import build_stages
 from edgellm.model.stage import Stage, StageSpec
@@ -23,23 +24,29 @@ def load_stages(
     specs: Sequence[StageSpec],
     dtype: torch.dtype = torch.float32,
     quant: QuantConfig | Sequence[QuantConfig | None] | None = None,
+    engine: str = DEFAULT_ENGINE,
 ) -> list[Stage]:
     """Build the stages `specs` of the model in `model_dir`, reading only their weights.
 
     `quant` quantizes every stage (one `QuantConfig`) or each its own (one per spec, None = floating point);
-    quantized stages are cached on disk on first use and loaded from there afterwards.
+    quantized stages are cached on disk on first use and loaded from there afterwards. `engine` runs their
+    blocks (`edgellm.engine.select`: `fast` where the architecture has it, else `generic`).
     """
+    check_engine(engine)
     quants = list(quant) if isinstance(quant, Sequence) else [quant] * len(specs)
     if len(quants) != len(specs):
         raise ConfigError(f"{len(quants)} quantization configs for {len(specs)} stages")
+    config = load_config(model_dir)
     if all(q is None for q in quants):
-        config = load_config(model_dir)
         with SafetensorsSource(model_dir) as tensors:
-            return build_stages(config, specs, tensors, dtype)
-    return [
-        load_stages(model_dir, [spec], dtype)[0] if q is None else load_or_quantize(model_dir, spec, q, dtype)
-        for spec, q in zip(specs, quants)
-    ]
+            stages = build_stages(config, specs, tensors, dtype)
+    else:
+        stages = [
+            load_stages(model_dir, [spec], dtype)[0] if q is None else load_or_quantize(model_dir, spec, q, dtype)
+            for spec, q in zip(specs, quants)
+        ]
+    use_engine(stages, config.model_type, engine)
+    return stages
 
 
 def stage_label(spec: StageSpec) -> str:

@@ -196,7 +196,7 @@ def _device_side(topology: Topology, model_dir: Path, num_layers: int) -> tuple[
     name = topology.device.name
     specs = [spec for owner, spec in topology.stage_assignment(num_layers) if owner == name]
     quant: QuantConfig | None = parse_quant(topology.device.quant or topology.model.quant)
-    stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype], quant)
+    stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype], quant, topology.model.engine)
     servers = [n.name for n in topology.servers]
     if not servers:
         return stages, []

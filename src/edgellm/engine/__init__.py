@@ -1,0 +1,1 @@
+"""The fast engine: decoder blocks run with as little Python per token as the math allows (Llama family)."""
