@@ -88,7 +88,8 @@ def test_demo_without_matplotlib_skips_the_chart_in_one_line(
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own handlers
     chart = tmp_path / "chart.png"
 
-    code = main(["demo", "--chart", str(chart), *(["--json"] if json_output else [])])
+    # --plan manual: the patched run_demo; the planned story would start real nodes (a minute, not this test)
+    code = main(["demo", "--plan", "manual", "--chart", str(chart), *(["--json"] if json_output else [])])
 
     out, err = capsys.readouterr()
     assert code == 0
