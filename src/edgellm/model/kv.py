@@ -7,13 +7,27 @@ that fails half-way leaves the cache exactly as it was.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from edgellm.errors import ConfigError
 
 MIN_CAPACITY = 64
+
+
+class RowsCache(Protocol):
+    """A cache whose rows each continue their own session at their own length (`edgellm.engine.slots`)."""
+
+    def begin_attention(self, token_mask: torch.Tensor) -> torch.Tensor: ...  # [B, S] -> mask [B, 1, S, T]
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
 
 
 def capacity_for(length: int) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgellm.errors import ConfigError
 from edgellm.model.arch import BlockCall
-from edgellm.model.kv import KVCache
+from edgellm.model.kv import KVCache, RowsCache
 
 HeadPlacement = Literal["device", "server"]
 HEAD_PLACEMENTS: tuple[HeadPlacement, ...] = ("device", "server")
@@ -208,7 +208,7 @@ class Stage(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | RowsCache | None = None,
         token_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
@@ -240,14 +240,20 @@ class Stage(nn.Module):
         return h
 
     def _run_blocks(
-        self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, token_mask: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | RowsCache | None,
+        token_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         if token_mask is None:
             token_mask = torch.ones(h.shape[:2], dtype=torch.bool)
         if cache is None:
             mask = attention_mask(token_mask, past=0)
-        else:
+        elif isinstance(cache, KVCache):
             mask = attention_mask(cache.begin(token_mask), past=cache.length)
+        else:  # rows of a slot cache (edgellm.engine.slots), each at its own length
+            mask = cache.begin_attention(token_mask)
         rotary = self.rotary(h, positions) if self.rotary is not None else None
         if rotary is not None and self.prepare_rotary is not None:
             rotary = self.prepare_rotary(rotary)
