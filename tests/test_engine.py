@@ -85,10 +85,11 @@ def test_fast_equals_generic_on_quantized_weights(tiny_llama_dir, quant):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("quant", [None, "int4-g32,head=int8,embed=int8"])
+@pytest.mark.parametrize("quant", [None, "int4-g32,head=int8"])
 def test_real_model_fast_equals_generic(real_model_dir, quant):
     scheme = parse_quant(quant) if quant else None
-    specs = stage_specs(30, [10, 20], "device")
+    # cut in fp32; whole at 4-bit, the stage file README's 4-bit example (tests/test_doc_examples.py) caches too
+    specs = stage_specs(30, [10, 20] if quant is None else [], "device")
     fast = load_stages(real_model_dir, specs, quant=scheme)
     generic = load_stages(real_model_dir, specs, quant=scheme, engine="generic")
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_LAYERS, reference_model
-from edgellm.model.stage import stage_specs
+from edgellm.model.stage import Stage, StageSpec, stage_specs
 from edgellm.split.generator import positions_for
 from edgellm.split.one_process import load_stages
 
@@ -149,18 +149,36 @@ def test_stage_loads_only_its_layers(tiny_llama_dir):
     assert not any("embed" in n or "lm_head" in n for n in names)
 
 
+def _merged(parts: list[Stage], spec: StageSpec) -> Stage:
+    """One stage holding `spec`, made of the (already loaded) modules of consecutive stages `parts`."""
+    first, last = parts[0], parts[-1]
+    modules = {"embed": first.embed, "rotary": next((p.rotary for p in parts if p.rotary is not None), None),
+               "norm": last.norm, "head": last.head,
+               "blocks": torch.nn.ModuleList(b for p in parts for b in p.blocks)}  # fmt: skip
+    stage = Stage(spec, first.call, {k: v for k, v in modules.items() if v is not None}, first.dims)
+    stage.call, stage.prepare_rotary, stage.engine = first.call, first.prepare_rotary, first.engine
+    return stage
+
+
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_model_every_single_cut_both_heads(real_model_dir):
+    """Loads the model once per head side, cut after every layer, and runs each single cut as two stages made of
+    those layers (loading only a stage's own weights is `test_stage_loads_only_its_layers`)."""
     ref = reference_model(real_model_dir)
     prompt = torch.tensor([[1, 504, 3045, 314, 253, 1345, 28, 9, 3575, 282, 4649]])
-    want = reference_run(ref, prompt)
+    steps = 10
+    want = reference_run(ref, prompt, steps=steps)
     del ref
     layers = 30
     for head in ("server", "device"):
+        pieces = load_stages(real_model_dir, stage_specs(layers, list(range(1, layers)), head))  # one per layer
         for cut in range(1, layers):
-            stages = load_stages(real_model_dir, stage_specs(layers, [cut], head))
-            assert_same_run(staged_run(stages, prompt), want)
+            specs = stage_specs(layers, [cut], head)
+            stages = [_merged(pieces[:cut], specs[0]), _merged(pieces[cut:layers], specs[1])]
+            if head == "device":
+                stages.append(pieces[-1])  # the head-only stage
+            assert_same_run(staged_run(stages, prompt, steps=steps), want)
 
 
 @pytest.mark.slow
