@@ -33,16 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from decode import Row, Run, measure, paired, start_llamacpp
+from decode import Row, StagedEngine, measure, paired, start_llamacpp
 from record import Recorder, add_omp_argument, add_record_arguments, format_target, machine_info, summary, target_record
 from report import PROMPT, ci_caption, markdown_table, with_ci
 
 from edgellm.model.prompt import encode_prompt
-from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import stage_specs
 from edgellm.quant.scheme import parse_quant
-from edgellm.split.generator import GenerationConfig, Generator
-from edgellm.split.one_process import load_stages, local_pipeline
+from edgellm.split.one_process import load_stages
 from edgellm.store import DEFAULT_MODEL, resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 
@@ -50,20 +48,13 @@ SCHEMES = ("none", "int8", "int4-g32,head=int8,embed=int8")
 TARGETS = {"int4-g32,head=int8,embed=int8": 1.0, "int8": 0.8}  # fast decode / llama.cpp q4_1 decode
 
 
-class SchemeEngine:
+class SchemeEngine(StagedEngine):
     """The whole model as one stage at a weight scheme, run by one engine and the library's Generator."""
 
     def __init__(self, model_dir: Path, quant: str, engine: str) -> None:
         specs = stage_specs(int(load_config(model_dir).num_hidden_layers), (), "server")
         self.stages = load_stages(model_dir, specs, torch.float32, parse_quant(quant), engine)
         self.info = {"engine": self.stages[0].engine, "quant": quant}
-
-    def run(self, prompt_ids: list[int], new_tokens: int) -> Run:
-        config = GenerationConfig(new_tokens, SamplingConfig(greedy=True), stop_ids=())
-        generator = Generator(local_pipeline(self.stages), config)
-        with torch.inference_mode():
-            result = generator.run(torch.tensor([prompt_ids]))
-        return Run(result.new_tokens[0], result.ttft_ms, result.decode_ms)
 
 
 def plan_rows(args: argparse.Namespace, model_dir: Path, notes: list[str]) -> tuple[list[Row], list[dict[str, str]]]:
