@@ -227,6 +227,7 @@ def test_check_passes_a_healthy_deployment(nodes, capsys):
     report = json.loads(out[0])
     assert code == 0 and report["ok"] and [h["ok"] for h in report["hops"]] == [True, True]
     assert report["nodes"][0]["memory"]["max_context"] == 128 and report["nodes"][1]["layers"] == [[1, 3, False, False]]
+    assert all(n["info"]["memory"]["rss_mb"] > 10 for n in report["nodes"])  # the device reports its RSS too
 
 
 @pytest.mark.multiprocess

@@ -18,6 +18,7 @@ from edgellm.model.stage import StageSpec
 from edgellm.serve.conversation import Message, parse_messages
 from edgellm.serve.migration import LiveMigration, local_compute, migration_rows, run_traces
 from edgellm.serve.report import link_report, node_compute, timing_report
+from edgellm.split.budget import rss_bytes, to_mb
 from edgellm.split.control import Field, link_profiles, node_ops
 from edgellm.split.generator import BetweenSteps, GenerationConfig, Generator
 from edgellm.split.layout import Layout
@@ -145,6 +146,7 @@ class DeviceEngine:
             "role": "device",
             "layout": self._layout_json(),
             "link_emulation": link_profiles(self._linked_hops()),
+            "memory": {"rss_mb": to_mb(rss_bytes()), "budget_mb": (self._info.get("emulated") or {}).get("memory_mb")},
         }
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
