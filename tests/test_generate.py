@@ -267,6 +267,38 @@ def test_host_serves_correctly_after_errors(stages):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("last_only", [False, True])
+def test_a_long_prompt_runs_in_chunks_equal_to_one_pass_and_a_failed_chunk_changes_nothing(stages, last_only):
+    ids, mask = pad_prompts([[1, *range(5, 16)], [1, 30, 12, 88, 4]], PAD_ID)  # [2, 12], left-padded
+    positions = positions_for(mask)
+    whole, chunked = (
+        StageHost(stages[0], SessionLimits(prefill_chunk=None)),
+        StageHost(stages[0], SessionLimits(prefill_chunk=5)),
+    )  # 12 tokens: passes of 5, 5 and 2
+    for host in (whole, chunked):
+        host.forward(ForwardRequest("s", ids, positions, mask, new_session=True))
+    want = whole.forward(ForwardRequest("s", ids[:, :1], positions[:, -1:] + 1)).output
+    got = chunked.forward(ForwardRequest("s", ids[:, :1], positions[:, -1:] + 1)).output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # the chunked prefill filled the same cache
+
+    head = StageHost(stages[-1], SessionLimits(prefill_chunk=5))  # the device's head-only stage
+    hidden = stages[2](stages[1](stages[0](ids, positions, None, mask), positions, None, mask), positions, None, mask)
+    out = head.forward(ForwardRequest("h", hidden, positions, mask, new_session=True, last_only=last_only)).output
+    assert out.shape[1] == (1 if last_only else 12)
+    torch.testing.assert_close(out, stages[-1](hidden, positions, None, mask, last_only), atol=1e-5, rtol=0)
+
+    middle = StageHost(stages[1], SessionLimits(prefill_chunk=5))
+    middle.forward(ForwardRequest("m", hidden[:, :2], positions[:, :2], mask[:, :2], new_session=True))
+    bad_positions = torch.cat([positions[:, 2:7], torch.full((2, 5), 10_000)], 1)  # the second pass fails
+    with pytest.raises(ConfigError, match="exceeds this model's limit"):
+        middle.forward(ForwardRequest("m", hidden[:, 2:12], bad_positions, mask[:, 2:12]))
+    assert middle._sessions["m"].cache.length == 2  # the first pass of the failed request was undone
+    fresh = StageHost(stages[1], SessionLimits(prefill_chunk=5))
+    with pytest.raises(ConfigError):
+        fresh.forward(ForwardRequest("f", hidden[:, :10], bad_positions, mask[:, :10], new_session=True))
+    assert fresh._sessions["f"].cache.length == 0 and fresh._sessions["f"].cache.batch_size is None
+
+
 # --- prompts and text ---------------------------------------------------------------------------------------
 
 

@@ -18,18 +18,23 @@ from edgellm.split.budget import NodeEmulation, StageMemory
 
 log = logging.getLogger(__name__)
 
+PREFILL_CHUNK = 512  # tokens per forward pass of a long prompt (docs/BENCHMARKS.md: the TTFT it costs)
+
 
 @dataclass(frozen=True)
 class SessionLimits:
     """How many sessions a host keeps, for how long an idle one survives, and how long one may grow.
 
     `max_context` (tokens; None = the model's own limit) is what each session's KV cache is reserved for in the
-    node's memory budget, so no request may reach a position past it.
+    node's memory budget, so no request may reach a position past it. `prefill_chunk` (tokens; None = whole)
+    bounds one forward pass: a longer prompt runs as consecutive passes over the session's cache, so its
+    activations never exceed those of `prefill_chunk` tokens.
     """
 
     max_sessions: int = 64
     idle_timeout_s: float = 600.0
     max_context: int | None = None
+    prefill_chunk: int | None = PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -38,6 +43,8 @@ class SessionLimits:
             raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
         if self.max_context is not None and self.max_context < 1:
             raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
 
 @dataclass
@@ -107,9 +114,7 @@ class StageHost:
             session = self._session_for(request, now)
             start = time.perf_counter()
             with torch.inference_mode():
-                output = self.stage(
-                    request.data, request.positions, session.cache, request.token_mask, request.last_only
-                )
+                output = self._run(request, session.cache)
                 if request.argmax and self.stage.spec.head:
                     output = output[:, -1:].argmax(dim=-1)  # [B, 1, V] -> [B, 1] token ids
             measured_s = time.perf_counter() - start
@@ -118,6 +123,29 @@ class StageHost:
                 time.sleep((scale - 1.0) * measured_s)
             session.last_used = self._clock()
             return ForwardReply(output=output, compute_ms=scale * measured_s * 1e3)
+
+    def _run(self, request: ForwardRequest, cache: KVCache) -> torch.Tensor:
+        """The stage on the request's tokens, in passes of at most `prefill_chunk` tokens; a failed pass leaves
+        the cache as it was before the first."""
+        data, positions, mask = request.data, request.positions, request.token_mask
+        chunk, new = self.limits.prefill_chunk, int(data.shape[1])
+        if chunk is None or new <= chunk:
+            return self.stage(data, positions, cache, mask, request.last_only)
+        start, outputs = cache.length, []
+        try:
+            for a in range(0, new, chunk):
+                last = a + chunk >= new
+                part = slice(a, a + chunk)
+                out = self.stage(data[:, part], positions[:, part], cache, None if mask is None else mask[:, part],
+                                 request.last_only)  # fmt: skip
+                if last or not (self.stage.spec.head and request.last_only):  # else: a row of logits not asked for
+                    outputs.append(out)
+        except BaseException:
+            cache.truncate(start)
+            if start == 0:
+                cache.rollback()  # an empty cache forgets the batch size too
+            raise
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def close(self, request: CloseSession) -> None:
         """Drop a session; closing an unknown session is not an error (it may have expired)."""
