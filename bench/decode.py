@@ -194,6 +194,7 @@ class LlamaCppEngine:
         except BrokenPipeError:
             pass  # it died; _read says how
         reply = self._read()
+        self.info["peak_rss_mb"] = reply.get("peak_rss_mb")  # the worker's, so far
         return Run(reply["tokens"], reply["ttft_ms"], reply["decode_ms"])
 
     def close(self) -> None:

@@ -8,7 +8,8 @@ advertises AMX in CPUID but does not enable its tile state (no "AMX Tile data" X
 weight repacking), at some cost in speed.
 
 Usage: llamacpp_worker.py GGUF THREADS N_CTX [--no-extra-bufts]. Prints {"ready": ...} once loaded, then for
-every stdin line {"prompt_ids": [...], "tokens": N} one stdout line {"tokens", "ttft_ms", "decode_ms"}; it
+every stdin line {"prompt_ids": [...], "tokens": N} one stdout line {"tokens", "ttft_ms", "decode_ms",
+"peak_rss_mb"} (the worker's peak resident set size so far, VmHWM, in 10^6 bytes: llama.cpp's memory); it
 generates greedily with `Llama.eval` and `Llama.sample(temp=0)` and does not stop at end-of-sequence.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -38,6 +40,18 @@ def load(gguf: str, threads: int, n_ctx: int, extra_bufts: bool) -> Any:
     return llm, llama_cpp.__version__
 
 
+def peak_rss_mb() -> float | None:
+    """This worker's peak RSS so far in MB (10^6 bytes): VmHWM, not ru_maxrss, which Linux carries over from the
+    benchmark process across fork and exec (bench/bandwidth.py's `peak_rss_mb`, without its torch import)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / 1e6, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def generate(llm: Any, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
     llm.reset()  # forget the previous run's tokens; eval() then drops their KV entries
     start = time.perf_counter()
@@ -50,7 +64,12 @@ def generate(llm: Any, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]
         token = llm.sample(temp=0.0, repeat_penalty=1.0)
         tokens.append(int(token))
     end = time.perf_counter()
-    return {"tokens": tokens, "ttft_ms": (first - start) * 1e3, "decode_ms": (end - first) * 1e3}
+    return {
+        "tokens": tokens,
+        "ttft_ms": (first - start) * 1e3,
+        "decode_ms": (end - first) * 1e3,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def main(argv: list[str]) -> int:

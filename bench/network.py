@@ -8,7 +8,9 @@ its device node, greedily, from the same chat prompt. TTFT and decode tok/s are 
 a) process split: device + 2 edge nodes in a chain (cuts at L/3 and 2L/3: 10,20 for the default model), head
    on the device, link profile `none`, codec `none`; against the same cuts in this process (the engine of
    `edgellm generate`), same threads. One warm-up each, then `--repeats` runs taking turns (ABBA); medians with
-   their confidence intervals, and the median of the per-repeat ratios with its interval.
+   their confidence intervals, and the median of the per-repeat ratios with its interval. Memory: each node's
+   peak RSS (the device report's `nodes[*].memory.peak_rss_mb`, VmHWM), largest over the runs, and
+   this process's (the one-process row) with its peak. Part a alone: `--skip-codecs --skip-profiles`.
 b) bytes on the wire per decoded token, per link and direction, for each codec in `--codecs` (a deployment
    per codec, profile `none`, `--codec-repeats` runs of `--short-tokens` back to back: bytes do not depend on
    the machine's load): the device report's `links[*].bytes_up_per_token` and `bytes_down_per_token`, whole
@@ -53,6 +55,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bandwidth import peak_rss_mb
 from record import (
     NODE_OMP_WAIT_POLICY,
     OMP_POLICIES,
@@ -80,6 +83,7 @@ from edgellm.net.codec import bytes_per_token, parse_codec
 from edgellm.net.link import PROFILES
 from edgellm.net.rpc import RemoteHop
 from edgellm.serve.local_engine import LocalSplitConfig, PromptConfig, generate_text, load_split
+from edgellm.split.budget import rss_bytes, to_mb
 from edgellm.store import DEFAULT_MODEL, resolve_model
 from edgellm.store.weights import load_config
 
@@ -208,7 +212,27 @@ def timing(report: dict[str, Any], stamp: dict[str, Any], repeat: int) -> dict[s
         "new_tokens": report["new_tokens"],
         "links": report.get("links", []),
         "breakdown_ms_per_token": per_token_breakdown(_with_nodes(report)),
+        "rss_mb": node_rss_mb(report),
     }
+
+
+def node_rss_mb(report: dict[str, Any]) -> dict[str, float | None]:
+    """Each node's peak RSS so far, as its report gives it (the device asks every server's Info; RSS at the end
+    of the generation from a node too old to report its peak); an in-process report has no nodes: this
+    process's RSS now."""
+    if "nodes" not in report:
+        return {"this process": to_mb(rss_bytes())}
+    memory = [(n["name"], n.get("memory") or {}) for n in report["nodes"]]
+    return {name: m.get("peak_rss_mb", m.get("rss_mb")) for name, m in memory}
+
+
+def max_rss_mb(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per node, the largest RSS its runs reported (None where it reported none)."""
+    out: dict[str, float | None] = {}
+    for run in runs:
+        for node, mb in run.get("rss_mb", {}).items():
+            out[node] = mb if out.get(node) is None else max(out[node] or 0.0, mb or 0.0)
+    return out
 
 
 def measure(generate: Generate, max_new_tokens: int, repeat: int) -> dict[str, Any]:
@@ -285,6 +309,9 @@ def part_process(bench: Bench, results: dict[str, Any]) -> None:
             target_record("decode tok/s 3 processes / 1 process", PROCESS_TARGET, decode, higher_is_better=True)
         ],
         "same_tokens": same_prefix(remote_runs[-1]["new_tokens"], local_runs[-1]["new_tokens"]),
+        # RSS at the end of each generation, largest over the runs; the nodes report no peak (VmHWM) yet.
+        "rss_mb": {"three_processes": max_rss_mb(remote_runs), "one_process": max_rss_mb(local_runs)},
+        "one_process_peak_rss_mb": peak_rss_mb(),  # this process (the one-process row's weights) so far
     }
     results["codec_runs"]["none"] = {"profile": "none", "runs": remote_runs}
 
@@ -406,6 +433,9 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         )
         for target in p["targets"]:
             print(format_target(target))
+        rss = ", ".join(f"{node} {mb}" for node, mb in p["rss_mb"]["three_processes"].items())
+        print(f"RSS MB at the end of a generation, largest of the runs: 3 processes: {rss}; 1 process: "
+              f"{p['rss_mb']['one_process'].get('this process')} (peak {p['one_process_peak_rss_mb']})")  # fmt: skip
     if "codecs" in results:
         c = results["codecs"]
         print(

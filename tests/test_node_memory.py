@@ -211,6 +211,7 @@ def test_info_reports_memory_and_emulation(model_dir, stage):
     assert info["emulated"] == {"compute_scale": 4.0, "memory_mb": budget_mb, "preset": "phone"}
     memory = info["memory"]
     assert memory["budget_mb"] == budget_mb and memory["sessions"] == 1 and memory["rss_mb"] > 10
+    assert memory["peak_rss_mb"] >= memory["rss_mb"]
     assert memory["kv_reserved_mb"] == round(session_kv_bytes(config, 2, 64, torch.float32) / MB, 1)
     assert memory["weights_mb"] == round(stage_memory(stage).weight_bytes / MB, 1)
     plain = StageServer("edge2", StageHost(stage)).info()

@@ -146,7 +146,11 @@ class DeviceEngine:
             "role": "device",
             "layout": self._layout_json(),
             "link_emulation": link_profiles(self._linked_hops()),
-            "memory": {"rss_mb": to_mb(rss_bytes()), "budget_mb": (self._info.get("emulated") or {}).get("memory_mb")},
+            "memory": {
+                "rss_mb": to_mb(rss_bytes()),
+                "peak_rss_mb": to_mb(rss_bytes("VmHWM")),
+                "budget_mb": (self._info.get("emulated") or {}).get("memory_mb"),
+            },  # fmt: skip
         }
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:

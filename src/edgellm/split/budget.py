@@ -27,15 +27,16 @@ from edgellm.errors import BusyError, ConfigError
 MB = 1_000_000  # memory_mb counts in 10^6 bytes, as the topology file does
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now, in bytes.
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Resident set size of this process now (`VmRSS`) or its peak so far (`VmHWM`), in bytes.
 
-    Reads `VmRSS` from /proc/self/status (Linux). Where /proc is absent it falls back to the peak RSS of
-    `resource.getrusage` (kilobytes on Linux, bytes on macOS), which can only overstate the current size.
+    Reads /proc/self/status (Linux). Where /proc is absent it falls back to the peak RSS of `resource.getrusage`
+    (kilobytes on Linux, bytes on macOS), which can only overstate the current size. (`getrusage` is not used on
+    Linux for the peak either: a child process starts with its parent's.)
     """
     try:
         for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024  # "VmRSS:   773660 kB"
     except (OSError, ValueError, IndexError):
         pass
@@ -162,6 +163,7 @@ class MemoryLedger:
         reserved, sessions = self.reserved_bytes, self.sessions
         return {
             "rss_mb": to_mb(rss_bytes()),
+            "peak_rss_mb": to_mb(rss_bytes("VmHWM")),
             "budget_mb": None if self.budget_bytes is None else self.budget_bytes // MB,
             "baseline_mb": to_mb(self.baseline_bytes),
             "weights_mb": to_mb(self.weight_bytes),

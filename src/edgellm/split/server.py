@@ -230,7 +230,11 @@ def host_memory(host: StageHost) -> dict[str, Any]:
     """The node's measured RSS against its budget (`MemoryLedger.report`); RSS alone when the host has no ledger."""
     if host.memory is not None:
         return host.memory.ledger.report()
-    return {"rss_mb": to_mb(rss_bytes()), "budget_mb": host.emulation.memory_mb}
+    return {
+        "rss_mb": to_mb(rss_bytes()),
+        "peak_rss_mb": to_mb(rss_bytes("VmHWM")),
+        "budget_mb": host.emulation.memory_mb,
+    }
 
 
 class InProcessServer:
