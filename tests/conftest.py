@@ -21,11 +21,13 @@ def tiny_config(model_type: str):
     """A 4-layer config of `model_type`, small enough to run in milliseconds."""
     from transformers import AutoConfig
 
-    common = dict(vocab_size=97, tie_word_embeddings=model_type in ("qwen2", "gpt2"))
+    common = dict(vocab_size=97, tie_word_embeddings=model_type in ("qwen2", "gpt2", "gemma3_text"))
     if model_type == "gpt2":
         return AutoConfig.for_model(
             "gpt2", n_embd=32, n_layer=TINY_LAYERS, n_head=4, n_positions=128, eos_token_id=3, bos_token_id=1, **common
         )
+    if model_type in EXTRA_CONFIGS:
+        return AutoConfig.for_model(model_type, **_common_dims(), **EXTRA_CONFIGS[model_type], **common)
     extra = {"sliding_window": None} if model_type == "mistral" else {}
     if model_type == "qwen3":
         extra["head_dim"] = 8
@@ -44,6 +46,45 @@ def tiny_config(model_type: str):
     )
 
 
+def _common_dims() -> dict:
+    return dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=3, bos_token_id=1,
+    )  # fmt: skip
+
+
+# Architectures with their own tests (tests/test_gemma3_phi3*.py), each config exercising what sets
+# it apart: a sliding window of 4 tokens on 3 of 4 layers, local and global rotary tables, a query scale that is not
+# head_dim, a final logit softcap that bites (Gemma 3); a partial rotary of 3/4 of each head as Phi-4-mini's,
+# longrope with short factors that differ from 1 and long ones from position 16, a window of 8 on every layer.
+EXTRA_CONFIGS = {
+    "gemma3_text": dict(
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=12,
+        final_logit_softcapping=3.0,
+        pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
+    "phi3": dict(
+        sliding_window=8,
+        pad_token_id=0,
+        original_max_position_embeddings=16,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.3, 2.0],
+            "long_factor": [1.5, 3.0, 7.0],
+        },
+    ),
+}
+
+
 def make_tiny_model(model_type: str, directory: Path) -> Path:
     """Save a seeded random model of `model_type` to `directory`, as `save_pretrained` lays it out."""
     from transformers import AutoModelForCausalLM
@@ -54,6 +95,8 @@ def make_tiny_model(model_type: str, directory: Path) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
+            elif model_type in EXTRA_CONFIGS:  # norm weights too, so a norm applied wrongly shows
+                p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(directory)
     return directory
 
@@ -61,6 +104,16 @@ def make_tiny_model(model_type: str, directory: Path) -> Path:
 @pytest.fixture(scope="session", params=TINY_ARCHS)
 def tiny_model_dir(request, tmp_path_factory) -> Path:
     return make_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    return make_tiny_model("gemma3_text", tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(tmp_path_factory) -> Path:
+    return make_tiny_model("phi3", tmp_path_factory.mktemp("tiny-phi3"))
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,9 @@ QUANT_SCHEMES = (  # keys of edgellm.quant.scheme.SCHEMES, in its order
 )
 QUANT_PARTS = ("attn", "embed", "head", "mlp")  # sorted keys of edgellm.quant.scheme.PART_PATTERNS
 CODECS = ("none", "fp16", "bf16", "int8", "int8mu")  # edgellm.net.codec.CODECS
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # LoraSpec's default
+LORA_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"
+)  # fmt: skip  # LoraSpec's default
 SHARE_MODES = ("per-client", "shared")  # sorted keys of edgellm.splitlearn.settings.SHARE_MODES
 DEMO_PROMPT = "Explain in two sentences why running a language model at the network edge reduces latency."
 # ^ edgellm.deploy.demo_scenarios.DEFAULT_PROMPT

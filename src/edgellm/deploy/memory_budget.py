@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from edgellm.errors import ConfigError, PeerError
-from edgellm.model.arch import max_positions, sliding_window
+from edgellm.model.arch import max_positions
 from edgellm.model.build import meta_stages
 from edgellm.model.kv import capacity_for
 from edgellm.model.stage import Stage, StageSpec
@@ -42,12 +42,10 @@ HIDDEN_COPIES = 7  # residual, normed input, q/k/v/attention output and o_proj o
 
 
 def effective_max_context(requested: int, model_config: Any) -> int:
-    """`deployment.max_context`, clamped to the model's own limit (its position embeddings, or its sliding
-    window if smaller): the default 2048 must work with a model of 1024 positions, so a larger value is lowered,
-    with a log line, rather than refused."""
+    """`deployment.max_context`, clamped to the model's own limit (its position embeddings; a sliding window
+    limits nothing, stages mask it): the default 2048 must work with a model of 1024 positions, so a larger value
+    is lowered, with a log line, rather than refused."""
     limit = max_positions(model_config)
-    window = sliding_window(model_config)
-    limit = min(limit, window) if window else limit
     if requested > limit:
         log.info("max_context %d is past the model's limit of %d tokens; using %d", requested, limit, limit)
         return limit

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edgellm.engine.fuse import Fused, fuse
 from edgellm.model.kv import KVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -46,10 +47,38 @@ def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    # x: [B, H, S, Dh]
+def rotate(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """The rotary embedding applied to queries or keys: x: [B, H, S, Dh], rotary from `prepare_rotary` -> same."""
     cos, signed_sin = rotary
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One SDPA call on grouped heads; plain causal where there is no mask and no cache before the queries.
+
+    q: [B, H, S, Dh], k, v: [B, H_kv, T, Dh], mask: [B, 1, S, T] bool | None -> [B, S, H * Dh]
+    """
+    batch, _, seq, _ = q.shape
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1 and k.shape[2] == seq,
+        scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )  # fmt: skip
+    return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+def pack_block(block: Any) -> None:
+    """Fuse the block's q/k/v and gate/up projections where that is exact (`edgellm.engine.fuse`); once, when the
+    fast engine takes a stage. The fused modules live outside the block's state dict."""
+    attn, mlp = block.self_attn, block.mlp
+    block.__dict__["_edgellm_fused"] = (
+        fuse((attn.q_proj, attn.k_proj, attn.v_proj)), fuse((mlp.gate_proj, mlp.up_proj))
+    )  # fmt: skip
+
+
+def project(fused: Fused | None, projections: tuple[Any, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each projection of x: through the fused module where `pack_block` made one, else one by one."""
+    out = fused(projections, x) if fused is not None else None
+    return out if out is not None else tuple(p(x) for p in projections)
 
 
 def llama_block(
@@ -67,20 +96,18 @@ def llama_block(
     attn, mlp = block.self_attn, block.mlp
     batch, seq, _ = hidden.shape
     head_dim = attn.head_dim
+    fused_qkv, fused_gate_up = block.__dict__.get("_edgellm_fused", (None, None))
     x = rms_norm(block.input_layernorm, hidden)
-    q = attn.q_proj(x).view(batch, seq, -1, head_dim)
-    k = attn.k_proj(x).view(batch, seq, -1, head_dim)
-    v = attn.v_proj(x).view(batch, seq, -1, head_dim).transpose(1, 2)
+    q, k, v = project(fused_qkv, (attn.q_proj, attn.k_proj, attn.v_proj), x)
+    q, k = q.view(batch, seq, -1, head_dim), k.view(batch, seq, -1, head_dim)
+    v = v.view(batch, seq, -1, head_dim).transpose(1, 2)
     q_norm = getattr(attn, "q_norm", None)
     if q_norm is not None:  # Qwen3: RMSNorm over each head before the rotation
         q, k = rms_norm(q_norm, q), rms_norm(attn.k_norm, k)
-    q, k = _rotate(q.transpose(1, 2), rotary), _rotate(k.transpose(1, 2), rotary)
+    q, k = rotate(q.transpose(1, 2), rotary), rotate(k.transpose(1, 2), rotary)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1 and k.shape[2] == seq,
-        scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1],
-    )  # fmt: skip
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    hidden = hidden + attn.o_proj(attend(q, k, v, mask, attn.scaling))
     x = rms_norm(block.post_attention_layernorm, hidden)
-    return hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    gate, up = project(fused_gate_up, (mlp.gate_proj, mlp.up_proj), x)
+    return hidden + mlp.down_proj(F.silu(gate) * up)

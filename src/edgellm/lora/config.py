@@ -9,7 +9,10 @@ from typing import Any
 from edgellm.errors import ConfigError
 
 ALL_LINEAR = "all-linear"  # as the only target: every linear-like module inside the decoder blocks
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every projection of a block: the Llama family's names, and Phi-3's fused qkv_proj and gate_up_proj
+DEFAULT_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from edgellm.errors import ModelError
-from edgellm.model.arch import Arch, arch_for, get_module, max_positions, sliding_window
-from edgellm.model.stage import ModelDims, Stage, StageSpec
+from edgellm.model.arch import Arch, arch_for, get_module, layer_types, max_positions, sliding_window
+from edgellm.model.stage import ModelDims, Stage, StageSpec, Traits
 
 # Full-model parameter name (e.g. "model.layers.3.mlp.up_proj.weight") -> tensor. Raises KeyError if absent.
 TensorSource = Callable[[str], torch.Tensor]
@@ -59,14 +59,7 @@ def build_stage(
         layers = get_module(skeleton, arch.layers)
         assert isinstance(layers, nn.ModuleList)
         parts["blocks"] = nn.ModuleList(layers[i] for i in range(spec.start, spec.end))
-    limit = max_positions(config)
-    window = sliding_window(config)
-    dims = ModelDims(
-        hidden_size=int(config.hidden_size),
-        vocab_size=int(config.vocab_size),
-        max_length=min(limit, window) if window else limit,
-    )
-    stage = Stage(spec, arch.call, parts, dims)
+    stage = Stage(spec, arch.call, parts, _dims(config), stage_traits(config, arch, spec))
     stage.to_empty(device="cpu")
     for prefix, module in _loadable(named, arch, spec, stage):
         _load(module, prefix, tensors, config, arch)
@@ -100,9 +93,24 @@ def meta_stages(config: Any, specs: Sequence[StageSpec], dtype: torch.dtype = to
             layers = get_module(skeleton, arch.layers)
             assert isinstance(layers, nn.ModuleList)
             parts["blocks"] = nn.ModuleList(layers[i] for i in range(spec.start, spec.end))
-        dims = ModelDims(int(config.hidden_size), int(config.vocab_size), max_positions(config))
-        stages.append(Stage(spec, arch.call, parts, dims))
+        stages.append(Stage(spec, arch.call, parts, _dims(config), stage_traits(config, arch, spec)))
     return stages
+
+
+def stage_traits(config: Any, arch: Arch, spec: StageSpec) -> Traits:
+    """The `Traits` of stage `spec` of a model with Hugging Face `config`."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return Traits(
+        layer_types=layer_types(config)[spec.start : spec.end],
+        window=sliding_window(config),
+        rotary_by_type=arch.rotary_by_type,
+        embed_scale=arch.embed_scale(config) if arch.embed_scale is not None and spec.embed else None,
+        logit_softcap=float(cap) if cap is not None and spec.head else None,
+    )
+
+
+def _dims(config: Any) -> ModelDims:
+    return ModelDims(int(config.hidden_size), int(config.vocab_size), max_positions(config))
 
 
 def _sdpa_config(config: Any) -> Any:
@@ -131,7 +139,16 @@ def _select(skeleton: nn.Module, arch: Arch, spec: StageSpec) -> dict[str, tuple
         wanted["head"] = arch.head
     if spec.num_layers and arch.rotary:
         wanted["rotary"] = arch.rotary
-    return {key: (path, get_module(skeleton, path)) for key, path in wanted.items() if path}
+    selected = {key: (path, get_module(skeleton, path)) for key, path in wanted.items() if path}
+    if "embed" in selected and arch.embed_scale is not None:
+        # The stage applies the scale (`Traits.embed_scale`): a plain table, which the quantizer and the weight
+        # files handle as any other, in place of transformers' scaled embedding (its scale a computed buffer).
+        path, scaled = selected["embed"]
+        assert isinstance(scaled, nn.Embedding)
+        plain = nn.Embedding(scaled.num_embeddings, scaled.embedding_dim, scaled.padding_idx, device="meta")
+        plain.weight = scaled.weight  # the same parameter: a tied head stays tied
+        selected["embed"] = (path, plain)
+    return selected
 
 
 def _loadable(

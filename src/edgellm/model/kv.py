@@ -21,6 +21,8 @@ class RowsCache(Protocol):
 
     def begin_attention(self, token_mask: torch.Tensor) -> torch.Tensor: ...  # [B, S] -> mask [B, 1, S, T]
 
+    def positions(self, new: int) -> torch.Tensor: ...  # [B, new]: each row's next places (= its key indices)
+
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -48,7 +50,7 @@ class KVCache:
     Args:
         first_layer: global index of the first layer this cache serves.
         num_layers: number of consecutive layers.
-        max_length: longest sequence allowed (position-encoding limit or sliding window); longer raises.
+        max_length: longest sequence allowed (the position-encoding limit); longer raises.
     """
 
     def __init__(self, first_layer: int, num_layers: int, max_length: int | None = None) -> None:

@@ -3,19 +3,22 @@
 The first stage holds the token embedding and layers `[0, c1)`, middle stages `[ci, ci+1)`, the last stage
 `[ck, L)`. The final norm and LM head ("the head") go either on the last server stage, or on a head-only stage
 that runs on the device (U-shaped split), so neither the raw text nor the output distribution leaves it.
+
+Blocks of different layer types (full or sliding-window attention: Gemma 3 interleaves them, Mistral and Phi-3
+slide on every layer) get their own mask and rotary table, each computed once per pass (`Traits`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from edgellm.errors import ConfigError
-from edgellm.model.arch import BlockCall
+from edgellm.model.arch import FULL, SLIDING, BlockCall
 from edgellm.model.kv import KVCache, RowsCache
 
 HeadPlacement = Literal["device", "server"]
@@ -145,6 +148,26 @@ def attention_mask(key_valid: torch.Tensor, past: int) -> torch.Tensor | None:
     return mask.unsqueeze(1)
 
 
+def window_mask(mask: torch.Tensor | None, query_index: torch.Tensor, total: int, window: int) -> torch.Tensor | None:
+    """A sliding-window layer's mask: `mask` (a full-attention layer's, None = plain causal) with every key more
+    than `window - 1` places before its query hidden; None where the window hides nothing.
+
+    mask: [B, 1, S, T] bool | None, query_index: [B or 1, S] int64 (each query's index among the T keys)
+    -> [B, 1, S, T] bool | None
+
+    Indices count cache places, not positions: within a row they differ by a constant (left padding only), so
+    distances are the same, as in transformers' `sliding_window_overlay`.
+    """
+    if int(query_index.max()) < window:  # the oldest key is inside every query's window
+        return mask
+    key_index = torch.arange(total).view(1, 1, -1)  # [1, 1, T]
+    query = query_index.unsqueeze(-1)  # [B, S, 1]
+    inside = (key_index > query - window).unsqueeze(1)  # [B, 1, S, T]
+    if mask is None:
+        return inside & (key_index <= query).unsqueeze(1)
+    return mask & inside
+
+
 def last_real(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Each row's hidden state at its last real (non-padding) token; the last position where a row is all padding.
 
@@ -164,7 +187,32 @@ class ModelDims:
 
     hidden_size: int
     vocab_size: int
-    max_length: int  # longest sequence: position-encoding limit, or the sliding window if smaller
+    max_length: int  # longest sequence: the position-encoding limit
+
+
+@dataclass(frozen=True)
+class Traits:
+    """The arithmetic around a stage's blocks that differs between architectures (`edgellm.model.arch.Arch`).
+
+    Attributes:
+        layer_types: each block's attention, "full_attention" or "sliding_attention" (empty: all full).
+        window: the keys a sliding layer's query sees, itself included; None: sliding layers attend fully.
+        rotary_by_type: the rotary module takes the layer type (Gemma 3: local and global frequencies).
+        embed_scale: the factor on the token embeddings (Gemma: sqrt(hidden_size)), or None.
+        logit_softcap: logits become `cap * tanh(logits / cap)` (Gemma's `final_logit_softcapping`), or None.
+    """
+
+    layer_types: tuple[str, ...] = ()
+    window: int | None = None
+    rotary_by_type: bool = False
+    embed_scale: float | None = None
+    logit_softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"a sliding window must be >= 1 token, got {self.window}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ConfigError(f"a logit softcap must be > 0, got {self.logit_softcap}")
 
 
 class Stage(nn.Module):
@@ -175,9 +223,13 @@ class Stage(nn.Module):
         call: how to run one decoder block of this architecture.
         parts: the modules: any of `embed`, `pos_embed`, `blocks` (ModuleList), `rotary`, `norm`, `head`.
         dims: the model's hidden size, vocabulary size and sequence limit.
+        traits: the architecture's layer types, window, embedding scale and logit softcap (default: none).
     """
 
-    def __init__(self, spec: StageSpec, call: BlockCall, parts: dict[str, nn.Module], dims: ModelDims) -> None:
+    def __init__(
+        self, spec: StageSpec, call: BlockCall, parts: dict[str, nn.Module], dims: ModelDims,
+        traits: Traits | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         unknown = set(parts) - {"embed", "pos_embed", "blocks", "rotary", "norm", "head"}
         if unknown:
@@ -193,6 +245,12 @@ class Stage(nn.Module):
         self.rotary = parts.get("rotary")
         self.norm = parts.get("norm")
         self.head = parts.get("head")
+        traits = traits or Traits()
+        if not traits.layer_types:
+            traits = replace(traits, layer_types=(FULL,) * len(self.blocks))
+        if len(traits.layer_types) != len(self.blocks):
+            raise ValueError(f"{len(traits.layer_types)} layer types for {len(self.blocks)} blocks")
+        self.traits = traits
         self.engine = "generic"  # which code runs the blocks: `edgellm.engine.select.use_engine` may change it
         self.prepare_rotary: Callable[[Any], Any] | None = None  # the engine's form of (cos, sin), once per pass
 
@@ -229,12 +287,18 @@ class Stage(nn.Module):
         if last_only:
             h = last_real(h, token_mask)
         assert self.norm is not None
-        return self.head(self.norm(h)).float()
+        logits = self.head(self.norm(h))
+        cap = self.traits.logit_softcap
+        if cap is not None:  # in the head's dtype, as transformers
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
     def _embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
             return x.to(self.dtype)
         h = self.embed(x)
+        if self.traits.embed_scale is not None:  # as transformers: the scale rounded to the embedding's dtype
+            h = h * torch.tensor(self.traits.embed_scale, dtype=h.dtype)
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
         return h
@@ -246,20 +310,11 @@ class Stage(nn.Module):
         cache: KVCache | RowsCache | None,
         token_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        if token_mask is None:
-            token_mask = torch.ones(h.shape[:2], dtype=torch.bool)
-        if cache is None:
-            mask = attention_mask(token_mask, past=0)
-        elif isinstance(cache, KVCache):
-            mask = attention_mask(cache.begin(token_mask), past=cache.length)
-        else:  # rows of a slot cache (edgellm.engine.slots), each at its own length
-            mask = cache.begin_attention(token_mask)
-        rotary = self.rotary(h, positions) if self.rotary is not None else None
-        if rotary is not None and self.prepare_rotary is not None:
-            rotary = self.prepare_rotary(rotary)
+        masks = self._masks(h.shape[:2], cache, token_mask)
+        rotaries = self._rotaries(h, positions)
         try:
-            for block in self.blocks:
-                h = self.call(block, h, mask, rotary, positions, cache)
+            for block, kind in zip(self.blocks, self.traits.layer_types):
+                h = self.call(block, h, masks[kind], rotaries[kind], positions, cache)
         except BaseException:
             if cache is not None:
                 cache.rollback()
@@ -267,3 +322,41 @@ class Stage(nn.Module):
         if cache is not None:
             cache.commit()
         return h
+
+    def _masks(
+        self, shape: torch.Size, cache: KVCache | RowsCache | None, token_mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor | None]:
+        """Each layer type's attention mask for this pass ([B, 1, S, T] bool | None); starts the cache's pass."""
+        batch, new = shape
+        if token_mask is None:
+            token_mask = torch.ones(batch, new, dtype=torch.bool)
+        if cache is None:
+            mask = attention_mask(token_mask, past=0)
+            query_index = torch.arange(new).view(1, -1)
+        elif isinstance(cache, KVCache):
+            mask = attention_mask(cache.begin(token_mask), past=cache.length)
+            query_index = cache.length + torch.arange(new).view(1, -1)  # [1, S]: rows share their cache places
+        else:  # rows of a slot cache (edgellm.engine.slots), each at its own length: slots hold no padding
+            mask = cache.begin_attention(token_mask)
+            query_index = cache.positions(new)
+        masks = {FULL: mask}
+        if SLIDING in self.traits.layer_types:
+            window = self.traits.window
+            total = int(query_index.max()) + 1
+            masks[SLIDING] = mask if window is None else window_mask(mask, query_index, total, window)
+        return masks
+
+    def _rotaries(self, h: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+        """Each layer type's rotary embedding for this pass, in the engine's form (None without rotary)."""
+        kinds = sorted(set(self.traits.layer_types))
+        if self.rotary is None:
+            return dict.fromkeys(kinds)
+        if self.traits.rotary_by_type:
+            rotaries = {kind: self.rotary(h, positions, kind) for kind in kinds}
+        else:
+            shared = self.rotary(h, positions)
+            rotaries = dict.fromkeys(kinds, shared)
+        if self.prepare_rotary is not None:
+            prepared = {id(r): self.prepare_rotary(r) for r in rotaries.values()}  # once per distinct table
+            rotaries = {kind: prepared[id(r)] for kind, r in rotaries.items()}
+        return rotaries

@@ -159,7 +159,7 @@ def generate_ids(
 
 
 def context_tokens(loaded: LoadedSplit) -> int:
-    """The longest sequence the loaded model can attend over: its position limit, or its sliding window."""
+    """The longest sequence the loaded model can attend over: its position limit (sliding windows are masked)."""
     return min(stage.max_length for stage in loaded.stages)
 
 

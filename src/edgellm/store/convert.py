@@ -17,6 +17,7 @@ from typing import Any
 
 from edgellm.errors import ModelError
 from edgellm.progress import Phase
+from edgellm.store.gguf_config import FIXED_TYPES, FIXES_VERSION, gguf_config_fixes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ def convert_gguf(gguf_path: Path, dest: Path, provenance: dict[str, str]) -> Pat
         announce = f"converting {gguf_path} (one-off; later loads read the cached copy)"
         with Phase(f"convert {gguf_path.name}", log=log, announce=announce) as phase:
             model = _read_gguf(gguf_path, alone, "model")
+            for key, value in gguf_config_fixes(gguf_path, model.config).items():  # what transformers drops
+                log.info("%s: setting %s = %r from the GGUF metadata", gguf_path.name, key, value)
+                setattr(model.config, key, value)
             work = Path(tmp) / "model"
             # The weights are dequantized to fp32 on load; drop the GGUF quantization marker so they can be saved.
             if getattr(model.config, "quantization_config", None) is not None:
@@ -70,13 +74,26 @@ def convert_gguf(gguf_path: Path, dest: Path, provenance: dict[str, str]) -> Pat
             model.save_pretrained(work)
             tokenizer.save_pretrained(work)
             shutil.copyfile(gguf_path, work / "source.gguf")
-            (work / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+            marker = {**provenance, "gguf_config_fixes": FIXES_VERSION}
+            (work / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(work, dest)
             weights = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
             phase.summary = f"{weights / 1e6:.0f} MB of fp32 safetensors"
     return dest
+
+
+def is_current(dest: Path) -> bool:
+    """A complete conversion at `dest` that this edgellm would make the same: one of an architecture whose config
+    `store.gguf_config` completes, made before it did, is not (it would run with the wrong config)."""
+    marker = dest / MARKER
+    if not marker.is_file():
+        return False
+    if json.loads(marker.read_text()).get("gguf_config_fixes") == FIXES_VERSION:
+        return True
+    config = dest / "config.json"
+    return not config.is_file() or json.loads(config.read_text()).get("model_type") not in FIXED_TYPES
 
 
 def _alone(gguf_path: Path, staging: Path) -> Path:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from edgellm.errors import ModelError
-from edgellm.store.convert import MARKER, check_gguf, convert_gguf, sha256_file
+from edgellm.store.convert import check_gguf, convert_gguf, is_current, sha256_file
 from edgellm.store.fetch import pull
 from edgellm.store.paths import models_dir
 from edgellm.store.registry import REGISTRY
@@ -42,6 +42,6 @@ def _converted_gguf(path: Path) -> Path:
     check_gguf(path)
     digest = sha256_file(path)
     dest = models_dir() / f"gguf-{path.stem.lower()}-{digest[:12]}"
-    if (dest / MARKER).is_file():
+    if is_current(dest):
         return dest
     return convert_gguf(path, dest, {"gguf": str(path.resolve()), "sha256": digest})
