@@ -48,7 +48,7 @@ from edgellm.store.weights import load_config
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 9  # 9: the fast engine runs the blocks; 8: warm small stages after a full step; 7: warm times too; 6: caches evicted before every timed step; 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
+CACHE_VERSION = 10  # 10: fused q/k/v and gate/up projections; 9: the fast engine runs the blocks; 8: warm small stages after a full step; 7: warm times too; 6: caches evicted before every timed step; 5: 21 repeats; 4: layer_bytes is the resident size; 3: the whole depth, caches evicted between steps (2: five layers; 1: three)
 
 
 def _cpu_name() -> str:
