@@ -434,7 +434,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         for target in p["targets"]:
             print(format_target(target))
         rss = ", ".join(f"{node} {mb}" for node, mb in p["rss_mb"]["three_processes"].items())
-        print(f"RSS MB at the end of a generation, largest of the runs: 3 processes: {rss}; 1 process: "
+        print(f"peak RSS MB per node (VmHWM), largest of the runs: 3 processes: {rss}; 1 process: "
               f"{p['rss_mb']['one_process'].get('this process')} (peak {p['one_process_peak_rss_mb']})")  # fmt: skip
     if "codecs" in results:
         c = results["codecs"]
