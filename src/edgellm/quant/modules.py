@@ -106,7 +106,7 @@ class Int8Linear(_QuantLinear):
 class Int4Linear(_QuantLinear):
     """Asymmetric 4-bit weights, group-wise, held in the int4 kernel's layout (N padded to a multiple of 16)."""
 
-    few_rows_max = 16 * KERNEL_MAX_ROWS  # unpacking the kernel layout costs more than the kernel up to ~256 rows
+    few_rows_max = 8 * KERNEL_MAX_ROWS  # unpacking the kernel layout costs more than the kernel up to ~128 rows
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__(qw, bias)
