@@ -8,7 +8,7 @@ equivalence tests in `tests/test_stage_equivalence.py`. Anything else is refused
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -81,17 +81,7 @@ ARCHS: dict[str, Arch] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,  # fused qkv_proj and gate_up_proj, partial rotary: all inside the block and its rotary
-    "gemma3_text": Arch(
-        layers="model.layers",
-        embed="model.embed_tokens",
-        norm="model.norm",
-        head="lm_head",
-        pos_embed=None,
-        rotary="model.rotary_emb",
-        call=_call_rotary_block,
-        rotary_by_type=True,
-        embed_scale=_gemma_embed_scale,
-    ),
+    "gemma3_text": replace(_LLAMA_LIKE, rotary_by_type=True, embed_scale=_gemma_embed_scale),
     "gpt2": Arch(
         layers="transformer.h",
         embed="transformer.wte",
