@@ -221,6 +221,29 @@ def test_host_enforces_max_sessions(stages):
     assert host.session_count == 2
 
 
+def test_a_full_host_evicts_the_least_recently_used_idle_session(stages):
+    now = [0.0]
+    host = StageHost(stages[0], SessionLimits(max_sessions=3, evict_idle_s=60), clock=lambda: now[0])
+    for t, sid in ((0.0, "a"), (1.0, "b"), (2.0, "c")):  # three devices start; a and b then go silent
+        now[0] = t
+        host.forward(request(sid, IDS[:, :2], new=True))
+    now[0] = 50.0
+    host.forward(request("c", IDS[:, 2:3], start=2))
+    with pytest.raises(BusyError, match="none of them idle for 60 s"):  # a: 50 s idle, not yet evictable
+        host.forward(request("d", new=True))
+    now[0] = 61.5  # a: 61.5 s idle, b: 60.5 s, c: 11.5 s
+    host.forward(request("d", new=True))
+    assert host.session_count == 3
+    with pytest.raises(SessionError, match="unknown session 'a'"):  # the least recently used went first
+        host.forward(request("a", IDS[:, 2:3], start=2))
+    host.forward(request("b", IDS[:, 2:3], start=2))  # b stays, and is fresh again
+    now[0] = 130.0  # b: 68.5 s, c: 80 s, d: 68.5 s idle: c is the least recently used
+    host.forward(request("e", new=True))
+    with pytest.raises(SessionError, match="unknown session 'c'"):
+        host.forward(request("c", IDS[:, 3:4], start=3))
+    assert host.session_count == 3
+
+
 def test_idle_sessions_expire(stages):
     now = [0.0]
     host = StageHost(stages[0], SessionLimits(idle_timeout_s=10), clock=lambda: now[0])

@@ -26,7 +26,7 @@ from edgellm.deploy.memory_budget import (
 )
 from edgellm.deploy.node_builder import build_node
 from edgellm.deploy.topology import parse_topology, write_topology
-from edgellm.errors import BusyError, ConfigError
+from edgellm.errors import BusyError, ConfigError, SessionError
 from edgellm.model.build import meta_stages
 from edgellm.model.stage import StageSpec, stage_specs
 from edgellm.net.messages import CloseSession, ForwardRequest
@@ -160,6 +160,25 @@ def test_host_refuses_a_session_past_the_budget_and_accepts_after_a_close(model_
     now[0] = 30.0  # both sessions expire: their reservations go with them
     host.forward(request("d", new=True))
     assert (host.session_count, ledger.sessions, ledger.reserved_bytes) == (1, 1, per_session)
+
+
+def test_a_host_over_its_budget_evicts_an_idle_session_to_make_room(model_dir, stage):
+    config = load_config(model_dir)
+    per_session = session_kv_bytes(config, 2, 64, torch.float32)
+    ledger = MemoryLedger("edge1", 500 * MB + 2 * per_session + 10, baseline_bytes=499 * MB, activation_bytes=MB)
+    now = [0.0]
+    limits = SessionLimits(max_context=64, evict_idle_s=60)
+    host = StageHost(stage, limits, lambda: now[0], memory=StageMemory(ledger, kv_bytes_per_token(config, 2)))
+    host.forward(request("a", new=True))
+    now[0] = 5.0
+    host.forward(request("b", new=True))
+    now[0] = 64.0  # a: 64 s idle (evictable), b: 59 s
+    host.forward(request("c", new=True))  # room for two: a's reservation went with it
+    assert (host.session_count, ledger.sessions, ledger.reserved_bytes) == (2, 2, 2 * per_session)
+    with pytest.raises(SessionError, match="unknown session 'a'"):
+        host.forward(request("a", IDS[:, :1], start=IDS.shape[1]))
+    with pytest.raises(BusyError, match="a new session needs"):  # b and c are both recent: nothing to evict
+        host.forward(request("d", new=True))
 
 
 def test_host_refuses_positions_past_max_context(stage):

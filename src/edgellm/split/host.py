@@ -18,6 +18,7 @@ from edgellm.split.budget import NodeEmulation, StageMemory
 
 log = logging.getLogger(__name__)
 
+EVICT_IDLE_S = 60.0  # a full host makes room by evicting a session idle this long, least recently used first
 PREFILL_CHUNK = 512  # tokens per forward pass of a long prompt (docs/BENCHMARKS.md: the TTFT it costs)
 
 
@@ -28,19 +29,23 @@ class SessionLimits:
     `max_context` (tokens; None = the model's own limit) is what each session's KV cache is reserved for in the
     node's memory budget, so no request may reach a position past it. `prefill_chunk` (tokens; None = whole)
     bounds one forward pass: a longer prompt runs as consecutive passes over the session's cache, so its
-    activations never exceed those of `prefill_chunk` tokens.
+    activations never exceed those of `prefill_chunk` tokens. A full host makes room for a new session by
+    evicting one idle for `evict_idle_s` or more, least recently used first.
     """
 
     max_sessions: int = 64
     idle_timeout_s: float = 600.0
     max_context: int | None = None
     prefill_chunk: int | None = PREFILL_CHUNK
+    evict_idle_s: float = EVICT_IDLE_S
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if not self.idle_timeout_s > 0:
             raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
+        if not self.evict_idle_s >= 0:
+            raise ConfigError(f"evict_idle_s must be >= 0, got {self.evict_idle_s}")
         if self.max_context is not None and self.max_context < 1:
             raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
@@ -57,7 +62,9 @@ class StageHost:
     """Runs requests for one stage; keeps a KV cache per session id.
 
     A session starts with a request flagged `new_session` (which also resets an existing session of that id)
-    and ends with `close`, after `idle_timeout_s` without requests, or when the host stops. Requests are run
+    and ends with `close`, after `idle_timeout_s` without requests, when a full host (`max_sessions`, or the
+    memory budget) evicts it to make room for a new one (only after `evict_idle_s` without requests, least
+    recently used first), or when the host stops. Requests are run
     one at a time: the stage's matrix kernels already use every core.
 
     Args:
@@ -160,14 +167,39 @@ class StageHost:
 
     def _session_for(self, request: ForwardRequest, now: float) -> _Session:
         if request.new_session:
-            if request.session not in self._sessions and len(self._sessions) >= self.limits.max_sessions:
-                raise BusyError(f"stage is serving its maximum of {self.limits.max_sessions} sessions")
-            self._reserve(request.session, batch=int(request.data.shape[0]))
+            while request.session not in self._sessions and len(self._sessions) >= self.limits.max_sessions:
+                if not self._evict_one(now, request.session):
+                    raise BusyError(
+                        f"stage is serving its maximum of {self.limits.max_sessions} sessions, none of them idle "
+                        f"for {self.limits.evict_idle_s:.0f} s"
+                    )
+            while True:
+                try:
+                    self._reserve(request.session, batch=int(request.data.shape[0]))
+                    break
+                except BusyError:  # over the memory budget: an idle session's KV cache may make room
+                    if not self._evict_one(now, request.session):
+                        raise
             self._sessions[request.session] = _Session(self.stage.new_cache(), now)
         session = self._sessions.get(request.session)
         if session is None:
             raise SessionError(f"unknown session {request.session!r} (expired, closed, or the node restarted)")
         return session
+
+    def _evict_one(self, now: float, keep: str) -> bool:
+        """Drop the least recently used session idle for `evict_idle_s` or more (never `keep`); False if none is.
+
+        Sessions abandoned by devices that crashed would otherwise hold the table, and their KV caches the memory
+        budget, until `idle_timeout_s`; a session in use between two steps of its generation is never idle so long.
+        """
+        idle = [(s.last_used, sid) for sid, s in self._sessions.items()
+                if sid != keep and now - s.last_used >= self.limits.evict_idle_s]  # fmt: skip
+        if not idle:
+            return False
+        last_used, sid = min(idle)
+        log.info("session %s evicted after %.0f s idle: the host is full", sid, now - last_used)
+        self._drop(sid)
+        return True
 
     def _expire(self, now: float) -> None:
         idle = [sid for sid, s in self._sessions.items() if now - s.last_used > self.limits.idle_timeout_s]
