@@ -61,8 +61,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="weight precision (default: fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--engine", choices=ENGINES, default="fast",
-                        help="what runs the decoder blocks: fast (Llama, Mistral, Qwen2, Qwen3; others fall back to "
-                        "generic) or generic (transformers' block modules, the reference) (default: %(default)s)")  # fmt: skip
+                        help="what runs the decoder blocks: fast (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3; others "
+                        "fall back to generic) or generic (transformers' block modules, the reference) (default: %(default)s)")  # fmt: skip
     add_quant_arguments(parser)
 
 
