@@ -87,13 +87,14 @@ def test_parse_messages_names_what_is_wrong():
 
 
 def test_generate_request_takes_exactly_one_of_prompt_and_messages():
-    from edgellm.serve.device import GenerateRequest
+    from edgellm.serve.generate_request import GenerateRequest
 
     messages = [{"role": "user", "content": "hi"}]
     assert GenerateRequest.from_json({"messages": messages}).messages == (Message("user", "hi"),)
     assert GenerateRequest.from_json({"prompt": "hi"}).messages is None
     for bad, why in [
-        ({}, "exactly one of 'prompt' and 'messages'"),
+        ({}, "exactly one of 'prompt', 'messages' and 'prompt_ids'"),
+        ({"prompt": "hi", "prompt_ids": [1]}, "exactly one of"),
         ({"prompt": "hi", "messages": messages}, "exactly one of"),
         ({"messages": "hi"}, "'messages' must be list"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role"),

@@ -46,7 +46,7 @@ from edgellm.net.messages import (
     decode,
     encode,
 )
-from edgellm.serve.device import GENERATE_FIELDS, GenerateRequest
+from edgellm.serve.generate_request import GENERATE_FIELDS, GenerateRequest
 from edgellm.split.generator import GenerationConfig
 from edgellm.split.validate import MAX_BATCH, check_hidden, check_inputs
 from edgellm.splitlearn.settings import ServerTrainConfig
@@ -421,7 +421,7 @@ def test_a_generate_request_is_refused_or_can_be_sampled_from(request):
         config = GenerationConfig(parsed.max_new_tokens, parsed.sampling)
     except ConfigError:
         return
-    assert isinstance(parsed.prompt, str) and config.max_new_tokens >= 1
+    assert (isinstance(parsed.prompt, str) or parsed.ids or parsed.messages) and config.max_new_tokens >= 1
     logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)) * 5  # [B, V]
     history = [[1, 2, 1, 2, 15, 40], [5]]  # the repetition guard's: ids past the vocabulary are ignored
     chosen = next_tokens(logits, parsed.sampling, torch.Generator().manual_seed(parsed.sampling.seed), history)

@@ -47,6 +47,12 @@ def test_forward_request_round_trip_is_exact_with_lossless_codec():
     assert torch.equal(got.token_mask, msg.token_mask)
 
 
+def test_a_session_start_carries_its_adapter_and_other_requests_pay_nothing_for_it():
+    with_adapter, without = encode(request(adapter="alice-v2")), encode(request())
+    assert decode(with_adapter).adapter == "alice-v2" and decode(without).adapter == ""
+    assert len(with_adapter) == len(without) + 1 + len("alice-v2")  # a flag bit, then the name only when set
+
+
 def test_token_ids_stay_exact_under_a_lossy_codec():
     ids = torch.tensor([[5, 49151, 0]])
     got = decode(encode(request(data=ids, positions=torch.arange(3)[None], token_mask=None), parse_codec("int8")))

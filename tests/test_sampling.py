@@ -212,7 +212,7 @@ def test_guard_is_off_by_default_and_next_tokens_needs_history_when_on():
 
 def test_sampling_config_round_trips_through_json_and_a_generate_request():
     """`edgellm run` and the demo send `to_json()` in a device node's Generate request: every field gets there."""
-    from edgellm.serve.device import GenerateRequest
+    from edgellm.serve.generate_request import GenerateRequest
 
     config = SamplingConfig(greedy=False, temperature=0.7, top_k=5, top_p=0.9, seed=3, repetition_penalty=1.2,
                             no_repeat_ngram=3)  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from edgellm.adapters import AdapterStore
 from edgellm.deploy.memory_budget import (
     NodeMemory,
     NodeStatus,
@@ -36,6 +37,7 @@ from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.local_engine import DTYPES
 from edgellm.serve.migration import Controller, LiveMigration
 from edgellm.serve.report import weight_bytes
+from edgellm.split.adapter_ops import register_adapter_ops
 from edgellm.split.budget import MemoryLedger, release_freed_memory, rss_bytes
 from edgellm.split.control import ControlOps
 from edgellm.split.host import SessionLimits, StageHost
@@ -150,6 +152,7 @@ def build_node(
     server = StageServer(name, host, downstream, {**info, "role": node.role}, trainer=trainer)
     layers_path = arch_for(config).layers
     StageReloader(factory, server, lambda h: TrainHost(h, layers_path, name, checkpoints)).register(server.control_ops)
+    register_adapter_ops(server.control_ops, lambda: server.host)
     _profile_ops(server.control_ops, topology, name, model_dir, config, stages, max_context, lambda: server.downstream)
     return BuiltNode(name, node.address, server, stages)
 
@@ -188,7 +191,8 @@ def node_factory(
     emulation = topology.node(name).emulation
 
     def host(stage: Stage) -> StageHost:
-        return StageHost(stage, limits, emulation=emulation, memory=None if memory is None else memory.for_stage(stage))
+        return StageHost(stage, limits, emulation=emulation, memory=None if memory is None else memory.for_stage(stage),
+                         adapters=AdapterStore(stage))  # fmt: skip
 
     return NodeFactory(
         topology,

@@ -9,7 +9,9 @@ layout whose rows do not slice, differing schemes or shapes), nothing is fused a
 one by one.
 
 `Fused.__call__` checks on every call that the block still holds the modules it was built from (a LoRA wrapper
-around one of them counts: its adapters are added to the fused base's output), and returns None otherwise.
+around one of them counts: its adapters are added to the fused base's output; so does an `AdapterStore`'s
+`MultiLoraLinear`: its per-row deltas are added, so a mixed-adapter batch keeps the one fused matmul), and returns
+None otherwise.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from edgellm.adapters.multi_linear import MultiLoraLinear
 from edgellm.lora.linear import LoRALinear
 from edgellm.quant.modules import Int4Linear, Int8Linear, NF4Linear
 from edgellm.quant.tensor import QuantizedWeight
 
 _QUANT_LINEARS = (Int8Linear, Int4Linear, NF4Linear)
+_WRAPPERS = (LoRALinear, MultiLoraLinear)  # wrappers whose `base` the fused module stands in for
 
 
 class Fused:
@@ -43,14 +47,16 @@ class Fused:
 
         x: [..., K] -> one [..., N_i] per projection
         """
-        bases = [p.base if isinstance(p, LoRALinear) else p for p in projections]
+        bases = [p.base if isinstance(p, _WRAPPERS) else p for p in projections]
         if any(a is not b for a, b in zip(bases, self.bases, strict=True)):
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.frozen):
             return None
         outs = list(self.module(x).split(self.splits, dim=-1))
         for i, proj in enumerate(projections):
-            if isinstance(proj, LoRALinear) and proj.active is not None and proj.active in proj.adapters:
+            if isinstance(proj, MultiLoraLinear):
+                outs[i] = proj.add_delta(outs[i], x)
+            elif isinstance(proj, LoRALinear) and proj.active is not None and proj.active in proj.adapters:
                 adapter = proj.adapters[proj.active]
                 outs[i] = outs[i] + adapter(x.to(next(adapter.parameters()).dtype)).to(outs[i].dtype)
         return tuple(outs)
@@ -59,7 +65,7 @@ class Fused:
 def fuse(modules: Sequence[nn.Module]) -> Fused | None:
     """A `Fused` over `modules` (all `nn.Linear`, or all one quantized kind and scheme, with one input width;
     LoRA wrappers count as their base), sharing their memory; None where that cannot be done exactly."""
-    bases = [m.base if isinstance(m, LoRALinear) else m for m in modules]
+    bases = [m.base if isinstance(m, _WRAPPERS) else m for m in modules]
     kinds = {type(m) for m in bases}
     if len(kinds) != 1 or len({_in_features(m) for m in bases}) != 1:
         return None

@@ -120,6 +120,10 @@ class KVCache:
             raise ConfigError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
 
+    def has_padding(self) -> bool:
+        """Whether any committed key is padding (a left-padded batch): such a session is never batched with others."""
+        return self._valid is not None and not bool(self._valid[:, : self.length].all())
+
     def nbytes(self) -> int:
         """Bytes held by the buffers (allocated capacity, not just the used part)."""
         tensors = [t for t in self._keys + self._values if t is not None]

@@ -25,6 +25,10 @@ class LocalHop:
         self._handler = handler
         self.route = route  # as `RemoteHop.route`: chain mode's nodes beyond the handler; None passes it on
 
+    @property
+    def handler(self) -> Handler:
+        return self._handler
+
     def forward(self, request: ForwardRequest) -> ForwardReply:
         return self._handler.forward(self._routed(request))
 

@@ -68,6 +68,8 @@ class ForwardRequest:
         reply_codec: codec for hidden states in the reply (the link's codec); logits are always lossless.
         argmax: a head stage replies with each row's most likely next token ([B, 1] int64) instead of logits:
             greedy decoding then moves 8 bytes per row back instead of the whole distribution.
+        adapter: on a session's first request, the LoRA adapter the session runs with on every stage that holds
+            some of its layers ("" = the base model); later requests of the session ignore it.
         version: protocol version of the sender.
     """
 
@@ -80,6 +82,7 @@ class ForwardRequest:
     route: tuple[str, ...] = ()
     reply_codec: str = "none"
     argmax: bool = False
+    adapter: str = ""
     version: int = PROTOCOL_VERSION
 
 
@@ -244,9 +247,12 @@ def encode(message: Any, codec: CodecSpec = CodecSpec()) -> bytes:
         put_str(out, message.session)
         flags = (
             message.new_session | message.last_only << 1 | (message.token_mask is not None) << 2 | message.argmax << 3
-        )
+            | bool(message.adapter) << 4
+        )  # fmt: skip
         out.append(int(flags))
         put_strs(out, message.route)
+        if message.adapter:
+            put_str(out, message.adapter)
         out.append(codec_byte(parse_codec(message.reply_codec)))
         put_tensor(out, message.data, codec)
         put_tensor(out, message.positions, codec)
@@ -336,14 +342,16 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     message: Any
     if kind == _FORWARD:
         session, flags, route = r.string("session"), r.byte("flags"), r.strings("route")
-        if flags & ~0b1111:
+        if flags & ~0b11111:
             raise WireError(f"unknown flags {flags:#x} in a forward message")
+        adapter = r.string("adapter") if flags & 0b10000 else ""
         reply_codec = codec_from_byte(r.byte("reply_codec"))
         data, positions = r.tensor("data"), r.tensor("positions")
         mask = r.tensor("token_mask") if flags & 0b100 else None
         message = ForwardRequest(
-            session, data, positions, mask, bool(flags & 1), bool(flags & 2), route, reply_codec, bool(flags & 8)
-        )
+            session, data, positions, mask, bool(flags & 1), bool(flags & 2), route, reply_codec, bool(flags & 8),
+            adapter,
+        )  # fmt: skip
     elif kind == _REPLY:
         flags = r.byte("flags")
         if flags & ~1:

@@ -6,18 +6,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from edgellm.errors import ConfigError
-from edgellm.model.prompt import TextStream, encode_messages, encode_prompt, stop_ids
-from edgellm.model.sampling import SamplingConfig
+from edgellm.model.prompt import TextStream, stop_ids
 from edgellm.model.stage import StageSpec
-from edgellm.serve.conversation import Message, parse_messages
+from edgellm.serve.adapter_catalog import AdapterCatalog
+from edgellm.serve.generate_request import GenerateRequest
 from edgellm.serve.migration import LiveMigration, local_compute, migration_rows, run_traces
 from edgellm.serve.report import link_report, node_compute, timing_report
+from edgellm.serve.step_timing import StepTimer
 from edgellm.split.budget import rss_bytes, to_mb
 from edgellm.split.control import Field, link_profiles, node_ops
 from edgellm.split.generator import BetweenSteps, GenerationConfig, Generator
@@ -27,78 +28,11 @@ from edgellm.split.pipeline import Hop, Pipeline
 
 log = logging.getLogger(__name__)
 
-# Field -> (type, default) of a Generate request.
-GENERATE_FIELDS: dict[str, tuple[type, Any]] = {
-    "prompt": (str, None),
-    "messages": (list, None),  # [{role, content}, ...] in the chat template, instead of a prompt
-    "chat": (bool, True),
-    "max_new_tokens": (int, 64),
-    "greedy": (bool, True),
-    "temperature": (float, 1.0),
-    "top_k": (int, 0),
-    "top_p": (float, 1.0),
-    "seed": (int, 0),
-    "repetition_penalty": (float, 1.0),
-    "no_repeat_ngram": (int, 0),
-}
-PROMPT_FIELDS = ("prompt", "messages")
-SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_repeat_ngram")
-
-
 MIGRATE_FIELDS = {  # the `migrate` control op: a `Layout`, and before which decode step (None: the next one)
     "cuts": Field(list, required=True), "route": Field(list, required=True), "quant": Field(dict),
     "head": Field(str), "at_step": Field(int), "device_embeds": Field(bool, default=False),
     "codecs": Field(dict),
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """A prompt (or chat messages) and how to decode it, as sent to a device node."""
-
-    prompt: str | None
-    chat: bool = True
-    max_new_tokens: int = 64
-    sampling: SamplingConfig = SamplingConfig()
-    messages: tuple[Message, ...] | None = None  # the conversation to answer, when no `prompt`
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GenerateRequest:
-        """Validate a request object; unknown fields and wrong types are errors.
-
-        Raises:
-            ConfigError: naming the field.
-        """
-        unknown = set(data) - set(GENERATE_FIELDS)
-        if unknown:
-            raise ConfigError(f"unknown generate fields {sorted(unknown)}; valid: {sorted(GENERATE_FIELDS)}")
-        values: dict[str, Any] = {}
-        for name, (kind, default) in GENERATE_FIELDS.items():
-            value = data.get(name, default)
-            if value is None and name in PROMPT_FIELDS:  # exactly one of them, checked below
-                values[name] = None
-                continue
-            if value is None:
-                raise ConfigError(f"generate request needs {name!r}")
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ConfigError(f"generate field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-            values[name] = value
-        sampling = SamplingConfig(**{name: values[name] for name in SAMPLING_FIELDS})
-        if (values["prompt"] is None) == (values["messages"] is None):
-            raise ConfigError("generate request needs exactly one of 'prompt' and 'messages'")
-        messages = None if values["messages"] is None else parse_messages(values["messages"])
-        if messages is not None and not values["chat"]:
-            raise ConfigError("generate field 'chat' must be true with 'messages' (they always use the chat template)")
-        return cls(values["prompt"], values["chat"], values["max_new_tokens"], sampling, messages=messages)
-
-    def prompt_ids(self, tokenizer: Any) -> list[int]:
-        """The prompt's token ids: the messages in the chat template, or the prompt (wrapped in it if `chat`)."""
-        if self.messages is not None:
-            return encode_messages(tokenizer, [m.to_json() for m in self.messages])
-        assert self.prompt is not None  # from_json allows exactly one of them
-        return encode_prompt(tokenizer, self.prompt, self.chat)
 
 
 class DeviceEngine:
@@ -133,7 +67,9 @@ class DeviceEngine:
         self.hops = list(hops)
         self.layout = list(layout)
         self._info = info
-        self._lock = threading.Lock()  # one generation at a time: a device serves its own user
+        self._lock = threading.Lock()  # guards `_active`; a migration between generations holds it throughout
+        self._active = 0  # generations running now (concurrent ones are batched by the stage hosts)
+        self.adapters: AdapterCatalog | None = None  # the deployment's LoRA adapters (`attach_adapters`)
         self.migration = migration
         self.node_status = node_status
         self.control_ops = node_ops(name, self.info, self._linked_hops)  # edgellm.split.control
@@ -180,6 +116,8 @@ class DeviceEngine:
         at_step = request["at_step"]
         if at_step is None and self._lock.acquire(blocking=False):
             try:
+                if self._active:
+                    return {"queued": True, "at_step": None, "waiting": self.migration.queue(layout, None)}
                 self.migration.rebuilder.check(layout)
                 start = time.perf_counter()
                 self.migrate(layout)
@@ -199,6 +137,8 @@ class DeviceEngine:
         seen: list[Any] = [None, 0]  # the pipeline last observed, and how many of its traces
 
         def hook(step: int, fed: Sequence[Sequence[int]]) -> Pipeline | None:
+            if self._active > 1:  # the other generations' sessions live on the current layout
+                return None
             pipeline = generator().pipeline
             start = seen[1] if seen[0] is pipeline else 0
             seen[:] = [pipeline, len(pipeline.traces)]
@@ -218,21 +158,72 @@ class DeviceEngine:
         return {hop.name: hop for hop in self.hops if hasattr(hop, "probe")}
 
     def generate(self, data: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Events: {"token": id, "text": delta} per token, then {"report": {...}}."""
+        """Events: {"token": id, "text": delta, "timing": {...}} per token, then {"report": {...}}.
+
+        Generations may run at once from several threads: the stage hosts batch their steps. "timing" is what
+        the token cost hop by hop (`edgellm.serve.step_timing`).
+        """
         request = GenerateRequest.from_json(data)
         prompt_ids = request.prompt_ids(self.tokenizer)
+        vocab = int(getattr(self.model_config, "vocab_size", 0) or 0)
+        if vocab and max(prompt_ids) >= vocab:
+            raise ConfigError(f"prompt token id {max(prompt_ids)} is past the vocabulary of {vocab}")
         config = GenerationConfig(request.max_new_tokens, request.sampling, stop_ids(self.tokenizer, self.model_config))
+        if request.adapter is not None and self.adapters is None:
+            raise ConfigError(f"node {self.name} serves no adapters; asked for {request.adapter!r}")
         with self._lock:
             while self.migration is not None and (waiting := self.migration.take_unscheduled()) is not None:
+                if self._active:
+                    break  # the layout changes once no generation is running on it
                 self.migrate(waiting)  # asked for while the last generation was finishing
-            generator = Generator(
-                Pipeline(self.hops, layout=self._layout_json()), config, self._between_steps(lambda: generator)
-            )
-            stream = TextStream(self.tokenizer)
-            for step in generator.stream(torch.tensor([prompt_ids])):
-                yield {"token": step.tokens[0], "text": stream.push(step.tokens[0])}
-            assert generator.result is not None
-            yield {"report": self._report(prompt_ids, generator)}
+            self._active += 1
+            hops = list(self.hops)
+        try:
+            with self.adapters.use(request.adapter) if request.adapter is not None else nullcontext():  # type: ignore[union-attr]
+                yield from self._stream(prompt_ids, config, hops, request.adapter or "")
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _stream(
+        self, prompt_ids: list[int], config: GenerationConfig, hops: list[Hop], adapter: str
+    ) -> Iterator[dict[str, Any]]:
+        generator = Generator(
+            Pipeline(hops, layout=self._layout_json()), config, self._between_steps(lambda: generator), adapter
+        )
+        stream = TextStream(self.tokenizer)
+        timer = StepTimer(generator.pipeline)
+        for step in generator.stream(torch.tensor([prompt_ids])):
+            token = step.tokens[0]
+            yield {"token": token, "text": stream.push(token), "timing": timer.step(generator.pipeline)}
+        assert generator.result is not None
+        report = self._report(prompt_ids, generator)
+        yield {"report": {**report, "adapter": adapter or None}}
+
+    def attach_adapters(self, catalog: AdapterCatalog) -> None:
+        """Serve LoRA adapters: generations may name one of `catalog`'s."""
+        self.adapters = catalog
+
+    def adapter_listing(self) -> list[dict[str, Any]]:
+        """Every adapter the device knows: name, loaded, bytes, source, in_use."""
+        return [] if self.adapters is None else self.adapters.listing()
+
+    def load_adapter(self, name: str, path: str | None = None) -> dict[str, Any]:
+        if self.adapters is None:
+            raise ConfigError(f"node {self.name} serves no adapters")
+        return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> dict[str, Any]:
+        if self.adapters is None:
+            raise ConfigError(f"node {self.name} serves no adapters")
+        return self.adapters.unload(name)
+
+    def stats(self) -> dict[str, Any]:
+        """Generations running, and each local stage host's sessions and batch sizes (servers report theirs in
+        `Info`)."""
+        hosts: dict[str, Any] = {hop.name: getattr(hop, "handler", None) for hop in self.hops}
+        local = {name: host.stats() for name, host in hosts.items() if hasattr(host, "stats")}
+        return {"active_generations": self._active, "stages": local}
 
     def _report(self, prompt_ids: list[int], generator: Generator) -> dict[str, Any]:
         result = generator.result

@@ -125,9 +125,15 @@ class Generator:
             prompt and tokens fed back, not the pending one); a returned pipeline, a new one whose accounting
             starts with the replay, replaces the current one (a live migration, batch 1 only). `pipelines`
             lists every pipeline used, in order.
+        adapter: the LoRA adapter to generate with ("" = the base model), applied by every stage that holds
+            some of its layers.
     """
 
-    def __init__(self, pipeline: Pipeline, config: GenerationConfig, between_steps: BetweenSteps | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, config: GenerationConfig, between_steps: BetweenSteps | None = None,
+        adapter: str = "",
+    ) -> None:  # fmt: skip
+        self.adapter = adapter
         self.pipeline = pipeline
         self.pipelines = [pipeline]
         self.config = config
@@ -156,8 +162,9 @@ class Generator:
             # greedy and unguarded: the head stage replies with token ids, not the distribution
             greedy = cfg.sampling.greedy and seen is None
             logits = self.pipeline.forward(
-                session, ids, positions_for(mask), None if token_mask is None else mask, True, argmax=greedy
-            )
+                session, ids, positions_for(mask), None if token_mask is None else mask, True, argmax=greedy,
+                adapter=self.adapter,
+            )  # fmt: skip
             for index in range(cfg.max_new_tokens):
                 if index > 0 and self.between_steps is not None:
                     session = self._maybe_migrate(index, fed, session, result)
@@ -224,7 +231,7 @@ class Generator:
         positions = torch.arange(replay.shape[1]).view(1, -1)  # [1, T]
         self.pipeline = new
         self.pipelines.append(new)
-        new.forward(session, replay, positions, None, True, argmax=self.config.sampling.greedy)
+        new.forward(session, replay, positions, None, True, argmax=self.config.sampling.greedy, adapter=self.adapter)
         replay_ms = (time.perf_counter() - replay_start) * 1e3
         result.migrations.append(
             Migration(index, switch_ms, replay_ms, len(fed[0]), len(new.traces), old.layout, new.layout)

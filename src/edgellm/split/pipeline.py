@@ -71,16 +71,20 @@ class Pipeline:
         new_session: bool,
         last_only: bool = True,
         argmax: bool = False,
+        adapter: str = "",
     ) -> torch.Tensor:
         """Token ids in, logits (or, with `argmax`, the most likely next tokens) out.
 
         ids: [B, S] int64, positions: [B, S] int64, token_mask: [B, S] bool | None
         -> [B, 1, V] float32 logits (each row's last real token) with `last_only`, else [B, S, V];
            with `argmax` (and `last_only`): [B, 1] int64 token ids
+        `adapter` (on a session's first request): the LoRA adapter every stage runs the session with.
         """
         data = ids
         for hop, stats in zip(self.hops, self.stats):
-            request = ForwardRequest(session, data, positions, token_mask, new_session, last_only, argmax=argmax)
+            request = ForwardRequest(
+                session, data, positions, token_mask, new_session, last_only, argmax=argmax, adapter=adapter
+            )
             start = time.perf_counter()
             reply = hop.forward(request)
             stats.call_ms += (time.perf_counter() - start) * 1e3

@@ -97,10 +97,7 @@ class StageServer:
         trace: tuple[HopTrace, ...] = ()
         is_logits = host.stage.spec.head and local.output.is_floating_point()
         if next_hop is not None:
-            ahead = ForwardRequest(
-                request.session, local.output, request.positions, request.token_mask,
-                request.new_session, request.last_only, route=request.route[1:], argmax=request.argmax,
-            )  # fmt: skip
+            ahead = dataclasses.replace(request, data=local.output, route=request.route[1:], reply_codec="none")
             down = next_hop.forward(ahead)
             output, is_logits, trace = down.output, down.is_logits, down.trace
         # Logits decide the tokens: never send them through a lossy codec.
@@ -128,6 +125,7 @@ class StageServer:
             "head": spec.head,
             "hidden_size": self.host.stage.dims.hidden_size,
             "sessions": self.host.session_count,
+            "batching": self.host.stats(),
             "link_emulation": link_profiles(self.downstream),
             "emulated": self.host.emulation.to_json(),
             "memory": host_memory(self.host),

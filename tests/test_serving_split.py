@@ -1,0 +1,64 @@
+"""Serving across real processes: concurrent generations with mixed adapters through a 3-node chain, where each
+server holds and applies only its own layers' part of each adapter (sent by the device over the control channel)
+and batches the sessions' steps; every answer equals peft's alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from edgellm.deploy.device_engine import topology_device_engine
+from test_deployment import Deployed, document
+from test_serving_engine import PROMPTS, STEPS, _greedy, _tokens, adapters_dir  # noqa: F401 - a fixture
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_chat_dir, tmp_path_factory):
+    doc = document(tiny_chat_dir, 2, "server")
+    server = Deployed(tmp_path_factory.mktemp("serve-split"), doc)
+    yield server
+    server.stop()
+
+
+def test_mixed_adapters_through_a_split_equal_peft_and_each_node_holds_its_layers(deployed, adapters_dir):  # noqa: F811
+    root, models = adapters_dir
+    engine = topology_device_engine(str(deployed.path), adapters_dir=root)
+    jobs = [(p, a) for p in PROMPTS[:3] for a in (None, "alice", "bob")]
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i):
+        try:
+            got[i] = _tokens(engine, *jobs[i])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    for i, (prompt, adapter) in enumerate(jobs):
+        model = models[adapter or "alice"]
+        if adapter is None:
+            with model.disable_adapter():
+                want = _greedy(model, prompt, STEPS)
+        else:
+            want = _greedy(model, prompt, STEPS)
+        assert got[i] == want[: len(got[i])], (prompt, adapter)
+    held = {}
+    for server in ("edge1", "edge2"):
+        hop = deployed.servers._control_hop(server)
+        listing = {a["name"]: a for a in hop.control({"op": "adapters"})["adapters"]}
+        held[server] = listing
+        assert set(listing) == {"alice", "bob"}
+        info = hop.info()
+        assert max(int(k) for k in info["batching"]["batch_sizes"]) > 1  # the server batched sessions' steps
+    assert all(held["edge1"][a]["bytes"] > 0 and held["edge2"][a]["bytes"] > 0 for a in ("alice", "bob"))
+    engine.unload_adapter("alice")
+    hop = deployed.servers._control_hop("edge2")
+    assert [a["name"] for a in hop.control({"op": "adapters"})["adapters"]] == ["bob"]
