@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from edgellm.errors import ConfigError
+from edgellm.split.budget import release_freed_memory
 from edgellm.split.control import ControlOps, Field
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -108,12 +109,15 @@ class LocalAdapterTarget:
     def load(self, name: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> int:
         store = _store(self.host)
         with self.host.lock:  # type: ignore[union-attr]
-            return store.load(name, config, tensors)
+            nbytes = store.load(name, config, tensors)
+        release_freed_memory()  # the stacks the store rebuilt: RSS then grows by the adapter's own size
+        return nbytes
 
     def unload(self, name: str) -> None:
         store = _store(self.host)
         with self.host.lock:  # type: ignore[union-attr]
             store.unload(name)
+        release_freed_memory()
 
 
 class RemoteAdapterTarget:
