@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
 import torch
 
 from conftest import TINY_LAYERS
-from edgellm.errors import ConfigError
+from edgellm.errors import ConfigError, SessionError
 from edgellm.model.session_rows import SessionRows
 from edgellm.model.stage import stage_specs
 from edgellm.net.direct_hop import LocalHop
 from edgellm.net.messages import ForwardRequest
 from edgellm.split.batching import Work, next_iteration
 from edgellm.split.budget import NodeEmulation
+from edgellm.split.coalesce import CoalescingHop
 from edgellm.split.generator import GenerationConfig, Generator
 from edgellm.split.host import SessionLimits, StageHost
 from edgellm.split.one_process import load_stages
@@ -88,7 +90,9 @@ def _pipeline(hosts):
 
 
 def _generate(hosts, prompt, tokens=8):
-    return Generator(_pipeline(hosts), GenerationConfig(max_new_tokens=tokens)).run(torch.tensor([prompt])).new_tokens[0]
+    return (
+        Generator(_pipeline(hosts), GenerationConfig(max_new_tokens=tokens)).run(torch.tensor([prompt])).new_tokens[0]
+    )
 
 
 @pytest.mark.parametrize("cuts", [[], [2]])
@@ -140,3 +144,66 @@ def test_one_bad_row_fails_alone(tiny_llama_dir):
         host._run_rows([good, bad])
     assert good.error is None and good.output is not None and isinstance(bad.error, IndexError)
     assert host._sessions["a"].cache.length == 3 and host._sessions["b"].cache.length == 2
+
+
+def test_a_request_carrying_several_sessions_rows_equals_each_session_alone(tiny_llama_dir):
+    (stage,) = load_stages(tiny_llama_dir, stage_specs(TINY_LAYERS, [], "server"))
+    host, alone = StageHost(stage), StageHost(stage)
+    for sid, prompt in zip("abc", PROMPTS):
+        for h in (host, alone):
+            h.forward(
+                ForwardRequest(sid, torch.tensor([prompt]), torch.arange(len(prompt)).view(1, -1), new_session=True)
+            )
+    tokens, positions = torch.tensor([[7], [11], [3]]), torch.tensor([[len(p)] for p in PROMPTS[:3]])
+    reply = host.forward(ForwardRequest("", tokens, positions, rows=("a", "b", "c")))
+    for b, sid in enumerate("abc"):
+        want = alone.forward(ForwardRequest(sid, tokens[b : b + 1], positions[b : b + 1])).output
+        torch.testing.assert_close(reply.output[b : b + 1], want, atol=1e-5, rtol=0)
+    assert host.stats()["row_messages"] == 1 and host.stats()["batch_sizes"] == {"3": 1}
+    with pytest.raises(SessionError):  # a row naming an unknown session: the whole request is refused ...
+        host.forward(ForwardRequest("", tokens[:2], positions[:2] + 1, rows=("a", "zz")))
+    host.forward(ForwardRequest("a", tokens[:1], positions[:1] + 1))  # ... and no row of it stays busy
+
+
+@pytest.mark.parametrize("cuts", [[2], [1, 3]])
+def test_a_coalescing_hop_carries_concurrent_sessions_steps_in_one_message(tiny_llama_dir, cuts):
+    stages = load_stages(tiny_llama_dir, stage_specs(TINY_LAYERS, cuts, "server"))
+    emulated = NodeEmulation(compute_scale=3.0)
+    hosts = [StageHost(s, SessionLimits(prefill_chunk=4), emulation=emulated) for s in stages]
+    hops = [LocalHop("stage0", hosts[0])]
+    hops += [CoalescingHop(LocalHop(f"stage{i}", h), window_s=0.05) for i, h in enumerate(hosts[1:], 1)]
+    want = [_generate([StageHost(s) for s in stages], p) for p in PROMPTS]
+    got: dict[int, list[int]] = {}
+
+    def run(i):
+        got[i] = (
+            Generator(Pipeline(hops), GenerationConfig(max_new_tokens=8)).run(torch.tensor([PROMPTS[i]])).new_tokens[0]
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got.get(i) for i in range(len(PROMPTS))] == want
+    for hop, host in zip(hops[1:], hosts[1:]):
+        assert hop.messages > 0 and hop.rows > hop.messages  # steps of several sessions shared messages
+        assert host.stats()["row_messages"] == hop.messages and host.session_count == 0
+
+
+def test_rows_that_do_not_fit_a_message_of_several_sessions_are_refused(tiny_llama_dir):
+    from edgellm.net.messages import WireError
+    from edgellm.split.validate import check_request
+
+    (stage,) = load_stages(tiny_llama_dir, stage_specs(TINY_LAYERS, [], "server"))
+    ok = ForwardRequest("", torch.tensor([[1], [2]]), torch.tensor([[3], [4]]), rows=("a", "b"))
+    check_request(ok, stage)
+    for bad in [
+        dict(rows=("a",)),  # fewer rows than the batch
+        dict(rows=("a", "a")),
+        dict(rows=("a", "")),
+        dict(new_session=True),
+        dict(token_mask=torch.ones(2, 1, dtype=torch.bool)),
+    ]:
+        with pytest.raises(WireError):
+            check_request(dataclasses.replace(ok, **bad), stage)

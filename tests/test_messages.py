@@ -53,6 +53,13 @@ def test_a_session_start_carries_its_adapter_and_other_requests_pay_nothing_for_
     assert len(with_adapter) == len(without) + 1 + len("alice-v2")  # a flag bit, then the name only when set
 
 
+def test_a_decode_step_of_several_sessions_round_trips_its_rows():
+    step = request(session="", data=torch.randn(3, 1, 32), positions=torch.tensor([[4], [9], [2]]), token_mask=None,
+                   new_session=False, rows=("s1", "s2", "s3"))  # fmt: skip
+    got = decode(encode(step))
+    assert got.rows == ("s1", "s2", "s3") and torch.equal(got.data, step.data) and decode(encode(request())).rows == ()
+
+
 def test_token_ids_stay_exact_under_a_lossy_codec():
     ids = torch.tensor([[5, 49151, 0]])
     got = decode(encode(request(data=ids, positions=torch.arange(3)[None], token_mask=None), parse_codec("int8")))

@@ -58,6 +58,7 @@ def test_mixed_adapters_through_a_split_equal_peft_and_each_node_holds_its_layer
         assert set(listing) == {"alice", "bob"}
         info = hop.info()
         assert max(int(k) for k in info["batching"]["batch_sizes"]) > 1  # the server batched sessions' steps
+        assert info["batching"]["row_messages"] > 0  # and received them several sessions to a message
     assert all(held["edge1"][a]["bytes"] > 0 and held["edge2"][a]["bytes"] > 0 for a in ("alice", "bob"))
     engine.unload_adapter("alice")
     hop = deployed.servers._control_hop("edge2")

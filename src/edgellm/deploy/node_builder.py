@@ -39,6 +39,7 @@ from edgellm.serve.migration import Controller, LiveMigration
 from edgellm.serve.report import weight_bytes
 from edgellm.split.adapter_ops import register_adapter_ops
 from edgellm.split.budget import MemoryLedger, release_freed_memory, rss_bytes
+from edgellm.split.coalesce import CoalescingHop
 from edgellm.split.control import ControlOps
 from edgellm.split.host import SessionLimits, StageHost
 from edgellm.split.one_process import load_stages, stage_label
@@ -145,7 +146,7 @@ def build_node(
     downstream: dict[str, Hop] = {}
     nxt = topology.next_hop(name) if topology.mode == "chain" else None
     if nxt is not None:
-        downstream[nxt.name] = remote_hop(topology, name, nxt.name, route=None)
+        downstream[nxt.name] = CoalescingHop(remote_hop(topology, name, nxt.name, route=None))
     host = factory.host(stages[0])
     checkpoints = checkpoint_dir if checkpoint_dir is not None else checkpoint_root()
     trainer = TrainHost(host, arch_for(config).layers, name, checkpoints)
@@ -203,7 +204,7 @@ def node_factory(
         ),
         check_memory=lambda stages: None if memory is None else memory.check_stages(stages),
         host=host,
-        connect=lambda receiver, route: remote_hop(topology, name, receiver, route),
+        connect=lambda receiver, route: CoalescingHop(remote_hop(topology, name, receiver, route)),
         reach=lambda receiver: control_hop(topology, name, receiver),
     )
 
@@ -242,9 +243,9 @@ def device_hops(
     if not servers:  # a device-only deployment
         remote: list[Hop] = []
     elif topology.mode == "chain":
-        remote = [remote_hop(topology, name, servers[0], route=tuple(servers[1:]))]
+        remote = [CoalescingHop(remote_hop(topology, name, servers[0], route=tuple(servers[1:])))]
     else:
-        remote = [remote_hop(topology, name, s, route=(), seed=i) for i, s in enumerate(servers)]
+        remote = [CoalescingHop(remote_hop(topology, name, s, route=(), seed=i)) for i, s in enumerate(servers)]
     return [*first, *remote, *head]
 
 

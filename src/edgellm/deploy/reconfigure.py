@@ -59,7 +59,7 @@ class NodeFactory:
     load: Callable[[Sequence[StageSpec], Sequence[str]], list[Stage]]
     check_memory: Callable[[list[Stage]], None]
     host: Callable[[Stage], StageHost]
-    connect: Callable[[str, tuple[str, ...] | None], RemoteHop]
+    connect: Callable[[str, tuple[str, ...] | None], Any]  # a hop (`RemoteHop`, usually coalescing: split.coalesce)
     reach: Callable[[str], RemoteHop]
 
     def quant_of(self, node: str) -> str:

@@ -70,6 +70,9 @@ class ForwardRequest:
             greedy decoding then moves 8 bytes per row back instead of the whole distribution.
         adapter: on a session's first request, the LoRA adapter the session runs with on every stage that holds
             some of its layers ("" = the base model); later requests of the session ignore it.
+        rows: a decode step of several sessions in one message (continuous batching across the split): row b of
+            `data` is the next token of session `rows[b]`, a session of one sequence; `session` is then unused
+            and `new_session` false, S is 1 and there is no mask. Empty for a request of one session.
         version: protocol version of the sender.
     """
 
@@ -83,6 +86,7 @@ class ForwardRequest:
     reply_codec: str = "none"
     argmax: bool = False
     adapter: str = ""
+    rows: tuple[str, ...] = ()
     version: int = PROTOCOL_VERSION
 
 
@@ -247,12 +251,14 @@ def encode(message: Any, codec: CodecSpec = CodecSpec()) -> bytes:
         put_str(out, message.session)
         flags = (
             message.new_session | message.last_only << 1 | (message.token_mask is not None) << 2 | message.argmax << 3
-            | bool(message.adapter) << 4
+            | bool(message.adapter) << 4 | bool(message.rows) << 5
         )  # fmt: skip
         out.append(int(flags))
         put_strs(out, message.route)
         if message.adapter:
             put_str(out, message.adapter)
+        if message.rows:
+            put_strs(out, message.rows)
         out.append(codec_byte(parse_codec(message.reply_codec)))
         put_tensor(out, message.data, codec)
         put_tensor(out, message.positions, codec)
@@ -342,15 +348,16 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     message: Any
     if kind == _FORWARD:
         session, flags, route = r.string("session"), r.byte("flags"), r.strings("route")
-        if flags & ~0b11111:
+        if flags & ~0b111111:
             raise WireError(f"unknown flags {flags:#x} in a forward message")
         adapter = r.string("adapter") if flags & 0b10000 else ""
+        rows = r.strings("rows") if flags & 0b100000 else ()
         reply_codec = codec_from_byte(r.byte("reply_codec"))
         data, positions = r.tensor("data"), r.tensor("positions")
         mask = r.tensor("token_mask") if flags & 0b100 else None
         message = ForwardRequest(
             session, data, positions, mask, bool(flags & 1), bool(flags & 2), route, reply_codec, bool(flags & 8),
-            adapter,
+            adapter, rows,
         )  # fmt: skip
     elif kind == _REPLY:
         flags = r.byte("flags")

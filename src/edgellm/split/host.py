@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -21,46 +22,11 @@ from edgellm.model.stage import Stage
 from edgellm.net.messages import PROTOCOL_VERSION, CloseSession, ForwardReply, ForwardRequest
 from edgellm.split.batching import Leadership, Work, next_iteration
 from edgellm.split.budget import NodeEmulation, StageMemory
+from edgellm.split.limits import EVICT_IDLE_S, MAX_BATCH, PREFILL_CHUNK, SessionLimits
+
+__all__ = ["EVICT_IDLE_S", "MAX_BATCH", "PREFILL_CHUNK", "Adapters", "SessionLimits", "StageHost"]
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH = 32  # sessions' decode steps in one forward pass (docs/SERVING.md: throughput against batch size)
-EVICT_IDLE_S = 60.0  # a full host makes room by evicting a session idle this long, least recently used first
-PREFILL_CHUNK = 512  # tokens per forward pass of a long prompt (docs/BENCHMARKS.md: the TTFT it costs)
-
-
-@dataclass(frozen=True)
-class SessionLimits:
-    """How many sessions a host keeps, for how long an idle one survives, and how long one may grow.
-
-    `max_context` (tokens; None = the model's own limit) is what each session's KV cache is reserved for in the
-    node's memory budget, so no request may reach a position past it. `prefill_chunk` (tokens; None = whole)
-    bounds one forward pass: a longer prompt runs as consecutive passes over the session's cache, so its
-    activations never exceed those of `prefill_chunk` tokens. A full host makes room for a new session by
-    evicting one idle for `evict_idle_s` or more, least recently used first. `max_batch` bounds how many
-    sessions' decode steps run in one forward pass (continuous batching).
-    """
-
-    max_sessions: int = 64
-    idle_timeout_s: float = 600.0
-    max_context: int | None = None
-    prefill_chunk: int | None = PREFILL_CHUNK
-    evict_idle_s: float = EVICT_IDLE_S
-    max_batch: int = MAX_BATCH
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.max_sessions < 1:
-            raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
-        if not self.idle_timeout_s > 0:
-            raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
-        if not self.evict_idle_s >= 0:
-            raise ConfigError(f"evict_idle_s must be >= 0, got {self.evict_idle_s}")
-        if self.max_context is not None and self.max_context < 1:
-            raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
 
 class Adapters(Protocol):
@@ -125,6 +91,7 @@ class StageHost:
         self.lock = threading.RLock()  # the stage's computation; also held by the training host
         self.batch_sizes: Counter[int] = Counter()  # decode passes by number of rows
         self.prefill_chunks = 0
+        self.row_messages = 0  # requests that carried several sessions' steps (`ForwardRequest.rows`)
 
     @property
     def session_count(self) -> int:
@@ -138,6 +105,7 @@ class StageHost:
             "max_batch": self.limits.max_batch,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "prefill_chunks": self.prefill_chunks,
+            "row_messages": self.row_messages,
         }
 
     def forward(self, request: ForwardRequest) -> ForwardReply:
@@ -160,20 +128,38 @@ class StageHost:
                 f"position {int(request.positions.max())} is past this deployment's max_context of {max_context} "
                 "tokens; start a new session or raise deployment.max_context"
             )
-        work = Work(request, self._admit(request))
+        works = self._admit_rows(request) if request.rows else [Work(request, self._admit(request))]
+        self.row_messages += bool(request.rows)
         lead = self._leader
         with lead.cond:
-            lead.queue.append(work)
-            while not work.done and lead.running:
+            lead.queue.extend(works)
+            while not all(w.done for w in works) and lead.running:
                 lead.cond.wait()
-            leading = not work.done
+            leading = not all(w.done for w in works)
             lead.running = lead.running or leading
         if leading:
-            self._lead(work)
-        if work.error is not None:
-            raise work.error
-        assert work.output is not None
-        return ForwardReply(output=work.output, compute_ms=self.emulation.compute_scale * work.compute_s * 1e3)
+            self._lead(works)
+        for w in works:
+            if w.error is not None:
+                raise w.error
+        output = works[0].output if len(works) == 1 else torch.cat([w.output for w in works])  # type: ignore[misc]
+        assert output is not None
+        compute_s = max(w.compute_s for w in works)
+        return ForwardReply(output=output, compute_ms=self.emulation.compute_scale * compute_s * 1e3)
+
+    def _admit_rows(self, request: ForwardRequest) -> list[Work]:
+        """One `Work` per row of a request carrying several sessions' steps; all are admitted, or none."""
+        works: list[Work] = []
+        try:
+            for b, session in enumerate(request.rows):
+                row = dataclasses.replace(request, session=session, data=request.data[b : b + 1],
+                                          positions=request.positions[b : b + 1], rows=())  # fmt: skip
+                works.append(Work(row, self._admit(row)))
+        except BaseException:
+            for w in works:
+                self._finish(w, error=ConfigError("another row of its request was refused"))
+            raise
+        return works
 
     def _admit(self, request: ForwardRequest) -> _Session:
         with self._table:
@@ -186,13 +172,13 @@ class StageHost:
             session.busy, session.last_used = True, now
             return session
 
-    def _lead(self, work: Work) -> None:
-        """Run iterations until `work` is done, then let a waiting thread lead."""
+    def _lead(self, works: list[Work]) -> None:
+        """Run iterations until `works` are done, then let a waiting thread lead."""
         lead = self._leader
         try:
             while True:
                 with lead.cond:
-                    if work.done:
+                    if all(w.done for w in works):
                         return
                     rows, other = next_iteration(lead.queue, self.limits.max_batch)
                 self._iterate(rows, other)

@@ -18,6 +18,13 @@ def check_request(request: ForwardRequest, stage: Stage, max_batch: int = MAX_BA
             mismatched positions or mask, negative positions, batch or sequence beyond the limits.
     """
     check_inputs(request.data, request.positions, request.token_mask, stage, max_batch)
+    if request.rows:
+        batch, seq = request.data.shape[:2]
+        if len(request.rows) != batch or seq != 1 or request.token_mask is not None or request.new_session:
+            raise WireError(f"a request of {len(request.rows)} sessions' rows must be one new token per row, no mask, "
+                            f"no session start; got data {list(request.data.shape)}")  # fmt: skip
+        if len(set(request.rows)) != len(request.rows) or not all(request.rows):
+            raise WireError("a request's rows must name distinct sessions")
 
 
 def check_hidden(
