@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup model demo test test-fast bench lint clean
+.PHONY: setup model browser demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "edgellm needs Python 3.11, found " + sys.version'
@@ -22,7 +22,15 @@ model: setup
 demo: model
 	$(BIN)/edgellm demo
 
-test: model
+# The chat page's tests (tests/test_serve_page.py) drive headless Chromium: Debian's package, installed when missing
+# (root, or sudo). Where it cannot be installed, make goes on and those tests are skipped, saying why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "make: could not install chromium; the page tests will be skipped"
+
+test: model browser
 	$(BIN)/pytest -q
 
 # The quick tier: no real model, no node processes, nothing marked slow (a couple of minutes).

@@ -20,7 +20,7 @@ import pytest
 from edgellm.cli import choices
 from edgellm.cli.main import main
 
-HEAVY = ("torch", "transformers", "grpc", "matplotlib", "numpy")
+HEAVY = ("torch", "transformers", "grpc", "matplotlib", "numpy", "fastapi", "uvicorn", "prometheus_client")
 TIMEOUT_S = 60
 
 
@@ -49,6 +49,7 @@ def _edgellm() -> list[str]:
         ["chat"],
         ["run"],
         ["node"],
+        ["serve"],
         ["profile"],
         ["plan"],
         ["finetune"],

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
+from test_adapters import make_peft_adapter
 
 from edgellm.errors import BusyError, ConfigError
 from edgellm.serve.local_device import local_device_engine
-from test_adapters import make_peft_adapter
 
 PROMPTS = [[1, 5, 17, 42, 8], [1, 9, 71, 30, 12, 44, 7, 66], [1, 30, 12], [2, 8, 40, 41]]
 STEPS = 8

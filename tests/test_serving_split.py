@@ -7,10 +7,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from edgellm.deploy.device_engine import topology_device_engine
 from test_deployment import Deployed, document
 from test_serving_engine import PROMPTS, STEPS, _greedy, _tokens, adapters_dir  # noqa: F401 - a fixture
+
+from edgellm.deploy.device_engine import topology_device_engine
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
