@@ -60,6 +60,10 @@ def test_mixed_adapters_through_a_split_equal_peft_and_each_node_holds_its_layer
         assert max(int(k) for k in info["batching"]["batch_sizes"]) > 1  # the server batched sessions' steps
         assert info["batching"]["row_messages"] > 0  # and received them several sessions to a message
     assert all(held["edge1"][a]["bytes"] > 0 and held["edge2"][a]["bytes"] > 0 for a in ("alice", "bob"))
+    nodes = engine.stats()["nodes"]  # what /metrics reads: every server's batching too
+    assert {"edge1", "edge2"} <= set(nodes) and all(
+        int(max(nodes[n]["batch_sizes"], key=int)) > 1 for n in ("edge1", "edge2")
+    )
     engine.unload_adapter("alice")
     hop = deployed.servers._control_hop("edge2")
     assert [a["name"] for a in hop.control({"op": "adapters"})["adapters"]] == ["bob"]

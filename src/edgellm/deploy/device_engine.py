@@ -36,7 +36,9 @@ def topology_device_engine(
     for server in topology.servers:
         specs = [spec for owner, spec in device.layout if owner == server.name]
         if specs:
-            control = control_hop(topology, device_name, server.name).control
+            hop = control_hop(topology, device_name, server.name)
+            device.server_info[server.name] = lambda hop=hop: hop.info(timeout_s=2.0)  # type: ignore[misc]
+            control = hop.control
             start, end = min(s.start for s in specs), max(s.end for s in specs)
             targets.append(RemoteAdapterTarget(server.name, control, start, end))
     device.attach_adapters(AdapterCatalog(targets, adapters_dir, budget))

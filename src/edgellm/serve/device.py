@@ -70,6 +70,7 @@ class DeviceEngine:
         self._lock = threading.Lock()  # guards `_active`; a migration between generations holds it throughout
         self._active = 0  # generations running now (concurrent ones are batched by the stage hosts)
         self.adapters: AdapterCatalog | None = None  # the deployment's LoRA adapters (`attach_adapters`)
+        self.server_info: dict[str, Callable[[], dict[str, Any]]] = {}  # each server's `Info`, for `stats`
         self.migration = migration
         self.node_status = node_status
         self.control_ops = node_ops(name, self.info, self._linked_hops)  # edgellm.split.control
@@ -219,11 +220,17 @@ class DeviceEngine:
         return self.adapters.unload(name)
 
     def stats(self) -> dict[str, Any]:
-        """Generations running, and each local stage host's sessions and batch sizes (servers report theirs in
-        `Info`)."""
+        """Generations running; each stage host's sessions and batch sizes: `stages` (this process's), and
+        `nodes` (those and every server's, from its `Info`; a server that does not answer gets `error`)."""
         hosts: dict[str, Any] = {hop.name: getattr(hop, "handler", None) for hop in self.hops}
         local = {name: host.stats() for name, host in hosts.items() if hasattr(host, "stats")}
-        return {"active_generations": self._active, "stages": local}
+        nodes: dict[str, Any] = dict(local)
+        for name, info in self.server_info.items():
+            try:
+                nodes[name] = info().get("batching") or {}
+            except Exception as exc:  # noqa: BLE001 - a scrape reports the others; this one says why not
+                nodes[name] = {"error": str(exc)}
+        return {"active_generations": self._active, "stages": local, "nodes": nodes}
 
     def _report(self, prompt_ids: list[int], generator: Generator) -> dict[str, Any]:
         result = generator.result
