@@ -18,19 +18,34 @@ def test_generate_prints_the_answer_on_stdout_and_the_stats_on_stderr(tiny_chat_
     assert proc.stdout.endswith("\n")
 
 
-def test_generate_reads_the_prompt_from_stdin(tiny_chat_dir):
-    base = [sys.executable, "-m", "edgellm", "generate", "--model", str(tiny_chat_dir), "--max-new-tokens", "3",
-            "--json"]  # fmt: skip
+def test_generate_reads_the_prompt_from_stdin(tiny_chat_dir, monkeypatch, capsys):
+    """`-` reads the prompt from a real pipe, in a process of its own; the same command without a prompt (stdin not
+    a terminal), with the prompt given, and with an empty stdin go through `main()` in this process, stdin
+    replaced (a process each would cost seconds of imports)."""
+    import io
     import json
 
-    piped = subprocess.run([*base, "-"], input="hello there", capture_output=True, text=True, timeout=300)
+    from edgellm.cli.main import main
+
+    base = ["generate", "--model", str(tiny_chat_dir), "--max-new-tokens", "3", "--json"]
+    piped = subprocess.run([sys.executable, "-m", "edgellm", *base, "-"], input="hello there", capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
     assert piped.returncode == 0, piped.stderr
-    implicit = subprocess.run(base, input="hello there", capture_output=True, text=True, timeout=300)
-    given = subprocess.run([*base, "hello there"], capture_output=True, text=True, timeout=300)
-    assert json.loads(piped.stdout)["new_tokens"] == json.loads(implicit.stdout)["new_tokens"]
-    assert json.loads(piped.stdout)["prompt_tokens"] == json.loads(given.stdout)["prompt_tokens"]
-    empty = subprocess.run(base, input="  ", capture_output=True, text=True, timeout=300)
-    assert empty.returncode == 2 and "empty" in empty.stderr
+
+    def here(args: list[str], stdin: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))  # not a terminal, as a pipe is not
+        code = main([*base, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, implicit, err = here([], "hello there")
+    assert code == 0, err
+    code, given, err = here(["hello there"], "")
+    assert code == 0, err
+    assert json.loads(piped.stdout)["new_tokens"] == json.loads(implicit)["new_tokens"]
+    assert json.loads(piped.stdout)["prompt_tokens"] == json.loads(given)["prompt_tokens"]
+    code, _, err = here([], "  ")
+    assert code == 2 and "empty" in err
 
 
 HINT = "edgellm: hint: the answer ends in a loop; try --repetition-penalty 1.2 or --no-repeat-ngram 3"

@@ -137,8 +137,8 @@ def test_planned_demo_tells_the_story_and_replans_after_a_link_change(real_model
     env = dict(os.environ, EDGELLM_HOME=str(real_model_dir.parent.parent))
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgellm", "demo", "--json", "--max-new-tokens", "28", "--switch-link",
-             "phone-edge1=lte", "--switch-after", "8", "--chart", str(chart)],
+            [sys.executable, "-m", "edgellm", "demo", "--json", "--max-new-tokens", "20", "--switch-link",
+             "phone-edge1=lte", "--switch-after", "6", "--chart", str(chart)],
             stdout=out, stderr=err, text=True, env=env,
         )  # fmt: skip
         tree = ProcessTree(proc)
@@ -163,7 +163,7 @@ def test_planned_demo_tells_the_story_and_replans_after_a_link_change(real_model
     # the switch: edge1 was first on the route; the re-planner moved the chain to start at edge2
     assert split["switch"]["link"] == "phone-edge1" and split["switch"]["profile"] == "lte"
     assert split["migrations"], "the re-planner did not migrate"
-    assert split["migrations"][0]["step"] > 8
+    assert split["migrations"][0]["step"] > 6  # seen 3 steps after the switch (min_samples): 11 tokens to spare
     assert chart.stat().st_size > 10_000
     assert tree.running() == [], "stray node processes"
 

@@ -107,14 +107,25 @@ def test_three_processes_give_whole_model_tokens(request, head_fixture, mode, ti
     assert links == ({"device->edge1", "edge1->edge2"} if mode == "chain" else {"device->edge1", "device->edge2"})
 
 
+@pytest.fixture(scope="module")
+def two_node_device_head(tiny_llama_dir, tmp_path_factory):  # also restarted by a test below
+    deployed = Deployed(tmp_path_factory.mktemp("dep2d"), document(tiny_llama_dir, 1, "device"))
+    yield deployed
+    deployed.stop()
+
+
+@pytest.fixture(scope="module")
+def two_node_server_head(tiny_llama_dir, tmp_path_factory):
+    deployed = Deployed(tmp_path_factory.mktemp("dep2s"), document(tiny_llama_dir, 1, "server"))
+    yield deployed
+    deployed.stop()
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("head", ["device", "server"])
-def test_two_processes_give_whole_model_tokens(head, tiny_llama_dir, tmp_path):
-    deployed = Deployed(tmp_path, document(tiny_llama_dir, 1, head))
-    try:
-        assert generate(deployed.pipeline(), PROMPTS[0]) == reference_tokens(tiny_llama_dir, PROMPTS[0], 12)
-    finally:
-        deployed.stop()
+@pytest.mark.parametrize("head_fixture", ["two_node_device_head", "two_node_server_head"])
+def test_two_processes_give_whole_model_tokens(request, head_fixture, tiny_llama_dir):
+    deployed = request.getfixturevalue(head_fixture)
+    assert generate(deployed.pipeline(), PROMPTS[0]) == reference_tokens(tiny_llama_dir, PROMPTS[0], 12)
 
 
 @pytest.mark.multiprocess
@@ -180,17 +191,13 @@ def test_malformed_messages_get_errors_and_the_node_keeps_serving(three_node_dev
 
 
 @pytest.mark.multiprocess
-def test_restarted_node_reports_unknown_session(tiny_llama_dir, tmp_path):
-    deployed = Deployed(tmp_path, document(tiny_llama_dir, 1, "device"))
-    try:
-        hop = remote(deployed)
-        hop.forward(hidden_request("s-restart", True))
-        deployed.servers.stop()
-        deployed.servers.start(timeout_s=120)
-        with pytest.raises(SessionError, match="unknown session"):
-            remote(deployed).forward(hidden_request("s-restart", False))
-    finally:
-        deployed.stop()
+def test_restarted_node_reports_unknown_session(two_node_device_head):
+    deployed = two_node_device_head
+    remote(deployed).forward(hidden_request("s-restart", True))
+    deployed.servers.stop()
+    deployed.servers.start(timeout_s=120)  # the fixture's teardown stops the new process
+    with pytest.raises(SessionError, match="unknown session"):
+        remote(deployed).forward(hidden_request("s-restart", False))
 
 
 def test_unreachable_node_fails_within_the_deadline_naming_it():

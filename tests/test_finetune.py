@@ -1,4 +1,5 @@
-"""`edgellm finetune` end to end: real node and client processes, a tiny model with a tiny tokenizer.
+"""`edgellm finetune` end to end: real node and client processes, a tiny model with a tiny tokenizer. The test
+process coordinates the runs that end normally (one Python start less each); a run a test kills is a process.
 
 Kill a process mid-training, restart with --resume: the loss curve continues exactly as an uninterrupted run's.
 Several clients: FedAvg rounds leave every client with the same device-side adapter.
@@ -6,8 +7,11 @@ Several clients: FedAvg rounds leave every client with the same device-side adap
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +22,14 @@ import psutil
 import pytest
 import torch
 
+from edgellm.cli.main import main
 from edgellm.deploy.local_deployment import free_port
 from edgellm.deploy.topology import write_topology
+from edgellm.train.client import latest_checkpoint
 
 pytestmark = pytest.mark.multiprocess  # every test runs `edgellm finetune`, which launches nodes and clients
 
-STEPS = 16
+STEPS = 24  # the resume test kills a run twice, a checkpoint (4 steps) apart, well before the end
 COMMON = ["--task", "dates", "--task-examples", "200", "--batch-size", "2", "--seq-len", "64", "--lr", "5e-3",
           "--lora-rank", "4", "--json"]  # fmt: skip
 
@@ -48,14 +54,18 @@ def env(home: Path) -> dict[str, str]:
     return {**os.environ, "EDGELLM_HOME": str(home), "OMP_NUM_THREADS": "1"}
 
 
-def finetune(args: list[str], home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "edgellm", "finetune", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env(home), timeout=timeout)
-
-
-def report(done: subprocess.CompletedProcess) -> dict:
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def finetune(args: list[str], home: Path) -> dict:
+    """`edgellm finetune ARGS` (with --json) run to the end, its report. This process is the coordinator (the one a
+    shell would start: the tests that kill a run start it as a process of its own); the servers and clients it
+    starts are processes, in the environment `env(home)` gives them."""
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setenv("EDGELLM_HOME", str(home))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own handlers
+        code = main(["finetune", *args])
+    assert code == 0, f"finetune exited with {code} (its stderr is in the captured output)"
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +73,7 @@ def uninterrupted(tiny_chat_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("finetune-ref")
     topo = topology(tiny_chat_dir, folder)
     args = ["--topology", str(topo), "--steps", str(STEPS), "--checkpoint-every", "4", "--output", str(folder / "run")]
-    result = report(finetune(args + COMMON, folder / "home"))
+    result = finetune(args + COMMON, folder / "home")
     return topo, result
 
 
@@ -89,52 +99,76 @@ def victim(proc: psutil.Process, which: str) -> psutil.Process:
     raise AssertionError(f"no {which} process among {[c.cmdline() for c in proc.children(recursive=True)]}")
 
 
-@pytest.mark.parametrize("which", ["client", "edge2"])
-def test_resume_after_kill_continues_the_same_loss_curve(uninterrupted, tmp_path, which):
+def wait_for_checkpoint(proc: subprocess.Popen, folder: Path, past: int) -> None:
+    """Until `folder` holds a device checkpoint of a step after `past`; the run must not end first."""
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(folder) <= past:
+        assert proc.poll() is None and time.monotonic() < deadline, "finetune ended before its next checkpoint"
+        time.sleep(0.05)
+
+
+def test_resume_after_kills_continues_the_same_loss_curve(uninterrupted, tmp_path):
+    """One run killed twice: its client at the first checkpoint, then, resumed, a server at the next one. Each kill
+    is a failed peer (exit 3, pointing at --resume); the last resume's losses are the uninterrupted run's, which
+    they can only be if the first resume continued exactly too (the second starts from its checkpoint)."""
     topo, reference = uninterrupted
     home, out = tmp_path / "home", tmp_path / "run"
     args = ["--topology", str(topo), "--steps", str(STEPS), "--checkpoint-every", "4", "--output", str(out), *COMMON]
     cmd = [sys.executable, "-m", "edgellm", "finetune", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(home))
-    deadline = time.monotonic() + 240
-    while not (out / "client-0" / "step-00000004.pt").exists():  # the first checkpoint
-        assert proc.poll() is None and time.monotonic() < deadline, "finetune ended before its first checkpoint"
-        time.sleep(0.05)
-    victim(psutil.Process(proc.pid), which).send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 3, stderr[-2000:]  # a killed client or server is a failed peer: resume
-    assert "--resume" in stderr and ("client 0" in stderr or "edge2" in stderr), stderr[-2000:]
+    for which, resume in (("client", []), ("edge2", ["--resume"])):
+        past = latest_checkpoint(out / "client-0")
+        proc = subprocess.Popen([*cmd, *resume], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env(home))  # fmt: skip
+        wait_for_checkpoint(proc, out / "client-0", past)
+        victim(psutil.Process(proc.pid), which).send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 3, stderr[-2000:]  # a killed client or server is a failed peer: resume
+        assert "--resume" in stderr and ("client 0" in stderr or "edge2" in stderr), stderr[-2000:]
 
-    resumed = report(finetune(args + ["--resume"], home))
+    resumed = finetune(args + ["--resume"], home)
     start = resumed["start_step"]
-    assert 4 <= start < STEPS
+    assert 8 <= start < STEPS
     torch.testing.assert_close(
         torch.tensor(resumed["losses"]["0"]), torch.tensor(reference["losses"]["0"][start:]), rtol=1e-5, atol=1e-6
     )
 
 
-def test_resume_refuses_a_run_folder_with_other_settings(uninterrupted, tmp_path):
+def test_resume_refuses_a_run_folder_with_other_settings(uninterrupted, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own handlers
     topo, reference = uninterrupted
     out = Path(reference["output"])
-    done = finetune(["--topology", str(topo), "--steps", "3", "--output", str(out), "--resume", *COMMON], tmp_path)
-    assert done.returncode == 2 and "other settings" in done.stderr
-    done = finetune(["--topology", str(topo), "--steps", str(STEPS), "--output", str(out), *COMMON], tmp_path)
-    assert done.returncode == 2 and "--resume" in done.stderr
+    # in this process: both are refused before anything starts
+    code = main(["finetune", "--topology", str(topo), "--steps", "3", "--output", str(out), "--resume", *COMMON])
+    assert code == 2 and "other settings" in capsys.readouterr().err
+    code = main(["finetune", "--topology", str(topo), "--steps", str(STEPS), "--output", str(out), *COMMON])
+    assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def federated(tiny_chat_dir, tmp_path_factory):
+    """Federated runs of 4 steps, FedAvg every 2, a checkpoint every 2, by (clients, share, servers): each is run
+    once and read by every test that asks for it. Returns (args, output folder, home, report)."""
+    runs = {}
+
+    def run(clients: int, share: str, servers: int):
+        if (clients, share, servers) not in runs:
+            folder = tmp_path_factory.mktemp(f"federated-{clients}-{share}-{servers}")
+            where = ["--model", str(tiny_chat_dir)]
+            if servers:
+                where = ["--topology", str(topology(tiny_chat_dir, folder, servers=servers))]
+            out, home = folder / "run", folder / "home"
+            args = [*where, "--steps", "4", "--clients", str(clients), "--aggregate-every", "2",
+                    "--checkpoint-every", "2", "--share", share, "--output", str(out), *COMMON]  # fmt: skip
+            runs[clients, share, servers] = args, out, home, finetune(args, home)
+        return runs[clients, share, servers]
+
+    return run
 
 
 @pytest.mark.parametrize(("clients", "share", "servers"), [(3, "shared", 1), (2, "per-client", 1), (2, "shared", 0)])
-def test_federated_clients_end_each_round_with_the_same_device_adapter(
-    tiny_chat_dir, tmp_path, clients, share, servers
-):
-    where = (
-        ["--topology", str(topology(tiny_chat_dir, tmp_path, servers=1))]
-        if servers
-        else ["--model", str(tiny_chat_dir)]
-    )
-    out = tmp_path / "run"
-    args = [*where, "--steps", "4", "--clients", str(clients), "--aggregate-every", "2",
-            "--share", share, "--output", str(out), *COMMON]  # fmt: skip
-    result = report(finetune(args, tmp_path / "home"))
+def test_federated_clients_end_each_round_with_the_same_device_adapter(federated, clients, share, servers):
+    _, out, _, result = federated(clients, share, servers)
     assert sorted(result["losses"]) == [str(k) for k in range(clients)]
     assert all(sum(sync.values()) > 0 for sync in result["sync_bytes_per_client"].values())  # the rounds went out
     states = [torch.load(out / f"client-{k}" / "step-00000004.pt")["adapter"] for k in range(clients)]
@@ -157,7 +191,7 @@ def test_qlora_trains_float_adapters_over_a_4bit_base_on_every_node(tiny_chat_di
     out = tmp_path / "run"
     topo = topology(tiny_chat_dir, tmp_path)
     args = ["--topology", str(topo), "--steps", "8", "--quant", "int4", "--output", str(out), *COMMON]
-    result = report(finetune(args, tmp_path / "home"))
+    result = finetune(args, tmp_path / "home")
     losses = result["losses"]["0"]
     assert losses[-1] < losses[0]
     # Without --checkpoint-every: one checkpoint per side, after the last step, all in the run's folder.
@@ -249,14 +283,15 @@ def test_devices_started_separately_join_one_run(tiny_chat_dir, tmp_path):
     assert states[0] and all(torch.equal(states[0][key], states[1][key]) for key in states[0])
 
 
-def test_several_clients_resume_together_from_the_newest_step_all_of_them_have(tiny_chat_dir, tmp_path):
-    out, home = tmp_path / "run", tmp_path / "home"
-    args = ["--topology", str(topology(tiny_chat_dir, tmp_path, servers=1)), "--steps", "4", "--clients", "2",
-            "--aggregate-every", "2", "--checkpoint-every", "2", "--output", str(out), *COMMON]  # fmt: skip
-    run = report(finetune(args, home))["run"]
-    server = out / "checkpoints" / run / "edge1" / "shared"  # the servers it started kept theirs in the run folder
+def test_several_clients_resume_together_from_the_newest_step_all_of_them_have(federated, tmp_path):
+    args, shared, home, first = federated(3, "shared", 1)
+    out = tmp_path / "run"
+    shutil.copytree(shared, out)  # the run folder as it ended (its recorded name, its servers' checkpoints)
+    at = args.index("--output")
+    args = [*args[:at], "--output", str(out), *args[at + 2 :]]
+    server = out / "checkpoints" / first["run"] / "edge1" / "shared"  # the servers it started kept theirs there
     assert sorted(p.name for p in server.iterdir()) == ["step-00000002.pt", "step-00000004.pt"]
     (out / "client-1" / "step-00000004.pt").unlink()  # client 1 died before its last checkpoint
-    resumed = report(finetune([*args, "--resume"], home))
-    assert resumed["start_step"] == 2
-    assert [len(v) for v in resumed["losses"].values()] == [2, 2]
+    resumed = finetune([*args, "--resume"], home)
+    assert resumed["start_step"] == 2 and resumed["run"] == first["run"]
+    assert [len(v) for v in resumed["losses"].values()] == [2, 2, 2]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_LAYERS
+from edgellm.cli.main import main
 from edgellm.deploy.local_deployment import LocalDeployment, free_port
 from edgellm.deploy.topology import load_topology, write_topology
 
@@ -37,13 +38,20 @@ def document(model_dir: Path, token_file: Path) -> dict:
     }
 
 
-def edgellm(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+def edgellm(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """`edgellm ARGS` as its own process (`profile`, which starts the nodes itself); it must succeed."""
     env = dict(os.environ, EDGELLM_HOME=str(home))
     proc = subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def plan(capsys, *args: str) -> tuple[int, str, str]:
+    """`edgellm plan ARGS` in this process (pure planning: no model, no node): exit code, stdout, stderr."""
+    code = main(["plan", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +88,13 @@ def test_profile_measures_every_node_scheme_and_link(profiled):
     assert set(profile["quality"]["schemes"]) == {"none", "int8"} and profile["quality"]["codecs"]["none"] == 0.0
 
 
-def test_plan_writes_a_runnable_topology_and_infeasible_names_the_constraint(profiled, tmp_path):
-    path, profile_path, home = profiled
+def test_plan_writes_a_runnable_topology_and_infeasible_names_the_constraint(profiled, tmp_path, capsys):
+    path, profile_path, _ = profiled
     out = tmp_path / "planned.toml"
-    proc = edgellm("plan", "--topology", str(path), "--profile", str(profile_path), "--json", "--write", str(out),
-                   home=home)  # fmt: skip
-    report = json.loads(proc.stdout)
+    code, stdout, err = plan(capsys, "--topology", str(path), "--profile", str(profile_path), "--json", "--write",
+                             str(out))  # fmt: skip
+    assert code == 0, err
+    report = json.loads(stdout)
     stages = report["plan"]["stages"]
     assert stages[0]["node"] == "phone" and stages[-1]["end"] == TINY_LAYERS  # the device first, every layer
     assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:]))
@@ -98,41 +107,35 @@ def test_plan_writes_a_runnable_topology_and_infeasible_names_the_constraint(pro
         node["emulated"]["memory_mb"] = 1
     tight = tmp_path / "tight.json"
     tight.write_text(json.dumps(profile))
-    proc = edgellm("plan", "--topology", str(path), "--profile", str(tight), home=home, check=False)
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip()
+    code, _, err = plan(capsys, "--topology", str(path), "--profile", str(tight))
+    assert code == 2, err
+    line = err.strip()
     assert "\n" not in line and line.startswith("edgellm: error: no plan") and "budget" in line
 
 
-def test_plan_refuses_a_stale_profile(profiled, tmp_path):
-    path, profile_path, home = profiled
+def test_plan_refuses_a_stale_profile(profiled, tmp_path, capsys):
+    path, profile_path, _ = profiled
     profile = json.loads(profile_path.read_text())
     profile["key"]["topology"] = "0" * 16
     stale = tmp_path / "stale.json"
     stale.write_text(json.dumps(profile))
-    proc = edgellm("plan", "--topology", str(path), "--profile", str(stale), home=home, check=False)
-    assert proc.returncode == 2 and "stale" in proc.stderr
+    code, _, err = plan(capsys, "--topology", str(path), "--profile", str(stale))
+    assert code == 2 and "stale" in err
 
 
-def test_run_plan_auto_moves_the_running_nodes_to_the_plan(profiled, tmp_path):
+def test_run_plan_auto_moves_the_running_nodes_to_the_plan(profiled, tmp_path, capsys, monkeypatch):
     path, profile_path, home = profiled
     topology = load_topology(path)
-    env = {"EDGELLM_HOME": str(home)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with LocalDeployment(topology, path, tmp_path):
-            proc = edgellm("run", "--topology", str(path), "--plan", "auto", "--profile", str(profile_path),
-                           "--max-new-tokens", "4", "--json", "hello", home=home)  # fmt: skip
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    report = json.loads(proc.stdout)
-    planned = json.loads(edgellm("plan", "--topology", str(path), "--profile", str(profile_path), "--json",
-                                 home=home).stdout)["plan"]  # fmt: skip
+    monkeypatch.setenv("EDGELLM_HOME", str(home))
+    with LocalDeployment(topology, path, tmp_path):  # `run` reaches them from this process, as `check` tests do
+        code = main(["run", "--topology", str(path), "--plan", "auto", "--profile", str(profile_path),
+                     "--max-new-tokens", "4", "--json", "hello"])  # fmt: skip
+        stdout, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(stdout)
+    code, stdout, err = plan(capsys, "--topology", str(path), "--profile", str(profile_path), "--json")
+    assert code == 0, err
+    planned = json.loads(stdout)["plan"]
     layers = {n["name"]: n["layers"] for n in report["nodes"]}
     for stage in planned["stages"]:
         if stage["end"] > stage["start"]:

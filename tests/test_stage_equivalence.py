@@ -160,16 +160,27 @@ def _merged(parts: list[Stage], spec: StageSpec) -> Stage:
     return stage
 
 
+REAL_PROMPT = torch.tensor([[1, 504, 3045, 314, 253, 1345, 28, 9, 3575, 282, 4649]])
+
+
+@pytest.fixture(scope="module")
+def real_reference(real_model_dir):
+    """The real model run monolithically (transformers), loaded once for this module's tests, and its run on
+    `REAL_PROMPT`: prefill and DECODE_STEPS cached greedy steps."""
+    ref = reference_model(real_model_dir)
+    return ref, reference_run(ref, REAL_PROMPT)
+
+
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_model_every_single_cut_both_heads(real_model_dir):
+def test_real_model_every_single_cut_both_heads(real_model_dir, real_reference):
     """Loads the model once per head side, cut after every layer, and runs each single cut as two stages made of
     those layers (loading only a stage's own weights is `test_stage_loads_only_its_layers`)."""
-    ref = reference_model(real_model_dir)
-    prompt = torch.tensor([[1, 504, 3045, 314, 253, 1345, 28, 9, 3575, 282, 4649]])
-    steps = 4  # the prefill and cached decode steps; the multi-cut test below runs the default 10
-    want = reference_run(ref, prompt, steps=steps)
-    del ref
+    # Two cached decode steps after the prefill: the first reads the KV cache each stage's prefill wrote, the second
+    # also the entry a decode step appended (58 chains of the whole model; the multi-cut test runs DECODE_STEPS).
+    steps = 2
+    prompt_logits, step_logits, tokens = real_reference[1]
+    want = prompt_logits, step_logits[:steps], tokens[:, :steps]  # a greedy run's first steps are a shorter run's
     layers = 30
     for head in ("server", "device"):
         pieces = load_stages(real_model_dir, stage_specs(layers, list(range(1, layers)), head))  # one per layer
@@ -178,18 +189,16 @@ def test_real_model_every_single_cut_both_heads(real_model_dir):
             stages = [_merged(pieces[:cut], specs[0]), _merged(pieces[cut:layers], specs[1])]
             if head == "device":
                 stages.append(pieces[-1])  # the head-only stage
-            assert_same_run(staged_run(stages, prompt, steps=steps), want)
+            assert_same_run(staged_run(stages, REAL_PROMPT, steps=steps), want)
 
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_model_multi_cut_and_padded_batch(real_model_dir):
-    ref = reference_model(real_model_dir)
-    prompt = torch.tensor([[1, 504, 3045, 314, 253, 1345, 28, 9, 3575, 282, 4649]])
-    want = reference_run(ref, prompt)
+def test_real_model_multi_cut_and_padded_batch(real_model_dir, real_reference):
+    ref, want = real_reference
     for cuts, head in [([10, 20], "server"), ([5, 15, 25], "device"), ([1, 2, 28, 29], "server")]:
         stages = load_stages(real_model_dir, stage_specs(30, cuts, head))
-        assert_same_run(staged_run(stages, prompt), want)
+        assert_same_run(staged_run(stages, REAL_PROMPT), want)
     ids = torch.tensor([[2, 2, 2, 1, 504, 3045, 314, 253], [1, 3575, 282, 4649, 314, 7042, 30, 198]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8], dtype=torch.bool)
     stages = load_stages(real_model_dir, stage_specs(30, [10, 20], "device"))
