@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 from edgellm.cli.choices import DTYPE_NAMES, ENGINES
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edgellm.serve.http.app import create_app
+    from edgellm.split.compute_thread import install as install_compute_thread
 
     app = create_app(engine, config)
     host, port = sock.getsockname()[:2]
@@ -92,9 +94,21 @@ def run(args: argparse.Namespace) -> int:
     # The socket listens already: connections made from now on wait in its backlog until uvicorn accepts them.
     print(json.dumps({"event": "ready", "url": url, "model": app.state.service.model_id, "auth": api_key is not None}),
           flush=True)  # fmt: skip
-    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn drains on them, then raises them again: as a stop
-        signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock])
+    # The HTTP server runs on a side thread; this thread, which loaded the weights, runs every stage computation
+    # (edgellm.split.compute_thread: torch is much slower on other threads here). A signal drains the server.
+    compute = install_compute_thread()
+    stopped = threading.Event()
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            stopped.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    threading.Thread(target=serve_http, name="edgellm-http", daemon=True).start()
+    compute.serve(stopped)
     # Stopped (SIGINT/SIGTERM) and drained: exit 0, as `edgellm node` does, skipping interpreter teardown (seconds
     # of module finalization with torch loaded) so the port and the process go promptly.
     sys.stdout.flush()

@@ -37,6 +37,7 @@ from edgellm.serve.device import DeviceEngine, DeviceServer
 from edgellm.serve.local_engine import DTYPES
 from edgellm.serve.migration import Controller, LiveMigration
 from edgellm.serve.report import weight_bytes
+from edgellm.split import compute_thread
 from edgellm.split.adapter_ops import register_adapter_ops
 from edgellm.split.budget import MemoryLedger, release_freed_memory, rss_bytes
 from edgellm.split.coalesce import CoalescingHop
@@ -278,7 +279,7 @@ def run_node(
          time.perf_counter() - started)  # fmt: skip
     if on_ready is not None:
         on_ready({"event": "ready", "name": name, "address": built.address, "port": port})
-    stop.wait()
+    compute_thread.install().serve(stop)  # this thread loaded the weights: it runs every stage pass (fastest)
     server.stop(grace=1.0).wait()
     return 0
 

@@ -20,6 +20,7 @@ from edgellm.model.kv import KVCache, capacity_for
 from edgellm.model.session_rows import SessionRows
 from edgellm.model.stage import Stage
 from edgellm.net.messages import PROTOCOL_VERSION, CloseSession, ForwardReply, ForwardRequest
+from edgellm.split import compute_thread
 from edgellm.split.batching import Leadership, Work, next_iteration
 from edgellm.split.budget import NodeEmulation, StageMemory
 from edgellm.split.limits import EVICT_IDLE_S, MAX_BATCH, PREFILL_CHUNK, SessionLimits
@@ -191,8 +192,12 @@ class StageHost:
                 lead.cond.notify_all()
 
     def _iterate(self, rows: list[Work], other: Work | None) -> None:
-        with self.lock, torch.inference_mode():
-            spent = (self._run_rows(rows) if rows else 0.0) + (self._run_chunk(other) if other is not None else 0.0)
+        def passes() -> float:
+            with torch.inference_mode():  # thread-local: entered on the thread that computes
+                return (self._run_rows(rows) if rows else 0.0) + (self._run_chunk(other) if other is not None else 0.0)
+
+        with self.lock:
+            spent = compute_thread.run(passes)  # on the process's compute thread, if it has one
             scale = self.emulation.compute_scale
             if scale > 1.0:  # an emulated slower node: busy for the rest of its time, still holding the lock
                 time.sleep((scale - 1.0) * spent)
