@@ -55,7 +55,7 @@ from record import (
     summary,
     target_record,
 )
-from report import PROMPT, ci_caption, markdown_table, same_prefix, with_ci
+from report import PROMPTS, ci_caption, markdown_table, same_prefix, with_ci
 
 from edgellm.engine.slots import SlotCache
 from edgellm.errors import ConfigError
@@ -66,17 +66,7 @@ from edgellm.store.weights import load_config, load_tokenizer
 
 SCHEMES = ("none", "int8", "int4-g32,head=int8,embed=int8")
 BATCH_TARGET = 4.0  # batch-8 decode tok/s / batch-1 decode tok/s
-# Session b asks PROMPTS[b % 8]; each asks for a long answer, so that no row's text ends early.
-PROMPTS = (
-    PROMPT,
-    "Describe in detail how a compiler turns source code into machine code, stage by stage.",
-    "Explain how the heart pumps blood through the body.",
-    "Write a detailed guide to planting and caring for a vegetable garden through the seasons.",
-    "Explain how a CPU cache works and why it makes programs faster, with examples.",
-    "Describe the water cycle in detail.",
-    "Explain step by step how public-key cryptography keeps a connection to a website secure.",
-    "Tell the history of the printing press and how it changed Europe.",
-)
+# Session b asks PROMPTS[b % 8] (bench/report.py).
 
 
 @dataclass

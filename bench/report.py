@@ -14,6 +14,17 @@ from typing import Any
 # One user turn, wrapped by the model's chat template (48 tokens for SmolLM2-135M-Instruct, its system
 # turn included), asking for a long answer, so that the measured generations rarely stop at end-of-sequence.
 PROMPT = "Explain step by step how a transformer language model generates text, from tokenization to sampling."
+# Eight chat prompts asking for long answers, so that no session's text ends early (batch.py, serve.py).
+PROMPTS = (
+    PROMPT,
+    "Describe in detail how a compiler turns source code into machine code, stage by stage.",
+    "Explain how the heart pumps blood through the body.",
+    "Write a detailed guide to planting and caring for a vegetable garden through the seasons.",
+    "Explain how a CPU cache works and why it makes programs faster, with examples.",
+    "Describe the water cycle in detail.",
+    "Explain step by step how public-key cryptography keeps a connection to a website secure.",
+    "Tell the history of the printing press and how it changed Europe.",
+)
 
 
 def median(values: Sequence[float]) -> float:

@@ -37,22 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from record import Recorder, add_record_arguments, format_target, machine_info, schedule, summary, target_record
-from report import PROMPT, markdown_table, with_ci
+from report import PROMPTS, markdown_table, with_ci
 from serve_load import LoadRun, RequestRecord, Server, make_adapters, run_load, stream_chat
 
 from edgellm.store import DEFAULT_MODEL, resolve_model
 from edgellm.store.weights import load_config
 
-PROMPTS = (
-    PROMPT,
-    "Describe in detail how a compiler turns source code into machine code, stage by stage.",
-    "Explain how the heart pumps blood through the body.",
-    "Write a detailed guide to planting and caring for a vegetable garden through the seasons.",
-    "Explain how a CPU cache works and why it makes programs faster, with examples.",
-    "Describe the water cycle in detail.",
-    "Explain step by step how public-key cryptography keeps a connection to a website secure.",
-    "Tell the history of the printing press and how it changed Europe.",
-)
 TARGETS = {"concurrency": 4.0, "mixed_vs_one": 0.8, "mixed_vs_merge": 4.0, "memory_per_adapter": 1.25}
 
 

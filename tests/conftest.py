@@ -220,3 +220,27 @@ def tiny_chat_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 def model_dirs(tmp_path_factory, tiny_llama_dir):
     """Tiny llama and gpt2 models by architecture name (the LoRA tests cover a Linear and a Conv1D model)."""
     return {"llama": tiny_llama_dir, "gpt2": make_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2-lora"))}
+
+
+def in_threads(job, count: int, timeout_s: float = 120.0) -> list:
+    """`job(i)` for i in 0..count-1, each on its own thread at once; -> their results in order (the first error
+    any raised is raised here)."""
+    import threading
+
+    results: dict = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = job(i)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    if errors:
+        raise errors[0]
+    return [results.get(i) for i in range(count)]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import pytest
 import torch
 
-from conftest import TINY_LAYERS
+from conftest import TINY_LAYERS, in_threads
 from edgellm.errors import ConfigError, SessionError
 from edgellm.model.session_rows import SessionRows
 from edgellm.model.stage import stage_specs
@@ -102,22 +101,7 @@ def test_concurrent_generations_through_a_split_get_the_tokens_each_gets_alone(t
     # An emulated slower node (x3) keeps each pass busy long enough for the other sessions' steps to queue up.
     hosts = [StageHost(s, limits, emulation=NodeEmulation(compute_scale=3.0)) for s in stages]
     want = [_generate([StageHost(s) for s in stages], p) for p in PROMPTS]
-    got: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i):
-        try:
-            got[i] = _generate(hosts, PROMPTS[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
-    assert [got[i] for i in range(len(PROMPTS))] == want
+    assert in_threads(lambda i: _generate(hosts, PROMPTS[i]), len(PROMPTS), 60) == want
     for host in hosts:
         assert max(int(k) for k in host.stats()["batch_sizes"]) > 1, host.stats()  # passes were shared
         assert host.prefill_chunks >= sum(-(-len(p) // 4) for p in PROMPTS)
@@ -173,19 +157,13 @@ def test_a_coalescing_hop_carries_concurrent_sessions_steps_in_one_message(tiny_
     hops = [LocalHop("stage0", hosts[0])]
     hops += [CoalescingHop(LocalHop(f"stage{i}", h), window_s=0.05) for i, h in enumerate(hosts[1:], 1)]
     want = [_generate([StageHost(s) for s in stages], p) for p in PROMPTS]
-    got: dict[int, list[int]] = {}
 
     def run(i):
-        got[i] = (
+        return (
             Generator(Pipeline(hops), GenerationConfig(max_new_tokens=8)).run(torch.tensor([PROMPTS[i]])).new_tokens[0]
         )
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert [got.get(i) for i in range(len(PROMPTS))] == want
+    assert in_threads(run, len(PROMPTS), 60) == want
     for hop, host in zip(hops[1:], hosts[1:]):
         assert hop.messages > 0 and hop.rows > hop.messages  # steps of several sessions shared messages
         assert host.stats()["row_messages"] == hop.messages and host.session_count == 0

@@ -3,12 +3,11 @@ it gets alone (and, with an adapter, what peft gives); adapters load on demand, 
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from test_adapters import make_peft_adapter
 
+from conftest import in_threads
 from edgellm.errors import BusyError, ConfigError
 from edgellm.serve.local_device import local_device_engine
 
@@ -62,22 +61,8 @@ def test_an_adapter_generates_what_peft_generates_and_differs_from_the_base(engi
 def test_concurrent_generations_with_mixed_adapters_get_what_each_gets_alone(engine):
     jobs = [(p, a) for p in PROMPTS for a in (None, "alice", "bob")]
     want = [_tokens(engine, p, a) for p, a in jobs]
-    got: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i):
-        try:
-            got[i] = _tokens(engine, *jobs[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
-    assert [got[i] for i in range(len(jobs))] == want
+    got = in_threads(lambda i: _tokens(engine, *jobs[i]), len(jobs), 120)
+    assert got == want
     stats = engine.stats()
     (host,) = stats["stages"].values()
     assert max(int(k) for k in host["batch_sizes"]) > 1 and host["sessions"] == 0

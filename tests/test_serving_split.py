@@ -4,12 +4,11 @@ and batches the sessions' steps; every answer equals peft's alone."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from test_deployment import Deployed, document
 from test_serving_engine import PROMPTS, STEPS, _greedy, _tokens, adapters_dir  # noqa: F401 - a fixture
 
+from conftest import in_threads
 from edgellm.deploy.device_engine import topology_device_engine
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -27,21 +26,7 @@ def test_mixed_adapters_through_a_split_equal_peft_and_each_node_holds_its_layer
     root, models = adapters_dir
     engine = topology_device_engine(str(deployed.path), adapters_dir=root)
     jobs = [(p, a) for p in PROMPTS[:3] for a in (None, "alice", "bob")]
-    got: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i):
-        try:
-            got[i] = _tokens(engine, *jobs[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not errors, errors
+    got = in_threads(lambda i: _tokens(engine, *jobs[i]), len(jobs), 180)
     for i, (prompt, adapter) in enumerate(jobs):
         model = models[adapter or "alice"]
         if adapter is None:

@@ -173,10 +173,12 @@ class DeviceEngine:
         if request.adapter is not None and self.adapters is None:
             raise ConfigError(f"node {self.name} serves no adapters; asked for {request.adapter!r}")
         with self._lock:
-            while self.migration is not None and (waiting := self.migration.take_unscheduled()) is not None:
-                if self._active:
-                    break  # the layout changes once no generation is running on it
-                self.migrate(waiting)  # asked for while the last generation was finishing
+            # A layout asked for while the last generation was finishing moves the deployment once none runs on it.
+            while not self._active and self.migration is not None:
+                waiting = self.migration.take_unscheduled()
+                if waiting is None:
+                    break
+                self.migrate(waiting)
             self._active += 1
             hops = list(self.hops)
         try:
