@@ -66,13 +66,10 @@ class ForwardRequest:
         last_only: a head stage returns logits of each row's last real token only.
         route: in chain mode, the nodes this request still has to visit after the receiver, in order.
         reply_codec: codec for hidden states in the reply (the link's codec); logits are always lossless.
-        argmax: a head stage replies with each row's most likely next token ([B, 1] int64) instead of logits:
-            greedy decoding then moves 8 bytes per row back instead of the whole distribution.
-        adapter: on a session's first request, the LoRA adapter the session runs with on every stage that holds
-            some of its layers ("" = the base model); later requests of the session ignore it.
-        rows: a decode step of several sessions in one message (continuous batching across the split): row b of
-            `data` is the next token of session `rows[b]`, a session of one sequence; `session` is then unused
-            and `new_session` false, S is 1 and there is no mask. Empty for a request of one session.
+        argmax: a head stage replies with each row's most likely next token ([B, 1] int64), not logits.
+        adapter: on a session's first request, its LoRA adapter on every stage ("" = the base model).
+        rows: several sessions' decode steps in one message: row b of `data` is session `rows[b]`'s next token
+            (S = 1, no mask, no session start; `session` unused). Empty for one session's request.
         version: protocol version of the sender.
     """
 
@@ -167,13 +164,9 @@ class TrainOpen:
 
 @dataclass(frozen=True)
 class TrainForward:
-    """Run the receiver's stage with its adapters on a training batch and keep what the backward pass needs.
-
-    Attributes:
-        step: the client's training step; the matching `TrainBackward` names it.
-        data: [B, S, D] hidden states; positions: [B, S] int64; token_mask: [B, S] bool or None.
-        eval: evaluate only: no graph kept, adapter dropout off, no backward to follow.
-    """
+    """Run the receiver's stage with its adapters on a training batch and keep what the backward pass needs:
+    `step` (the matching `TrainBackward` names it), `data` [B, S, D], `positions` [B, S] int64, `token_mask`
+    [B, S] bool or None; `eval`: evaluate only (no graph kept, adapter dropout off, no backward to follow)."""
 
     session: str
     step: int
@@ -188,11 +181,8 @@ class TrainForward:
 
 @dataclass(frozen=True)
 class TrainBackward:
-    """The gradient of the loss with respect to the receiver's output (in chain mode: the last node's output).
-
-    The receiver passes it down its route first, backpropagates what comes back through its own stage, steps
-    its optimizer, and replies with the gradient with respect to its input ([B, S, D]).
-    """
+    """The loss's gradient w.r.t. the receiver's output (chain mode: the last node's); the receiver passes it down
+    its route, backpropagates through its stage, steps its optimizer, and replies with the input's ([B, S, D])."""
 
     session: str
     step: int
@@ -209,13 +199,10 @@ SYNC_OPS = ("get", "put", "checkpoint", "aggregate")
 class AdapterSync:
     """Move adapter weights of a training session.
 
-    Ops:
-        get: every node on the route returns its adapter weights (and, with `grads`, the gradients of its last
-            backward pass); the reply merges them (full-model parameter names never collide).
-        put: every node loads the weights named for its layers (to start from an existing adapter).
-        checkpoint: every node saves its adapters and optimizer as of `step` (the first request for a step wins).
-        aggregate: the receiver only: this client's adapter weights, with `weight` (its samples), for the FedAvg
-            round of `step`; the reply is the round's average once every client sent (or the round timed out).
+    Ops: `get`: every node on the route returns its adapter weights (with `grads`, its last backward's gradients
+    too), merged in the reply; `put`: every node loads the weights of its layers; `checkpoint`: every node saves its
+    adapters and optimizer as of `step` (the first request for a step wins); `aggregate`: the receiver only: this
+    client's weights with `weight` (its samples) for the FedAvg round of `step`, answered by the round's average.
     """
 
     session: str
