@@ -52,3 +52,21 @@ def test_mixed_adapters_through_a_split_equal_peft_and_each_node_holds_its_layer
     engine.unload_adapter("alice")
     hop = deployed.servers._control_hop("edge2")
     assert [a["name"] for a in hop.control({"op": "adapters"})["adapters"]] == ["bob"]
+
+
+def test_speculative_generation_across_processes_equals_plain_decoding(deployed):
+    """Drafts verified through a 3-node chain (head on the last server): the same tokens as plain decoding, and
+    with the target itself as the drafter every draft is kept, several tokens per round trip."""
+    engine = topology_device_engine(str(deployed.path))
+    for prompt in PROMPTS[:2]:
+        plain = _tokens(engine, prompt)
+        for draft in ("int8", "none"):
+            request = {"prompt_ids": prompt, "max_new_tokens": STEPS, "speculative": "3", "draft": draft}
+            events = list(engine.generate(request))
+            report = events[-1]["report"]
+            assert [e["token"] for e in events[:-1]] == report["new_tokens"] == plain, draft
+            spec = report["speculative"]
+            assert spec["rounds"] >= 1 and spec["drafter"] == draft
+            if draft == "none":
+                assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_round"] > 2
+                assert report["links"][0]["calls"] == spec["rounds"] + 1  # one message per round, not per token

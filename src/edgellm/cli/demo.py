@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.cli.choices import DEMO_PROMPT
-from edgellm.cli.generate import add_sampling_arguments, echo_text, sampling_from
+from edgellm.cli.generate import (
+    add_sampling_arguments,
+    add_speculative_arguments,
+    echo_text,
+    sampling_from,
+    speculative_from,
+)
 from edgellm.deploy.chart import PLOT_INSTALL, breakdown_chart, plotting_available
 from edgellm.net.link import PROFILES
 
@@ -59,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--chart", type=Path, default=Path("edgellm-demo.png"),
                         help="where to write the latency chart (default: ./edgellm-demo.png)")  # fmt: skip
     add_sampling_arguments(parser)
+    add_speculative_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text and tables")
     parser.set_defaults(run=run)
 
@@ -78,17 +85,18 @@ def parse_switch(text: str | None) -> tuple[str, str, str] | None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
+    speculative = speculative_from(args)
     if args.plan == "auto":
         from edgellm.control.demo import StoryConfig
 
         story = StoryConfig(args.prompt, args.max_new_tokens, sampling, args.threads, args.topology, args.objective,
                             args.max_ppl_increase, parse_switch(args.switch_link), args.switch_after,
-                            not args.no_replan)  # fmt: skip
+                            not args.no_replan, speculative=speculative)  # fmt: skip
         return _guarded(args, lambda on_text, on_phase: _run_story(args, story, on_text, on_phase))
     from edgellm.deploy.demo_scenarios import DemoConfig  # heavy (torch): not at import, for --help
 
     cfg = DemoConfig(args.prompt, args.profile, args.hops, args.codec, args.head, args.max_new_tokens, sampling,
-                     threads=args.threads or 2)  # fmt: skip
+                     threads=args.threads or 2, speculative=speculative)  # fmt: skip
     return _guarded(args, lambda on_text, on_phase: _run_manual(args, cfg, on_text, on_phase))
 
 

@@ -14,6 +14,7 @@ from edgellm.store import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from edgellm.model.sampling import SamplingConfig
+    from edgellm.spec.config import SpeculativeConfig
 
 # The library (torch, transformers) is imported inside the functions that run a command, not here: building the
 # parser for `edgellm --help` must stay light (tests/test_cli_light.py).
@@ -32,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
     add_sampling_arguments(parser)
+    add_speculative_arguments(parser)
     add_chat_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(run=run)
@@ -80,6 +82,52 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                        help="never repeat an N-token sequence already seen (3 is usual; default: 0, off)")  # fmt: skip
 
 
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--speculative [auto|K]`, `--draft SPEC`, `--draft-model M` -> `speculative_from(args)`."""
+    group = parser.add_argument_group("speculative decoding (docs/SPECULATIVE.md)")
+    group.add_argument("--speculative", nargs="?", const="auto", default=None, metavar="auto|K",
+                       help="a drafter on the device proposes tokens and the model verifies them in one pass per "
+                       "round trip; the tokens stay the model's own (greedy: identical; sampled: same distribution). "
+                       "K drafts per round, or auto (the default when the flag is given alone): chosen each round "
+                       "from measured acceptance and round-trip time, 0 (plain decoding) when drafting does not pay")  # fmt: skip
+    group.add_argument("--draft", default=None, metavar="SPEC",
+                       help="the drafter: a quantization scheme applied to the model itself (default: int4-g32, "
+                       "about 100 MB), exit:FILE (the device's first layers with an exit head trained by "
+                       "`edgellm draft train-exit`), or model:NAME|DIR (a smaller model with the same tokenizer)")  # fmt: skip
+    group.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="M",
+        help="a smaller model with the same tokenizer as the drafter (same as --draft model:M)",
+    )
+
+
+def speculative_from(args: argparse.Namespace) -> dict[str, str] | None:
+    """The speculative flags as a generate request's fields (`speculative`, `draft`), or None when off.
+
+    Raises:
+        ConfigError: --draft and --draft-model together, or either without --speculative.
+    """
+    if args.draft is not None and args.draft_model is not None:
+        raise ConfigError("give --draft or --draft-model, not both")
+    draft = f"model:{args.draft_model}" if args.draft_model is not None else args.draft
+    if args.speculative is None:
+        if draft is not None:
+            raise ConfigError("--draft and --draft-model choose the drafter of --speculative; add --speculative")
+        return None
+    return {"speculative": args.speculative, **({"draft": draft} if draft is not None else {})}
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig | None:
+    """`speculative_from` as a config (imports the library). Raises ConfigError on a bad value."""
+    from edgellm.spec.config import DEFAULT_DRAFT, SpeculativeConfig
+
+    fields = speculative_from(args)
+    if fields is None:
+        return None
+    return SpeculativeConfig.parse(fields["speculative"], fields.get("draft", DEFAULT_DRAFT))
+
+
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     """`--no-chat` (raw text) and `--chat` (the default, accepted for compatibility) -> `args.chat`."""
     parser.add_argument("--chat", dest="chat", action="store_true", default=True,
@@ -113,10 +161,12 @@ def run(args: argparse.Namespace) -> int:
 
     args.prompt = read_prompt(args.prompt)
     sampling = sampling_from(args)
+    speculative = speculative_config(args)
     split = LocalSplitConfig(
         args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant, args.engine
     )
-    options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                           speculative=speculative)  # fmt: skip
     loaded = load_split(split)
     if args.json:
         report = generate_text(loaded, args.prompt, options)
@@ -171,11 +221,23 @@ def print_summary(report: dict) -> None:
         f"head on {report['head']}: {tokens} tokens, TTFT {report['ttft_ms']:.0f} ms, "
         f"{report['decode_tok_per_s']:.1f} tok/s decode"
     )
+    print_speculative(report)
     print(f"{'stage':<28} {'layers':>9} {'compute ms':>11} {'ms/call':>8} {'weights MB':>11}")
     for s in report["stages"]:
         per_call = s["compute_ms"] / max(s["calls"], 1)
         layers = f"{s['layers'][0]}-{s['layers'][1]}"
         print(f"{s['name']:<28} {layers:>9} {s['compute_ms']:>11.1f} {per_call:>8.2f} {s['weight_bytes'] / 1e6:>11.1f}")
+
+
+def print_speculative(report: dict) -> None:
+    """One line on drafting, when the run drafted."""
+    spec = report.get("speculative")
+    if not spec:
+        return
+    rate = "-" if spec["acceptance_rate"] is None else f"{spec['acceptance_rate']:.0%}"
+    per_round = "-" if spec["tokens_per_round"] is None else f"{spec['tokens_per_round']:.2f}"
+    print(f"speculative: drafter {spec['drafter']}, k {spec['k']}, {spec['rounds']} rounds, acceptance {rate}, "
+          f"{per_round} tokens per round trip, drafts per round {spec['k_counts']}")  # fmt: skip
 
 
 def add_quant_arguments(parser: argparse.ArgumentParser) -> None:

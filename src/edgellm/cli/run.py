@@ -11,10 +11,13 @@ from typing import Any
 from edgellm.cli.generate import (
     add_chat_arguments,
     add_sampling_arguments,
+    add_speculative_arguments,
     echo_text,
     print_loop_hint,
+    print_speculative,
     read_prompt,
     sampling_from,
+    speculative_from,
 )
 from edgellm.cli.plan import add_plan_arguments, plan_request
 from edgellm.errors import ConfigError
@@ -37,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="stop after N tokens (default: 64)")
     add_chat_arguments(parser)
     add_sampling_arguments(parser)
+    add_speculative_arguments(parser)
     parser.add_argument("--plan", choices=["fixed", "auto"], default="fixed",
                         help="fixed: the layout the nodes run (default); auto: profile the deployment (cached), plan "
                         "it, and move the running nodes to the plan before generating (chain mode)")  # fmt: skip
@@ -53,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.prompt = read_prompt(args.prompt)
     sampling = sampling_from(args)
+    speculative = speculative_from(args) or {}
     topology = load_topology(args.topology)
     device = topology.device
     if device.address is None:
@@ -66,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "chat": args.chat,
         "max_new_tokens": args.max_new_tokens,
         **sampling.to_json(),
+        **speculative,
     }
     report: dict[str, Any] = {}
     for event in hop.generate(request):
@@ -90,6 +96,7 @@ def print_deployment_summary(report: dict[str, Any]) -> None:
         f"\n{len(report['new_tokens'])} tokens, TTFT {report['ttft_ms']:.0f} ms, "
         f"{report['decode_tok_per_s']:.1f} tok/s decode ({report.get('mode', '?')} mode)"
     )
+    print_speculative(report)
     print(f"{'node':<12} {'layers':>9} {'compute ms':>11} {'RSS/budget MB':>16}")
     for n in report["nodes"]:
         print(f"{n['name']:<12} {n['layers'][0]:>4}-{n['layers'][1]:<4} {n['compute_ms']:>11.1f} {_memory(n):>16}")

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from edgellm.cli.choices import DTYPE_NAMES, ENGINES
+from edgellm.cli.generate import add_speculative_arguments, speculative_config
 from edgellm.errors import ConfigError
 from edgellm.store import DEFAULT_MODEL
 
@@ -58,6 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     adapters.add_argument("--adapter-budget-mb", type=float, default=None, metavar="N",
                           help="memory the loaded adapters may take together; loading one more unloads the least "
                           "recently used ones no request is using (default: no limit)")  # fmt: skip
+    add_speculative_arguments(parser)
     limits = parser.add_argument_group("access and limits")
     limits.add_argument("--api-key", default=None, metavar="KEY",
                         help=f"require 'Authorization: Bearer KEY' on /v1, /admin and /metrics (default: ${API_KEY_ENV} "
@@ -77,9 +79,15 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --topology: the topology sets the model")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    config = ServeConfig(api_key, args.max_concurrent, args.max_tokens_default)
+    speculative = speculative_config(args)  # a bad value fails before anything loads
+    config = ServeConfig(api_key, args.max_concurrent, args.max_tokens_default,
+                         speculative=None if speculative is None else speculative.to_json())  # fmt: skip
     sock = _listen(args.host, args.port)  # before loading the model: a taken port fails in a second
     engine = _engine(args)
+    if speculative is not None:
+        if engine.drafts is None:
+            raise ConfigError("this deployment's device has no drafter: --speculative cannot be served")
+        engine.drafts.get(speculative.draft)  # loaded now, not on the first request
     import uvicorn
 
     from edgellm.serve.http.app import create_app

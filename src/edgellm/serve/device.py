@@ -15,10 +15,13 @@ from edgellm.errors import ConfigError
 from edgellm.model.prompt import TextStream, stop_ids
 from edgellm.model.stage import StageSpec
 from edgellm.serve.adapter_catalog import AdapterCatalog
+from edgellm.serve.drafts import DraftShelf
 from edgellm.serve.generate_request import GenerateRequest
 from edgellm.serve.migration import LiveMigration, local_compute, migration_rows, run_traces
 from edgellm.serve.report import link_report, node_compute, timing_report
 from edgellm.serve.step_timing import StepTimer
+from edgellm.spec.config import SpeculativeConfig
+from edgellm.spec.generator import SpeculativeGenerator
 from edgellm.split.budget import rss_bytes, to_mb
 from edgellm.split.control import Field, link_profiles, node_ops
 from edgellm.split.generator import BetweenSteps, GenerationConfig, Generator
@@ -71,6 +74,7 @@ class DeviceEngine:
         self._active = 0  # generations running now (concurrent ones are batched by the stage hosts)
         self.adapters: AdapterCatalog | None = None  # the deployment's LoRA adapters (`attach_adapters`)
         self.server_info: dict[str, Callable[[], dict[str, Any]]] = {}  # each server's `Info`, for `stats`
+        self.drafts: DraftShelf | None = None  # the drafters for speculative decoding; None: it is refused
         self.migration = migration
         self.node_status = node_status
         self.control_ops = node_ops(name, self.info, self._linked_hops)  # edgellm.split.control
@@ -172,6 +176,8 @@ class DeviceEngine:
         config = GenerationConfig(request.max_new_tokens, request.sampling, stop_ids(self.tokenizer, self.model_config))
         if request.adapter is not None and self.adapters is None:
             raise ConfigError(f"node {self.name} serves no adapters; asked for {request.adapter!r}")
+        if request.speculative is not None and self.drafts is None:
+            raise ConfigError(f"node {self.name} has no drafter: it cannot decode speculatively")
         with self._lock:
             # A layout asked for while the last generation was finishing moves the deployment once none runs on it.
             while not self._active and self.migration is not None:
@@ -183,17 +189,24 @@ class DeviceEngine:
             hops = list(self.hops)
         try:
             with self.adapters.use(request.adapter) if request.adapter is not None else nullcontext():  # type: ignore[union-attr]
-                yield from self._stream(prompt_ids, config, hops, request.adapter or "")
+                yield from self._stream(prompt_ids, config, hops, request.adapter or "", request.speculative)
         finally:
             with self._lock:
                 self._active -= 1
 
     def _stream(
-        self, prompt_ids: list[int], config: GenerationConfig, hops: list[Hop], adapter: str
-    ) -> Iterator[dict[str, Any]]:
-        generator = Generator(
-            Pipeline(hops, layout=self._layout_json()), config, self._between_steps(lambda: generator), adapter
-        )
+        self, prompt_ids: list[int], config: GenerationConfig, hops: list[Hop], adapter: str,
+        speculative: SpeculativeConfig | None,
+    ) -> Iterator[dict[str, Any]]:  # fmt: skip
+        pipeline = Pipeline(hops, layout=self._layout_json())
+        generator: Generator | SpeculativeGenerator
+        if speculative is not None:  # no live migration mid-answer: a draft round spans several steps
+            assert self.drafts is not None
+            drafter = self.drafts.get(speculative.draft)
+            generator = SpeculativeGenerator(pipeline, config, drafter, speculative, adapter)
+        else:
+            plain = Generator(pipeline, config, self._between_steps(lambda: plain), adapter)
+            generator = plain
         stream = TextStream(self.tokenizer)
         timer = StepTimer(generator.pipeline)
         for step in generator.stream(torch.tensor([prompt_ids])):
@@ -234,12 +247,16 @@ class DeviceEngine:
                 nodes[name] = {"error": str(exc)}
         return {"active_generations": self._active, "stages": local, "nodes": nodes}
 
-    def _report(self, prompt_ids: list[int], generator: Generator) -> dict[str, Any]:
+    def _report(self, prompt_ids: list[int], generator: Generator | SpeculativeGenerator) -> dict[str, Any]:
         result = generator.result
         assert result is not None
         new_tokens = result.new_tokens[0]
         traces = run_traces(generator)  # every pipeline's, without the migrations' replays
         remote = node_compute(traces)
+        # a speculative round settles several tokens: per-call figures are scaled to per decoded token
+        spec = result.speculative
+        decoded = len(new_tokens) - 1
+        rounds_per_token = spec["rounds"] / decoded if spec is not None and decoded > 0 else 1.0
         local = local_compute(generator, f"{self.name}/")
         per_token = [p for _, p in local.values() if p is not None]
         remote[self.name] = (sum(total for total, _ in local.values()), sum(per_token) if per_token else None)
@@ -254,7 +271,7 @@ class DeviceEngine:
                     "layers": [min(s.start for s in blocks), max(s.end for s in blocks)],
                     "head": any(s.head for s in specs),
                     "compute_ms": round(total, 3),
-                    "compute_ms_per_token": None if per_step is None else round(per_step, 3),
+                    "compute_ms_per_token": None if per_step is None else round(per_step * rounds_per_token, 3),
                     **status.get(node, {}),
                 }
             )
@@ -264,7 +281,7 @@ class DeviceEngine:
             "new_tokens": new_tokens,
             "text": self.tokenizer.decode(new_tokens, skip_special_tokens=True),
             "nodes": nodes,
-            "links": link_report(traces),
+            "links": link_report(traces, rounds_per_token),
             "link_emulation": link_profiles(self._linked_hops()),
             "stages": self._stage_rows(local, remote),
             "migrations": migration_rows(generator),

@@ -10,6 +10,7 @@ from edgellm.errors import ConfigError
 from edgellm.model.prompt import encode_messages, encode_prompt
 from edgellm.model.sampling import SamplingConfig
 from edgellm.serve.conversation import Message, parse_messages
+from edgellm.spec.config import DEFAULT_DRAFT, SpeculativeConfig
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_PROMPT_IDS = 1 << 20
@@ -29,9 +30,11 @@ GENERATE_FIELDS: dict[str, tuple[type, Any]] = {
     "no_repeat_ngram": (int, 0),
     "prompt_ids": (list, None),  # token ids of a prompt already built (no template applied again)
     "adapter": (str, None),  # the LoRA adapter to generate with; none: the base model
+    "speculative": (str, None),  # "auto" or drafts per round (`edgellm.spec`); none: plain decoding
+    "draft": (str, None),  # the drafter (`edgellm.spec.config.parse_draft`); none: the default one
 }
 PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
-OPTIONAL_FIELDS = (*PROMPT_FIELDS, "adapter")
+OPTIONAL_FIELDS = (*PROMPT_FIELDS, "adapter", "speculative", "draft")
 SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_repeat_ngram")
 
 
@@ -46,6 +49,7 @@ class GenerateRequest:
     messages: tuple[Message, ...] | None = None  # the conversation to answer, when no `prompt`
     ids: tuple[int, ...] | None = None  # the prompt's token ids, when neither `prompt` nor `messages`
     adapter: str | None = None  # the LoRA adapter; None: the base model
+    speculative: SpeculativeConfig | None = None  # drafts and verification; None: plain decoding
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerateRequest:
@@ -80,7 +84,13 @@ class GenerateRequest:
         adapter = values["adapter"]
         if adapter is not None and not ADAPTER_NAME.fullmatch(adapter):
             raise ConfigError(f"generate field 'adapter' is not an adapter name: {adapter[:80]!r}")
-        return cls(values["prompt"], values["chat"], values["max_new_tokens"], sampling, messages, ids, adapter)
+        if values["draft"] is not None and values["speculative"] is None:
+            raise ConfigError("generate field 'draft' needs 'speculative' ('auto' or drafts per round)")
+        speculative = None
+        if values["speculative"] is not None:
+            speculative = SpeculativeConfig.parse(values["speculative"], values["draft"] or DEFAULT_DRAFT)
+        return cls(values["prompt"], values["chat"], values["max_new_tokens"], sampling, messages, ids, adapter,
+                   speculative)  # fmt: skip
 
     def prompt_ids(self, tokenizer: Any) -> list[int]:
         """The prompt's token ids: the messages in the chat template, or the prompt (wrapped in it if `chat`)."""

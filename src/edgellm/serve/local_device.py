@@ -52,4 +52,5 @@ def local_device_engine(
             "route": [name]}  # fmt: skip
     device = DeviceEngine(name, loaded.tokenizer, loaded.model_config, [hop], [(name, stage.spec)], info)
     device.attach_adapters(AdapterCatalog([LocalAdapterTarget(hop.name, host)], adapters_dir, budget))
+    device.drafts = loaded.drafts
     return device

@@ -19,7 +19,10 @@ from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_spe
 from edgellm.progress import Phase
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import parse_quant
+from edgellm.serve.drafts import DraftShelf
 from edgellm.serve.report import stage_report, timing_report
+from edgellm.spec.config import SpeculativeConfig
+from edgellm.spec.generator import SpeculativeGenerator
 from edgellm.split.generator import GenerationConfig, Generator
 from edgellm.split.one_process import load_stages, local_pipeline
 from edgellm.store import resolve_model
@@ -71,6 +74,7 @@ class LoadedSplit:
     tokenizer: Any
     stages: list[Stage]
     load_s: float
+    drafts: DraftShelf | None = None  # the drafters loaded so far (speculative decoding)
 
 
 def load_split(config: LocalSplitConfig) -> LoadedSplit:
@@ -86,7 +90,8 @@ def load_split(config: LocalSplitConfig) -> LoadedSplit:
     with Phase("load model", log=log) as phase:
         stages = load_stages(model_dir, specs, DTYPES[config.dtype], parse_quant(config.quant), config.engine)
         phase.summary = f"{config.model}, {len(stages)} stage(s), {config.dtype}, quant {config.quant}"
-    return LoadedSplit(config, model_config, tokenizer, stages, time.perf_counter() - start)
+    drafts = DraftShelf(model_dir, DTYPES[config.dtype], config.engine)
+    return LoadedSplit(config, model_config, tokenizer, stages, time.perf_counter() - start, drafts)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class PromptConfig:
     chat: bool = True  # the model's chat template, as every command applies it by default
     max_new_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    speculative: SpeculativeConfig | None = None  # draft on the device and verify (None: plain decoding)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:  # checked here too, so the CLI refuses it before loading the model
@@ -123,7 +129,12 @@ def generate_ids(
         options.max_new_tokens, options.sampling, stop_ids(loaded.tokenizer, loaded.model_config)
     )
     pipeline = local_pipeline(loaded.stages)
-    generator = Generator(pipeline, gen_config)
+    generator: Generator | SpeculativeGenerator = Generator(pipeline, gen_config)
+    if options.speculative is not None:
+        if loaded.drafts is None:
+            raise ConfigError("this loaded model has no drafters to draft with")
+        drafter = loaded.drafts.get(options.speculative.draft)
+        generator = SpeculativeGenerator(pipeline, gen_config, drafter, options.speculative)
     stream = TextStream(loaded.tokenizer)
     for step in generator.stream(torch.tensor([prompt_ids])):
         delta = stream.push(step.tokens[0])

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from edgellm.errors import ConfigError
 from edgellm.model.stage import StageSpec
 from edgellm.net.messages import HopTrace
+from edgellm.spec.generator import SpeculativeGenerator
 from edgellm.split.generator import Generator
 from edgellm.split.layout import Layout
 from edgellm.split.pipeline import Hop
@@ -102,20 +103,20 @@ class LiveMigration:
         return chosen if chosen is not None else self.take(step)
 
 
-def run_traces(generator: Generator) -> list[HopTrace]:
+def run_traces(generator: Generator | SpeculativeGenerator) -> list[HopTrace]:
     """The network traces of a generation over all its pipelines, without the migrations' replays."""
     migrations = generator.result.migrations if generator.result is not None else []
     skips = [0, *(m.replay_traces for m in migrations)]  # each pipeline after the first starts with its replay
     return [t for pipeline, skip in zip(generator.pipelines, skips) for t in pipeline.traces[skip:]]
 
 
-def replay_traces(generator: Generator) -> list[list[HopTrace]]:
+def replay_traces(generator: Generator | SpeculativeGenerator) -> list[list[HopTrace]]:
     """Each migration's replay traces, in order."""
     assert generator.result is not None
     return [p.traces[: m.replay_traces] for p, m in zip(generator.pipelines[1:], generator.result.migrations)]
 
 
-def local_compute(generator: Generator, prefix: str) -> dict[str, tuple[float, float | None]]:
+def local_compute(generator: Generator | SpeculativeGenerator, prefix: str) -> dict[str, tuple[float, float | None]]:
     """Per in-process hop named `prefix...` (keyed by the rest of its name): total compute over all pipelines
     and mean compute per decode step, as `edgellm.serve.report.node_compute` gives for remote nodes. Replays (the
     first call on each pipeline after the first) are left out; the migration rows account them."""
@@ -132,7 +133,7 @@ def local_compute(generator: Generator, prefix: str) -> dict[str, tuple[float, f
     return {name: (pre + dec, dec / calls if calls else None) for name, (pre, dec, calls) in totals.items()}
 
 
-def migration_rows(generator: Generator) -> list[dict[str, Any]]:
+def migration_rows(generator: Generator | SpeculativeGenerator) -> list[dict[str, Any]]:
     """The report's `migrations`: step, time (switch = reconfiguring, replay = rebuilding the KV caches),
     replayed tokens and replay bytes per link, the layouts before and after."""
     assert generator.result is not None

@@ -24,10 +24,11 @@ def weight_bytes(stage: Stage) -> int:
     return total
 
 
-def link_report(traces: Sequence[HopTrace]) -> list[dict[str, Any]]:
+def link_report(traces: Sequence[HopTrace], calls_per_token: float = 1.0) -> list[dict[str, Any]]:
     """Per link: total bytes and wire time, and per decoded token (calls after each link's first, the prefill).
 
-    `traces` are in call order; each link's first call in a session is the prompt (prefill).
+    `traces` are in call order; each link's first call in a session is the prompt (prefill). `calls_per_token`:
+    decode calls per decoded token (1 in plain decoding; fewer when speculative rounds settle several tokens).
     """
     by_link: dict[str, list[HopTrace]] = defaultdict(list)
     for t in traces:
@@ -38,7 +39,7 @@ def link_report(traces: Sequence[HopTrace]) -> list[dict[str, Any]]:
         up = [c.bytes_up for c in calls[1:]]
         down = [c.bytes_down for c in calls[1:]]
         decode = calls[1:]
-        n = max(len(decode), 1)
+        n = max(len(decode), 1) / calls_per_token
         out.append(
             {
                 "from": sender,
@@ -93,5 +94,7 @@ def timing_report(result: GenerationResult) -> dict[str, Any]:
         "ttft_ms": round(result.ttft_ms, 3),
         "decode_tok_per_s": round(result.decode_tok_per_s, 3),
         "decode_ms": round(result.decode_ms, 3),
+        "decode_ms_per_token": round(1e3 / result.decode_tok_per_s, 3) if result.decode_tok_per_s else None,
         "steps": result.steps,
+        "speculative": result.speculative,  # drafts, acceptance, tokens per round trip (`edgellm.spec`); None: off
     }

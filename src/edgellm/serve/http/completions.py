@@ -127,6 +127,8 @@ class Completions:
         }
         if adapter is not None:  # an engine without adapters never sees the field
             data["adapter"] = adapter
+        if self.config.speculative:
+            data.update(self.config.speculative)
         return Prepared(req, adapter, ids, max_tokens, data)
 
     def _prompt_ids(self, req: CompletionRequest) -> tuple[int, ...]:

@@ -21,6 +21,8 @@ class ServeConfig:
         max_tokens_default: new tokens when a request gives no `max_tokens` (lowered to what the context leaves).
         retry_after_s: the `Retry-After` seconds of a 429 or 503.
         model_id: the base model's id in /v1/models; None takes the engine's model name.
+        speculative: the generate fields (`speculative`, `draft`) every generation runs with (`edgellm.spec`);
+            None: plain decoding.
     """
 
     api_key: str | None = None
@@ -28,6 +30,7 @@ class ServeConfig:
     max_tokens_default: int = DEFAULT_MAX_TOKENS
     retry_after_s: int = 1
     model_id: str | None = None
+    speculative: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
