@@ -54,6 +54,7 @@ class StoryConfig:
     switch: tuple[str, str, str] | None = None  # (a, b, profile name)
     switch_after: int = 16
     replan: bool = True
+    speculative: dict[str, str] | None = None  # the generate request's `speculative` and `draft` (None: off)
 
     def __post_init__(self) -> None:
         if self.switch is not None:

@@ -45,6 +45,7 @@ class DemoConfig:
     model: str = DEFAULT_MODEL
     threads: int = 2
     cloud_profile: str = "wan"
+    speculative: dict[str, str] | None = None  # the generate request's `speculative` and `draft` (None: off)
 
     def __post_init__(self) -> None:
         link_profile(self.profile)
@@ -96,7 +97,8 @@ def cloud_document(cfg: DemoConfig, token_file: Path) -> dict[str, Any]:
 
 
 def generate_request(cfg: DemoConfig) -> dict[str, Any]:
-    return {"prompt": cfg.prompt, "chat": True, "max_new_tokens": cfg.max_new_tokens, **cfg.sampling.to_json()}
+    return {"prompt": cfg.prompt, "chat": True, "max_new_tokens": cfg.max_new_tokens, **cfg.sampling.to_json(),
+            **(cfg.speculative or {})}  # fmt: skip
 
 
 def run_deployed(topology: Topology, path: Path, log_dir: Path, request: dict[str, Any],

@@ -34,6 +34,7 @@ from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, ser
 from edgellm.progress import Phase, note
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer
+from edgellm.serve.drafts import DraftShelf
 from edgellm.serve.local_engine import DTYPES
 from edgellm.serve.migration import Controller, LiveMigration
 from edgellm.serve.report import weight_bytes
@@ -139,6 +140,8 @@ def build_node(
             ),
             node_status(topology, name, ledger),
         )
+        engine.drafts = DraftShelf(model_dir, dtype, topology.model.engine, node.emulation.compute_scale,
+                                   lambda label, nbytes: ledger.reserve((0, f"drafter {label}"), nbytes, 0))  # fmt: skip
         _profile_ops(engine.control_ops, topology, name, model_dir, config, stages, max_context,
                      engine._linked_hops)  # fmt: skip
         return BuiltNode(name, node.address, DeviceServer(engine), stages)

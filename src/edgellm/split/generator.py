@@ -83,6 +83,7 @@ class GenerationResult:
     decode_ms: float = 0.0
     steps: int = 0
     migrations: list[Migration] = field(default_factory=list)
+    speculative: dict[str, Any] | None = None  # drafting's account (`edgellm.spec`), when the run drafted
 
     @property
     def decode_tok_per_s(self) -> float:

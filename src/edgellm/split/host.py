@@ -170,6 +170,8 @@ class StageHost:
             if old is not None and old.busy:
                 raise ConfigError(f"session {request.session!r} already has a request in progress")
             session = self._session_for(request, now)
+            if self.stage.spec.num_layers:  # a stage without layers keeps no keys
+                _rewind(session.cache, request)
             session.busy, session.last_used = True, now
             return session
 
@@ -261,8 +263,8 @@ class StageHost:
         return spent
 
     def _reply_output(self, request: ForwardRequest, output: torch.Tensor) -> torch.Tensor:
-        if request.argmax and self.stage.spec.head:
-            return output[:, -1:].argmax(dim=-1)  # [B, 1, V] -> [B, 1] token ids
+        if request.argmax and self.stage.spec.head:  # [B, S, V] -> [B, S] token ids ([B, 1]: the last token's)
+            return (output[:, -1:] if request.last_only else output).argmax(dim=-1)
         return output
 
     def _adapter_rows(self, slots: list[int]) -> AbstractContextManager[None]:
@@ -367,3 +369,22 @@ class StageHost:
         if self.adapters is not None and session.adapter >= 0:
             self.adapters.release(session.adapter)
             session.adapter = -1
+
+
+def _rewind(cache: KVCache, request: ForwardRequest) -> None:
+    """Drop the cached tokens at and after the request's first position: a speculative round's rejected drafts.
+
+    Positions are cache places in a session of one unpadded sequence, so a request that starts before the cache's
+    end rolls the cache back to there (`edgellm.spec`); one that would leave a gap is refused. Padded sessions count
+    positions over real tokens only and are left as they are.
+
+    Raises:
+        ConfigError: the request's first position is past the session's cached tokens.
+    """
+    if request.new_session or request.data.shape[0] != 1 or cache.has_padding() or not request.positions.numel():
+        return
+    first = int(request.positions[0, 0])
+    if first > cache.length:
+        raise ConfigError(f"position {first} leaves a gap after the session's {cache.length} cached tokens")
+    if first < cache.length:
+        cache.truncate(first)
