@@ -133,7 +133,7 @@ def run_profile(bench: SpecBench, profile: str) -> dict[str, list[dict[str, Any]
                     f"{run['decode_ms_per_token']:.1f} ms/token, {run['tokens_per_round'] or 1:.2f} tokens/round, "
                     f"{run['tokens']} tokens")  # fmt: skip
     plain = {(r["prompt"], r["repeat"]): r for r in runs["plain"]}
-    for label, rs in runs.items():
+    for rs in runs.values():
         for r in rs:
             r["same_tokens"] = r["new_tokens"] == plain[(r["prompt"], r["repeat"])]["new_tokens"]
     return runs
