@@ -15,6 +15,7 @@ from edgellm.cli.generate import (
     add_sampling_arguments,
     add_speculative_arguments,
     echo_text,
+    print_speculative,
     sampling_from,
     speculative_from,
 )
@@ -153,9 +154,19 @@ def _finish(args: argparse.Namespace, report: dict[str, Any], draw: Any, show: A
     else:
         print()
         show(report)
+        _print_drafting(report)
     if not drawn:
         print(f"chart skipped: matplotlib is not installed ({PLOT_INSTALL})", file=sys.stderr, flush=True)
     return 0
+
+
+def _print_drafting(report: dict[str, Any]) -> None:
+    """One line per scenario that drafted (`--speculative`)."""
+    scenarios = report.get("scenarios") or {"split": report, **report.get("baselines", {})}
+    for name, run in scenarios.items():
+        if isinstance(run, dict) and run.get("speculative"):
+            print(f"{name}: ", end="")
+            print_speculative(run)
 
 
 def print_breakdown(report: dict[str, Any]) -> None:
