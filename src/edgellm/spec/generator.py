@@ -10,7 +10,6 @@ target's greedy tokens; with sampling they follow the target's distribution.
 
 from __future__ import annotations
 
-import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -24,10 +23,8 @@ from edgellm.spec.accept import Verdict, accept_greedy, accept_sampled, guarded_
 from edgellm.spec.config import SpeculativeConfig
 from edgellm.spec.cost import AdaptiveK
 from edgellm.spec.drafter import DraftModel
-from edgellm.split.generator import GenerationConfig, GenerationResult, Step
+from edgellm.split.generator import GenerationConfig, GenerationResult, Step, close_after_failure
 from edgellm.split.pipeline import Pipeline
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,12 +122,9 @@ class SpeculativeGenerator:
                 emitted = verdict.emitted(draft.tokens)
                 pending = emitted[-1]
                 yield from self._emit(result, emitted)
-        except BaseException:
+        except BaseException:  # a failed hop, or the consumer stopped early (GeneratorExit)
             self._finish(result, start)
-            try:
-                self.pipeline.close(session)
-            except Exception as exc:  # noqa: BLE001 - keep the original error; stages expire the session when idle
-                log.warning("could not close session %s on every stage: %s", session, exc)
+            close_after_failure(self.pipeline, session)
             raise
         self._finish(result, start)
         self.pipeline.close(session)

@@ -92,6 +92,15 @@ class GenerationResult:
         return decoded / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
 
 
+def close_after_failure(pipeline: Pipeline, session: str) -> None:
+    """Release a failed generation's session on every stage; a failure to do so is logged, not raised (the
+    original error matters more, and stages expire the session when idle)."""
+    try:
+        pipeline.close(session)
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("could not close session %s on every stage: %s", session, exc)
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into a batch.
 
@@ -189,10 +198,7 @@ class Generator:
                     break
         except BaseException:  # a failed hop, or the consumer stopped early (GeneratorExit)
             self._finish(result, start)
-            try:
-                self.pipeline.close(session)
-            except Exception as exc:  # noqa: BLE001 - keep the original error; stages expire the session when idle
-                log.warning("could not close session %s on every stage: %s", session, exc)
+            close_after_failure(self.pipeline, session)
             raise
         self._finish(result, start)
         self.pipeline.close(session)
