@@ -59,6 +59,8 @@ def _edgellm() -> list[str]:
         ["cache", "clean"],
         ["eval", "ppl"],
         ["eval", "task"],
+        ["draft"],
+        ["draft", "train-exit"],
     ],
     ids=lambda command: " ".join(command) or "edgellm",
 )

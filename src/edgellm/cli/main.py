@@ -10,12 +10,27 @@ import traceback
 from collections.abc import Sequence
 
 from edgellm import __version__
-from edgellm.cli import cache, chat, check, demo, eval, finetune, generate, models, node, plan, profile, run, serve
+from edgellm.cli import (
+    cache,
+    chat,
+    check,
+    demo,
+    draft,
+    eval,
+    finetune,
+    generate,
+    models,
+    node,
+    plan,
+    profile,
+    run,
+    serve,
+)
 from edgellm.cli.parsing import Parser, add_common_flags, reject_unknown, subcommand_parsers
 from edgellm.errors import EdgellmError
 from edgellm.progress import set_quiet
 
-SUBCOMMANDS = [demo, generate, chat, run, serve, check, node, profile, plan, finetune, models, cache, eval]
+SUBCOMMANDS = [demo, generate, chat, run, serve, check, node, profile, plan, finetune, models, cache, eval, draft]
 
 
 def build_parser() -> argparse.ArgumentParser:
