@@ -48,6 +48,10 @@ class SafetensorsSource:
                 return self._handles[self._where[candidate]].get_tensor(candidate)
         raise KeyError(name)
 
+    def names(self) -> list[str]:
+        """Every tensor name in the file(s), as stored."""
+        return sorted(self._where)
+
     def close(self) -> None:
         self._stack.close()
 
