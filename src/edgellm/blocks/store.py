@@ -255,7 +255,7 @@ class BlockStore:
         and whether it is complete; `independent_bytes`: what the complete variants would take stored whole."""
         manifests = self.manifests()
         with self._lock:
-            variants = {name: {"kind": m.kind, "base": m.base, "complete": self._complete(manifests, name),
+            variants: dict[str, dict[str, Any]] = {name: {"kind": m.kind, "base": m.base, "complete": self._complete(manifests, name),
                                "bytes": _alone_bytes(manifests, name)}
                         for name, m in sorted(manifests.items())}  # fmt: skip
             alone = sum(v["bytes"] for v in variants.values() if v["complete"])
