@@ -12,6 +12,7 @@ from edgellm.blocks import BlockStore, Manifest
 from edgellm.blocks.chunk import publish_adapter, publish_model, tensor_group
 from edgellm.blocks.fetch import StoreSource, fetch_blocks
 from edgellm.blocks.manifest import BlockRef, required_digests
+from edgellm.blocks.store import sha256_bytes
 from edgellm.errors import BusyError, ConfigError, PeerError
 from edgellm.store.weights import SafetensorsSource
 
@@ -159,3 +160,32 @@ def test_budget_retain_and_pins(tiny_chat_dir, tmp_path):
         assert all(node.has(d) for d in own)  # a generation still uses them
     assert not any(node.has(d) for d in own) and node.held() == ["base"]
     assert node.used_bytes == base.size_bytes
+
+
+def test_a_fetch_that_needs_room_waits_for_the_generation_holding_evicted_blocks(tiny_chat_dir, tmp_path):
+    import threading
+    import time
+
+    origin = BlockStore(tmp_path / "origin")
+    manifest = publish_model(origin, tiny_chat_dir, "base")
+    node = BlockStore(tmp_path / "node", budget_bytes=manifest.size_bytes)
+    node.add_manifest(manifest)
+    fetch_blocks(node, node.missing({"base"}), [StoreSource(origin)])
+    extra = b"x" * 1000
+    release = threading.Event()
+
+    def generation():
+        with node.pinned("base"):
+            release.wait(10)
+
+    runner = threading.Thread(target=generation)
+    runner.start()
+    time.sleep(0.05)
+    node.retain(set())  # every block is doomed, none removed yet: the generation holds them
+    with pytest.raises(BusyError, match="still in use"):
+        node.put(sha256_bytes(extra), extra)
+    threading.Timer(0.2, release.set).start()
+    started = time.monotonic()
+    assert node.put(sha256_bytes(extra), extra, wait_s=10)
+    assert 0.1 < time.monotonic() - started < 5 and node.used_bytes == len(extra)
+    runner.join()

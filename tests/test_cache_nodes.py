@@ -6,12 +6,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+from test_blocks import make_adapter
 
 from edgellm.blocks import BlockStore
 from edgellm.blocks.chunk import publish_adapter, publish_model
 from edgellm.control.cache_nodes import CacheNodes, CacheNodeSpec
 from edgellm.errors import ConfigError
-from test_blocks import make_adapter
 
 pytestmark = pytest.mark.multiprocess
 

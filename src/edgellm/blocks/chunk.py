@@ -21,6 +21,7 @@ from edgellm.progress import Phase
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
 _SKIP = {"edgellm.json"}  # the converter's completion marker: not part of the model
+_SKIP_SUFFIXES = (".gguf",)  # a GGUF a model was converted from (kept beside it by the converter): not needed
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -50,7 +51,12 @@ def publish_model(store: BlockStore, model_dir: Path, name: str) -> Manifest:
 
     blocks: list[BlockRef] = []
     for path in sorted(model_dir.iterdir()):
-        if path.is_file() and not _WEIGHT_FILES.fullmatch(path.name) and path.name not in _SKIP:
+        if (
+            path.is_file()
+            and not _WEIGHT_FILES.fullmatch(path.name)
+            and path.name not in _SKIP
+            and not path.name.endswith(_SKIP_SUFFIXES)
+        ):
             blocks.append(_put(store, path.name, path.read_bytes()))
     with SafetensorsSource(model_dir) as source:
         groups: dict[str, list[str]] = defaultdict(list)

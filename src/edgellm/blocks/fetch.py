@@ -57,9 +57,12 @@ class FetchReport:
                 "refused": [{"digest": d, "source": s, "why": w} for d, s, w in self.refused]}  # fmt: skip
 
 
-def fetch_blocks(store: BlockStore, wanted: dict[str, int], sources: Sequence[BlockSource]) -> FetchReport:
+def fetch_blocks(
+    store: BlockStore, wanted: dict[str, int], sources: Sequence[BlockSource], wait_s: float = 0.0
+) -> FetchReport:
     """Put every block of `wanted` ({digest: size}) that `store` lacks into it, each from the first source that
-    has it and gives bytes matching its digest.
+    has it and gives bytes matching its digest; a block that does not fit until generations using evicted
+    blocks end waits for them up to `wait_s` (`BlockStore.put`).
 
     Raises:
         PeerError: a block no source could give intact (what each said is in the message).
@@ -70,14 +73,16 @@ def fetch_blocks(store: BlockStore, wanted: dict[str, int], sources: Sequence[Bl
     todo = {d: size for d, size in wanted.items() if not store.has(d)}
     with Phase("fetch blocks", total=sum(todo.values()), unit="B", log=log) as phase:
         for digest, size in sorted(todo.items()):
-            _fetch_one(store, digest, size, sources, report)
+            _fetch_one(store, digest, size, sources, report, wait_s)
             phase.advance(size)
         phase.summary = f"{report.blocks} blocks, {sum(report.fetched_bytes.values()) / 1e6:.1f} MB"
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _fetch_one(store: BlockStore, digest: str, size: int, sources: Sequence[BlockSource], report: FetchReport) -> None:
+def _fetch_one(
+    store: BlockStore, digest: str, size: int, sources: Sequence[BlockSource], report: FetchReport, wait_s: float
+) -> None:
     tried: list[str] = []
     for source in sources:
         try:
@@ -87,7 +92,7 @@ def _fetch_one(store: BlockStore, digest: str, size: int, sources: Sequence[Bloc
         except EdgellmError as exc:
             tried.append(f"{source.name}: {exc}")
             continue
-        if len(data) != size or not store.put(digest, data):
+        if len(data) != size or not store.put(digest, data, wait_s):
             report.refused.append((digest, source.name, "bytes do not match the digest"))
             log.warning("block %s from %s refused: its bytes do not match its digest", digest[:12], source.name)
             tried.append(f"{source.name}: corrupt")

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class BlockStore:
         self.root = Path(root)
         self.budget_bytes = budget_bytes
         self._lock = threading.RLock()
+        self._released = threading.Condition(self._lock)  # notified when pinned blocks doomed by `retain` go
         self._pins: dict[str, int] = {}  # digest -> pins held by generations in progress
         self._doomed: set[str] = set()  # blocks no kept manifest needs, waiting for their pins to go
         for sub in ("objects", "manifests", "views"):
@@ -84,20 +86,26 @@ class BlockStore:
         with self._lock:
             return dict(self._sizes)
 
-    def put(self, digest: str, data: bytes) -> bool:
-        """Keep `data` as block `digest`; False (nothing written) if its bytes do not hash to `digest`.
+    def put(self, digest: str, data: bytes, wait_s: float = 0.0) -> bool:
+        """Keep `data` as block `digest`; False (nothing written) if its bytes do not hash to `digest`. Where it
+        does not fit yet but blocks `retain` evicted are waiting for generations to end, wait up to `wait_s`.
 
         Raises:
             BusyError: it would take the store past its budget.
         """
         if sha256_bytes(data) != digest:
             return False
+        deadline = time.monotonic() + wait_s
         with self._lock:
             if digest in self._sizes:
                 return True
-            if self.budget_bytes is not None and self.used_bytes + len(data) > self.budget_bytes:
-                raise BusyError(f"block {digest[:12]} ({len(data)} B) does not fit the store's budget: "
-                                f"{self.used_bytes} of {self.budget_bytes} B used")  # fmt: skip
+            while self.budget_bytes is not None and self.used_bytes + len(data) > self.budget_bytes:
+                left = deadline - time.monotonic()
+                if not self._doomed or left <= 0:
+                    waiting = f" ({len(self._doomed)} evicted blocks still in use)" if self._doomed else ""
+                    raise BusyError(f"block {digest[:12]} ({len(data)} B) does not fit the store's budget: "
+                                    f"{self.used_bytes} of {self.budget_bytes} B used{waiting}")  # fmt: skip
+                self._released.wait(left)
             path = self.path(digest)
             path.parent.mkdir(exist_ok=True)
             tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -189,6 +197,7 @@ class BlockStore:
                         del self._pins[d]
                         if d in self._doomed:
                             self._remove(d)
+                            self._released.notify_all()
 
     def retain(self, names: set[str] | frozenset[str]) -> dict[str, Any]:
         """Keep only what variants `names` need: other manifests and blocks are removed (pinned blocks when their

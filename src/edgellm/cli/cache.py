@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from edgellm.cli import cache_node
+from edgellm.cli import cache_apply, cache_node, cache_simulate
 from edgellm.errors import ConfigError
 from edgellm.store.inventory import KINDS, REBUILT, clean_targets, human_bytes, parse_kinds, scan_cache, sections
 from edgellm.store.paths import home
@@ -52,7 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p_clean.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     p_clean.add_argument("--json", action="store_true", help="print one JSON object")
     p_clean.set_defaults(run=run_clean)
+    cache_simulate.add_parser(sub)
     cache_node.add_parser(sub)
+    cache_apply.add_parser(sub)
 
 
 def run_info(args: argparse.Namespace) -> int:

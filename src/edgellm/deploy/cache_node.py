@@ -41,6 +41,7 @@ from edgellm.split.limits import SessionLimits
 
 log = logging.getLogger(__name__)
 
+SYNC_WAIT_S = 600.0  # a sync's fetch waits this long for generations holding evicted blocks to end
 MAX_CHUNK_BYTES = 4 << 20  # one block_get reply's bytes (base64 adds a third on the wire)
 
 
@@ -197,7 +198,7 @@ class CacheNode:
             self._drop_engines()
             try:
                 wanted = self.store.missing(variants)
-                fetched = fetch_blocks(self.store, wanted, sources)
+                fetched = fetch_blocks(self.store, wanted, sources, SYNC_WAIT_S)
             finally:
                 for source in sources:
                     source.close()
@@ -243,12 +244,12 @@ def run_cache_node(node: CacheNode, address: str, on_ready: Any = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     held = node.store.held()
-    note(log, "cache node %s listening on %s: %d variant(s) held, %.1f of %s MB used, ready in %.1f s", node.name,
-         address, len(held), node.store.used_bytes / 1e6,
+    host = address.rsplit(":", 1)[0]
+    note(log, "cache node %s listening on %s:%d: %d variant(s) held, %.1f of %s MB used, ready in %.1f s",
+         node.name, host, port, len(held), node.store.used_bytes / 1e6,
          "unbounded" if node.store.budget_bytes is None else f"{node.store.budget_bytes / 1e6:.1f}",
          time.perf_counter() - started)  # fmt: skip
     if on_ready is not None:
-        host = address.rsplit(":", 1)[0]
         on_ready({"event": "ready", "name": node.name, "address": f"{host}:{port}", "port": port, "held": held})
     compute_thread.install().serve(stop)  # engines are built and run on this thread (the fastest, see there)
     server.stop(grace=1.0).wait()
