@@ -108,3 +108,13 @@ def test_cache_apply_serves_routed_requests_with_the_origins_tokens(tiny_chat_di
         if store["budget_bytes"] is not None:
             assert store["used_bytes"] <= store["budget_bytes"]
             assert store["used_bytes"] < store["independent_bytes"] or store["independent_bytes"] == 0
+
+
+def test_the_shipped_example_config_parses():
+    import tomllib
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "caching" / "apply.toml"
+    config = apply_config(tomllib.loads(path.read_text()), path.parent)
+    assert len(config.variants) == 7 and [s.name for s in config.servers] == ["edge1", "edge2", "edge3"]
+    assert all(v.synthetic_rank == 64 for v in config.variants if v.base is not None)
