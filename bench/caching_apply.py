@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     algorithms = args.algorithms.split(",")
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in algorithms}
     full: dict[str, Any] = {}
-    for row, _ in schedule(len(algorithms), args.repeats):
+    for _, row in schedule(len(algorithms), args.repeats):
         name = algorithms[row]
         with stamped() as stamp:
             report = run_once(args.config, name)
