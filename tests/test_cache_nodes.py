@@ -59,6 +59,10 @@ def test_a_placement_on_three_nodes_serves_each_variant_with_its_tokens(publishe
                 tokens, report = nodes.generate(node, variant, REQUEST)
                 assert tokens == want[variant], (node, variant)
                 assert report["model"] == variant and report["node"] == node
+        for variant in ("lora-0", "lora-1", "base"):  # the cloud serves every variant from one engine
+            assert nodes.generate("cloud", variant, REQUEST)[0] == want[variant]
+        cloud = nodes.hops["cloud"].info()
+        assert cloud["engines"] == ["base"]  # the base's weights are in memory once for its three variants
         with pytest.raises(ConfigError, match="does not hold variant 'lora-1'"):
             nodes.generate("edge1", "lora-1", REQUEST)
 
