@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.cli.choices import DEMO_PROMPT
+from edgellm.cli.dp_options import add_dp_arguments, dp_fields
 from edgellm.cli.generate import (
     add_sampling_arguments,
     add_speculative_arguments,
@@ -67,6 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="where to write the latency chart (default: ./edgellm-demo.png)")  # fmt: skip
     add_sampling_arguments(parser)
     add_speculative_arguments(parser)
+    add_dp_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text and tables")
     parser.set_defaults(run=run)
 
@@ -87,17 +89,18 @@ def parse_switch(text: str | None) -> tuple[str, str, str] | None:
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
     speculative = speculative_from(args)
+    dp = dp_fields(args)  # the split scenario's device applies it; the baselines send no smashed data
     if args.plan == "auto":
         from edgellm.control.demo import StoryConfig
 
         story = StoryConfig(args.prompt, args.max_new_tokens, sampling, args.threads, args.topology, args.objective,
                             args.max_ppl_increase, parse_switch(args.switch_link), args.switch_after,
-                            not args.no_replan, speculative=speculative)  # fmt: skip
+                            not args.no_replan, speculative=speculative, dp=dp)  # fmt: skip
         return _guarded(args, lambda on_text, on_phase: _run_story(args, story, on_text, on_phase))
     from edgellm.deploy.demo_scenarios import DemoConfig  # heavy (torch): not at import, for --help
 
     cfg = DemoConfig(args.prompt, args.profile, args.hops, args.codec, args.head, args.max_new_tokens, sampling,
-                     threads=args.threads or 2, speculative=speculative)  # fmt: skip
+                     threads=args.threads or 2, speculative=speculative, dp=dp)  # fmt: skip
     return _guarded(args, lambda on_text, on_phase: _run_manual(args, cfg, on_text, on_phase))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.cli.choices import LORA_TARGETS, SHARE_MODES
+from edgellm.cli.dp_options import add_dp_arguments, dp_config, dp_fedavg_config, privacy_line
 from edgellm.errors import ConfigError
 from edgellm.progress import Phase, note
 from edgellm.store.registry import DEFAULT_MODEL
@@ -127,6 +128,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quant", metavar="SCHEME", help="quantize the frozen base of every stage (QLoRA), e.g. nf4-g64 or int4-g32"
     )
+    add_dp_arguments(parser, training=True)
     parser.add_argument("--json", action="store_true", help="print one JSON report at the end")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a client process started by finetune
     parser.set_defaults(run=run)
@@ -169,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         aggregate_every=args.aggregate_every,
         checkpoint_every=args.checkpoint_every,
         round_timeout_s=args.round_timeout,
+        dp=dp_config(args),
+        dp_fedavg=dp_fedavg_config(args),
     )
     plan = ClientPlan(
         config=config, output=args.output, run=args.run_label or run_name(args.output), attempt="", topology=args.topology,
@@ -220,5 +224,8 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"  {link}: {nbytes / 1e6:.3f} MB per step (both directions)")
     for adapter in result["adapters"]:
         print(f"  adapter (peft format): {adapter}")
+    for client, ledgers in (result.get("privacy") or {}).items():
+        for ledger in ledgers.values():
+            print(f"  privacy, client {client}: {privacy_line(ledger)}")
     if result["dropped_clients"]:
         print(f"  dropped out: client(s) {result['dropped_clients']} (see {result['output']}/logs)")

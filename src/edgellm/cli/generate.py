@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from edgellm.cli.choices import DTYPE_NAMES, ENGINES, HEAD_PLACEMENTS, NO_QUANT, QUANT_PARTS, QUANT_SCHEMES
+from edgellm.cli.dp_options import add_dp_arguments, dp_config, privacy_line
 from edgellm.errors import ConfigError
 from edgellm.store import DEFAULT_MODEL
 
@@ -35,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_sampling_arguments(parser)
     add_speculative_arguments(parser)
     add_chat_arguments(parser)
+    add_dp_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(run=run)
 
@@ -162,11 +164,12 @@ def run(args: argparse.Namespace) -> int:
     args.prompt = read_prompt(args.prompt)
     sampling = sampling_from(args)
     speculative = speculative_config(args)
+    dp = dp_config(args)
     split = LocalSplitConfig(
         args.model, parse_cuts(args.cuts), args.head, args.dtype, args.threads, args.quant, args.engine
     )
     options = PromptConfig(chat=args.chat, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                           speculative=speculative)  # fmt: skip
+                           speculative=speculative, dp=dp)  # fmt: skip
     loaded = load_split(split)
     if args.json:
         report = generate_text(loaded, args.prompt, options)
@@ -222,6 +225,8 @@ def print_summary(report: dict) -> None:
         f"{report['decode_tok_per_s']:.1f} tok/s decode"
     )
     print_speculative(report)
+    if report.get("privacy"):
+        print(f"privacy, {privacy_line(report['privacy'])}")
     print(f"{'stage':<28} {'layers':>9} {'compute ms':>11} {'ms/call':>8} {'weights MB':>11}")
     for s in report["stages"]:
         per_call = s["compute_ms"] / max(s["calls"], 1)

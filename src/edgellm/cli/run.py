@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from edgellm.cli.dp_options import add_dp_arguments, dp_fields, privacy_line
 from edgellm.cli.generate import (
     add_chat_arguments,
     add_sampling_arguments,
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_chat_arguments(parser)
     add_sampling_arguments(parser)
     add_speculative_arguments(parser)
+    add_dp_arguments(parser)
     parser.add_argument("--plan", choices=["fixed", "auto"], default="fixed",
                         help="fixed: the layout the nodes run (default); auto: profile the deployment (cached), plan "
                         "it, and move the running nodes to the plan before generating (chain mode)")  # fmt: skip
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     args.prompt = read_prompt(args.prompt)
     sampling = sampling_from(args)
     speculative = speculative_from(args) or {}
+    dp = dp_fields(args)  # the device node validates it (and refuses it where its topology sets a link's dp)
     topology = load_topology(args.topology)
     device = topology.device
     if device.address is None:
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         **sampling.to_json(),
         **speculative,
+        **({"dp": dp} if dp is not None else {}),
     }
     report: dict[str, Any] = {}
     for event in hop.generate(request):
@@ -97,6 +101,8 @@ def print_deployment_summary(report: dict[str, Any]) -> None:
         f"{report['decode_tok_per_s']:.1f} tok/s decode ({report.get('mode', '?')} mode)"
     )
     print_speculative(report)
+    if report.get("privacy"):
+        print(f"privacy, {privacy_line(report['privacy'])}")
     print(f"{'node':<12} {'layers':>9} {'compute ms':>11} {'RSS/budget MB':>16}")
     for n in report["nodes"]:
         print(f"{n['name']:<12} {n['layers'][0]:>4}-{n['layers'][1]:<4} {n['compute_ms']:>11.1f} {_memory(n):>16}")

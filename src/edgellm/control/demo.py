@@ -55,6 +55,7 @@ class StoryConfig:
     switch_after: int = 16
     replan: bool = True
     speculative: dict[str, str] | None = None  # the generate request's `speculative` and `draft` (None: off)
+    dp: dict[str, Any] | None = None  # the split scenario's request `dp` (DP on its smashed data; None: off)
 
     def __post_init__(self) -> None:
         if self.switch is not None:
@@ -177,7 +178,8 @@ def run_story(cfg: StoryConfig, on_text: Callable[[str], None] | None = None,
         split_path = work / "split.toml"
         split_topo = write_topology(split_path, _with_control(planned_document(doc, solution.plan), profile_path, cfg))
         on_phase(f"split: the plan ({_describe(solution.plan)})")
-        split = run_scenario(split_topo, split_path, work, request, cfg, on_text, switch=cfg.switch is not None)
+        split_request = {**request, **({"dp": cfg.dp} if cfg.dp is not None else {})}  # no data leaves a baseline
+        split = run_scenario(split_topo, split_path, work, split_request, cfg, on_text, switch=cfg.switch is not None)
         split.update(plan=solution.plan.to_json(), predicted=_cost_json(instance, solution.plan, profile),
                      binding=solution.binding, emulation=_emulation(split_topo))  # fmt: skip
         scenarios["split"] = split

@@ -46,6 +46,7 @@ class DemoConfig:
     threads: int = 2
     cloud_profile: str = "wan"
     speculative: dict[str, str] | None = None  # the generate request's `speculative` and `draft` (None: off)
+    dp: dict[str, Any] | None = None  # the split scenario's request `dp` (DP on its smashed data; None: off)
 
     def __post_init__(self) -> None:
         link_profile(self.profile)
@@ -142,8 +143,9 @@ def run_demo(cfg: DemoConfig, on_text: Callable[[str], None] | None = None,
         request = generate_request(cfg)
         phase(f"split: device + {cfg.hops} edge node(s), {cfg.profile} links, codec {cfg.codec}, head on {cfg.head}")
         split_path = work / "split.toml"
+        split_request = {**request, **({"dp": cfg.dp} if cfg.dp is not None else {})}  # no data leaves a baseline
         split = run_deployed(write_topology(split_path, split_document(cfg, num_layers, token_file)), split_path,
-                             work, request, on_text)  # fmt: skip
+                             work, split_request, on_text)  # fmt: skip
         phase("baseline: all layers on the device")
         alone_path = work / "device.toml"
         alone = run_deployed(write_topology(alone_path, device_document(cfg, token_file)), alone_path, work, request)

@@ -31,6 +31,8 @@ from edgellm.model.stage import Stage
 from edgellm.net.direct_hop import LocalHop
 from edgellm.net.link import EmulatedLink
 from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, serve
+from edgellm.privacy.config import DPConfig
+from edgellm.privacy.mods import RowGuard
 from edgellm.progress import Phase, note
 from edgellm.quant.scheme import parse_quant
 from edgellm.serve.device import DeviceEngine, DeviceServer
@@ -140,6 +142,8 @@ def build_node(
             ),
             node_status(topology, name, ledger),
         )
+        dp = device_dp(topology)
+        engine.dp_guard = None if dp is None else RowGuard.for_rows(dp)
         engine.drafts = DraftShelf(model_dir, dtype, topology.model.engine, node.emulation.compute_scale,
                                    lambda label, nbytes: ledger.reserve((0, f"drafter {label}"), nbytes, 0))  # fmt: skip
         _profile_ops(engine.control_ops, topology, name, model_dir, config, stages, max_context,
@@ -179,6 +183,31 @@ def _profile_ops(ops: ControlOps, topology: Topology, name: str, model_dir: Path
     """What `edgellm profile` asks a node (edgellm.deploy.profile_op)."""
     register_profile_ops(ops, topology, name, model_dir, config, lambda: sum(weight_bytes(s) for s in stages),
                          max_context, lambda to: remote_hop(topology, name, to, route=()), hops)  # fmt: skip
+
+
+def device_dp(topology: Topology) -> DPConfig | None:
+    """The differential privacy the topology sets on the device's smashed data: the `dp` of the link from the
+    device to the first server (route[1]), the one its hidden states leave by (docs/TOPOLOGY.md).
+
+    Raises:
+        ConfigError: `dp` on any other link (server->server traffic never passes the device, and in star mode the
+            device's later hops carry what a server computed from already noised rows), or on a deployment whose
+            device sends token ids (a first cut of 0 without `embed = "device"`).
+    """
+    found = None
+    first = topology.route[:2]
+    for i, link in enumerate(topology.links):
+        if link.dp is None:
+            continue
+        if len(first) < 2 or not link.joins(*first):
+            raise ConfigError(f"{topology.source}: links[{i}].dp: differential privacy goes on the link from the "
+                              f"device to the first server ({' <-> '.join(first)}), not {link.a} <-> {link.b}")  # fmt: skip
+        found = link.dp
+    model = topology.model
+    if found is not None and model.cuts and model.cuts[0] == 0 and model.embed != "device":
+        raise ConfigError(f"{topology.source}: a link's dp guards hidden states, but this device sends token ids "
+                          '(first cut 0): keep layers on the device, or the embedding with embed = "device"')  # fmt: skip
+    return found
 
 
 def node_factory(

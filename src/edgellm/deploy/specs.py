@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgellm.deploy.document import Table
 from edgellm.deploy.presets import get_preset
 from edgellm.engine.select import ENGINES
 from edgellm.errors import ConfigError
 from edgellm.model.stage import HEAD_PLACEMENTS
 from edgellm.net.codec import CodecSpec
 from edgellm.net.link import LinkProfile
+from edgellm.privacy.config import DEFAULT_DELTA, DP_KEYS, DPConfig
 from edgellm.quant.scheme import parse_quant
 from edgellm.split.budget import NodeEmulation
 
@@ -190,7 +192,8 @@ class LinkSpec:
 
     "Up" is the direction away from the device along the route (`Topology.direction`); `profile.up_mbps`
     applies to it and `profile.down_mbps` to the way back. `profile_name` is the named profile the numbers
-    started from (fields given explicitly in the file override it).
+    started from (fields given explicitly in the file override it). `dp`: differential privacy on the smashed data
+    the device sends over this link (only on the link from the device to the first server; `link_dp`).
     """
 
     a: str
@@ -198,6 +201,7 @@ class LinkSpec:
     profile: LinkProfile
     profile_name: str = "none"
     codec: CodecSpec = CodecSpec()
+    dp: DPConfig | None = None
 
     def __post_init__(self) -> None:
         if self.a == self.b:
@@ -346,3 +350,14 @@ class ControlSpec:
             raise ConfigError(f"margin: must be >= 0, got {self.margin}")
         if self.min_samples < 1:
             raise ConfigError(f"min_samples: must be >= 1, got {self.min_samples}")
+
+
+def link_dp(link: Table) -> DPConfig | None:
+    """A link's optional `dp = {clip = 4.0, noise = 0.5, delta = 1e-5, max_epsilon = 8.0, seed = 1}` table."""
+    if "dp" not in link:
+        return None
+    t = link.table("dp", set(DP_KEYS))
+    values = (t.number("clip"), t.number("noise"), t.number("delta", DEFAULT_DELTA), t.number("max_epsilon", None),
+              t.number("grad_clip", None), t.integer("seed", None))  # fmt: skip
+    with link.at("dp"):
+        return DPConfig(*values)

@@ -38,6 +38,7 @@ from edgellm.deploy.specs import (
     TLSSpec,
     TokenSource,
     is_loopback,
+    link_dp,
 )
 from edgellm.errors import ConfigError
 from edgellm.model.stage import StageSpec, chain_stages
@@ -57,7 +58,7 @@ DEPLOYMENT_KEYS = {"route", "mode", "deadline_s", "max_sessions", "idle_timeout_
 TLS_KEYS = {"cert", "key", "ca", "client_auth"}
 NODE_KEYS = {"name", "role", "address", "threads", "memory_mb", "quant", "compute_scale", "preset"}
 LINK_NUMBERS = ("up_mbps", "down_mbps", "rtt_ms", "jitter_ms", "loss_pct")  # override the profile's fields
-LINK_KEYS = {"between", "profile", "codec", *LINK_NUMBERS}
+LINK_KEYS = {"between", "profile", "codec", "dp", *LINK_NUMBERS}  # dp: edgellm.deploy.specs.link_dp
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def _parse_link(t: Table) -> LinkSpec:
     between = t.strings("between")
     if len(between) != 2:
         raise t.error("between", f"must name exactly two nodes, got {between}")
-    name, codec_text = t.string("profile", "none"), t.string("codec", "none")
+    name, codec_text, dp = t.string("profile", "none"), t.string("codec", "none"), link_dp(t)
     with t.at("profile"):
         base = profile(name)
     overrides = {key: t.number(key) for key in LINK_NUMBERS if key in t}
@@ -287,7 +288,7 @@ def _parse_link(t: Table) -> LinkSpec:
     with t.at("codec"):
         codec = parse_codec(codec_text)
     with t.building():
-        return LinkSpec(between[0], between[1], link_profile, name.lower(), codec)
+        return LinkSpec(between[0], between[1], link_profile, name.lower(), codec, dp)
 
 
 def _path(t: Table, key: str, base_dir: Path | None) -> Path:

@@ -14,6 +14,8 @@ import torch
 from edgellm.errors import ConfigError
 from edgellm.model.prompt import TextStream, stop_ids
 from edgellm.model.stage import StageSpec
+from edgellm.privacy.config import DPConfig
+from edgellm.privacy.mods import RowGuard, private_hops
 from edgellm.serve.adapter_catalog import AdapterCatalog
 from edgellm.serve.drafts import DraftShelf
 from edgellm.serve.generate_request import GenerateRequest
@@ -77,6 +79,7 @@ class DeviceEngine:
         self.drafts: DraftShelf | None = None  # the drafters for speculative decoding; None: it is refused
         self.migration = migration
         self.node_status = node_status
+        self.dp_guard: RowGuard | None = None  # the topology's DP on the device's first link; one ledger for life
         self.control_ops = node_ops(name, self.info, self._linked_hops)  # edgellm.split.control
         self.control_ops.register("migrate", self._migrate_op, MIGRATE_FIELDS)
 
@@ -133,7 +136,7 @@ class DeviceEngine:
         waiting = self.migration.queue(layout, at_step)
         return {"queued": True, "at_step": at_step, "waiting": waiting}
 
-    def _between_steps(self, generator: Callable[[], Generator]) -> BetweenSteps | None:
+    def _between_steps(self, generator: Callable[[], Generator], guard: RowGuard | None) -> BetweenSteps | None:
         """The generation's hook: feed the controller the new traces, and migrate to a layout it or the control
         channel asks for."""
         migration = self.migration
@@ -155,9 +158,26 @@ class DeviceEngine:
             except ConfigError as exc:
                 log.warning("not migrating before step %d to an invalid layout: %s", step, exc)
                 return None
-            return self.migrate(layout)
+            moved = self.migrate(layout)
+            return moved if guard is None else Pipeline(self._private(moved.hops, guard), layout=moved.layout)
 
         return hook
+
+    def _guard(self, dp: DPConfig | None) -> RowGuard | None:
+        """The DP guard of a generation: the topology's (one ledger for the node's life) or the request's own."""
+        if dp is not None and self.dp_guard is not None:
+            raise ConfigError(f"node {self.name}'s topology sets DP on its first link; a request cannot replace it")
+        return self.dp_guard if dp is None else RowGuard.for_rows(dp)
+
+    def _private(self, hops: list[Hop], guard: RowGuard | None) -> list[Hop]:
+        """`hops` with the device's hop to its first server guarded (`edgellm.privacy.mods`); as-is without DP."""
+        if guard is None:
+            return hops
+        owner, first = self.layout[0]
+        if owner != self.name or not first.embed or all(node == self.name for node, _ in self.layout):
+            raise ConfigError(f"differential privacy on node {self.name} needs its first stage (embedding) on the "
+                              "device and a server after it: here no hidden state of the device's leaves it")  # fmt: skip
+        return private_hops(hops, guard)
 
     def _linked_hops(self) -> dict[str, Hop]:
         return {hop.name: hop for hop in self.hops if hasattr(hop, "probe")}
@@ -178,6 +198,7 @@ class DeviceEngine:
             raise ConfigError(f"node {self.name} serves no adapters; asked for {request.adapter!r}")
         if request.speculative is not None and self.drafts is None:
             raise ConfigError(f"node {self.name} has no drafter: it cannot decode speculatively")
+        guard = self._guard(request.dp)
         with self._lock:
             # A layout asked for while the last generation was finishing moves the deployment once none runs on it.
             while not self._active and self.migration is not None:
@@ -185,18 +206,18 @@ class DeviceEngine:
                 if waiting is None:
                     break
                 self.migrate(waiting)
+            hops = self._private(list(self.hops), guard)
             self._active += 1
-            hops = list(self.hops)
         try:
             with self.adapters.use(request.adapter) if request.adapter is not None else nullcontext():  # type: ignore[union-attr]
-                yield from self._stream(prompt_ids, config, hops, request.adapter or "", request.speculative)
+                yield from self._stream(prompt_ids, config, hops, request.adapter or "", request.speculative, guard)
         finally:
             with self._lock:
                 self._active -= 1
 
     def _stream(
         self, prompt_ids: list[int], config: GenerationConfig, hops: list[Hop], adapter: str,
-        speculative: SpeculativeConfig | None,
+        speculative: SpeculativeConfig | None, guard: RowGuard | None,
     ) -> Iterator[dict[str, Any]]:  # fmt: skip
         pipeline = Pipeline(hops, layout=self._layout_json())
         generator: Generator | SpeculativeGenerator
@@ -205,7 +226,7 @@ class DeviceEngine:
             drafter = self.drafts.get(speculative.draft)
             generator = SpeculativeGenerator(pipeline, config, drafter, speculative, adapter)
         else:
-            plain = Generator(pipeline, config, self._between_steps(lambda: plain), adapter)
+            plain = Generator(pipeline, config, self._between_steps(lambda: plain, guard), adapter)
             generator = plain
         stream = TextStream(self.tokenizer)
         timer = StepTimer(generator.pipeline)
@@ -214,7 +235,8 @@ class DeviceEngine:
             yield {"token": token, "text": stream.push(token), "timing": timer.step(generator.pipeline)}
         assert generator.result is not None
         report = self._report(prompt_ids, generator)
-        yield {"report": {**report, "adapter": adapter or None}}
+        privacy = None if guard is None else guard.ledger.to_json()  # the topology's: the node's life so far
+        yield {"report": {**report, "adapter": adapter or None, "privacy": privacy}}
 
     def attach_adapters(self, catalog: AdapterCatalog) -> None:
         """Serve LoRA adapters: generations may name one of `catalog`'s."""

@@ -9,6 +9,7 @@ from typing import Any
 from edgellm.errors import ConfigError
 from edgellm.model.prompt import encode_messages, encode_prompt
 from edgellm.model.sampling import SamplingConfig
+from edgellm.privacy.config import DPConfig
 from edgellm.serve.conversation import Message, parse_messages
 from edgellm.spec.config import DEFAULT_DRAFT, SpeculativeConfig
 
@@ -32,9 +33,10 @@ GENERATE_FIELDS: dict[str, tuple[type, Any]] = {
     "adapter": (str, None),  # the LoRA adapter to generate with; none: the base model
     "speculative": (str, None),  # "auto" or drafts per round (`edgellm.spec`); none: plain decoding
     "draft": (str, None),  # the drafter (`edgellm.spec.config.parse_draft`); none: the default one
+    "dp": (dict, None),  # DP on the smashed data this generation sends (`DPConfig.from_json`); none: the topology's
 }
 PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
-OPTIONAL_FIELDS = (*PROMPT_FIELDS, "adapter", "speculative", "draft")
+OPTIONAL_FIELDS = (*PROMPT_FIELDS, "adapter", "speculative", "draft", "dp")
 SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_repeat_ngram")
 
 
@@ -50,6 +52,7 @@ class GenerateRequest:
     ids: tuple[int, ...] | None = None  # the prompt's token ids, when neither `prompt` nor `messages`
     adapter: str | None = None  # the LoRA adapter; None: the base model
     speculative: SpeculativeConfig | None = None  # drafts and verification; None: plain decoding
+    dp: DPConfig | None = None  # differential privacy on this generation's smashed data; None: the topology's
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerateRequest:
@@ -89,8 +92,9 @@ class GenerateRequest:
         speculative = None
         if values["speculative"] is not None:
             speculative = SpeculativeConfig.parse(values["speculative"], values["draft"] or DEFAULT_DRAFT)
+        dp = None if values["dp"] is None else DPConfig.from_json(values["dp"], "generate field 'dp'")
         return cls(values["prompt"], values["chat"], values["max_new_tokens"], sampling, messages, ids, adapter,
-                   speculative)  # fmt: skip
+                   speculative, dp)  # fmt: skip
 
     def prompt_ids(self, tokenizer: Any) -> list[int]:
         """The prompt's token ids: the messages in the chat template, or the prompt (wrapped in it if `chat`)."""

@@ -16,6 +16,8 @@ from edgellm.model.arch import arch_for
 from edgellm.model.prompt import TextStream, encode_messages, encode_prompt, stop_ids
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import HEAD_PLACEMENTS, HeadPlacement, Stage, stage_specs
+from edgellm.privacy.config import DPConfig
+from edgellm.privacy.mods import RowGuard, private_hops
 from edgellm.progress import Phase
 from edgellm.quant.memory import kv_bytes_per_token, stage_memory
 from edgellm.quant.scheme import parse_quant
@@ -25,6 +27,7 @@ from edgellm.spec.config import SpeculativeConfig
 from edgellm.spec.generator import SpeculativeGenerator
 from edgellm.split.generator import GenerationConfig, Generator
 from edgellm.split.one_process import load_stages, local_pipeline
+from edgellm.split.pipeline import Pipeline
 from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 
@@ -102,6 +105,7 @@ class PromptConfig:
     max_new_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     speculative: SpeculativeConfig | None = None  # draft on the device and verify (None: plain decoding)
+    dp: DPConfig | None = None  # clip and noise the smashed data the first stage sends on (None: off)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:  # checked here too, so the CLI refuses it before loading the model
@@ -129,6 +133,9 @@ def generate_ids(
         options.max_new_tokens, options.sampling, stop_ids(loaded.tokenizer, loaded.model_config)
     )
     pipeline = local_pipeline(loaded.stages)
+    guard = None if options.dp is None else RowGuard.for_rows(options.dp)
+    if guard is not None:  # hop 0 is the device's first stage, hop 1 the first server's (none without cuts)
+        pipeline = Pipeline(private_hops(pipeline.hops, guard))
     generator: Generator | SpeculativeGenerator = Generator(pipeline, gen_config)
     if options.speculative is not None:
         if loaded.drafts is None:
@@ -166,6 +173,7 @@ def generate_ids(
         ],
         **timing_report(result),
         "load_s": round(loaded.load_s, 3),
+        "privacy": None if guard is None else guard.ledger.to_json(),
     }
 
 

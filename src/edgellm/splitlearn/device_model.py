@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from edgellm.errors import ConfigError, PeerError
 from edgellm.lora.config import LoraSpec
+from edgellm.lora.fedavg import clip_update
 from edgellm.lora.inject import (
     adapter_grads,
     adapter_parameters,
@@ -32,6 +33,9 @@ from edgellm.lora.inject import (
 )
 from edgellm.model.stage import Stage
 from edgellm.net.messages import AdapterSync, ForwardReply, HopTrace, SyncReply, TrainBackward, TrainForward, TrainOpen
+from edgellm.privacy.accountant import PrivacyLedger
+from edgellm.privacy.config import TrainPrivacy
+from edgellm.privacy.mods import RowGuard
 from edgellm.split.pipeline import TrainHop
 from edgellm.splitlearn.settings import seed_for
 from edgellm.train.data import IGNORE, Batch, causal_lm_loss
@@ -63,6 +67,7 @@ class _RemoteCall:
     token_mask: torch.Tensor | None
     traffic: StepTraffic
     wait_s: float  # another client may hold a shared adapter this long
+    grad_guard: RowGuard | None = None  # DP on the gradient this hop's backward sends (the device's first one)
 
 
 class _Remote(torch.autograd.Function):
@@ -80,7 +85,8 @@ class _Remote(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         call: _RemoteCall = ctx.call
-        reply = call.hop.train(TrainBackward(call.session, call.step, grad.contiguous()))
+        sent = grad if call.grad_guard is None else call.grad_guard.release(grad, call.token_mask)
+        reply = call.hop.train(TrainBackward(call.session, call.step, sent.contiguous()))
         _expect_forward(reply, call.hop.name)
         call.traffic.add(reply.trace)
         return reply.output.to(grad.dtype), None
@@ -104,6 +110,8 @@ class SplitModel:
         aggregator: where FedAvg rounds meet when it is not the first server (federated runs without a split).
         wait_s: how long a server may rightly hold a call (the run's round timeout): a FedAvg round filling up,
             or another client's turn on a shared adapter.
+        privacy: differential privacy on what leaves the device (`edgellm.privacy`): the smashed data sent to
+            the first server, optionally the gradients sent back, and DP-FedAvg's clipped updates; None: off.
     """
 
     def __init__(
@@ -115,6 +123,7 @@ class SplitModel:
         session: str,
         aggregator: TrainHop | None = None,
         wait_s: float = 0.0,
+        privacy: TrainPrivacy | None = None,
     ) -> None:
         if not stages or not stages[0].spec.embed:
             raise ConfigError("split learning needs the embedding on the device: token ids never leave it")
@@ -137,6 +146,17 @@ class SplitModel:
             p.requires_grad_(True)
         if not self.params and not self.hops:
             raise ConfigError("no adapters to train: the device holds no decoder layers and there are no servers")
+        self.privacy = privacy or TrainPrivacy()
+        dp, fed = self.privacy.smashed, self.privacy.fedavg
+        if dp is not None and not self.hops:
+            raise ConfigError("differential privacy on smashed data needs a server: this run sends nothing")
+        self.guard = None if dp is None else RowGuard.for_rows(dp)
+        self.grad_guard = None if dp is None else RowGuard.for_gradients(dp)
+        self.fedavg_ledger = None
+        if fed is not None:
+            self.fedavg_ledger = PrivacyLedger("dp_fedavg", fed.clip_norm, fed.noise_multiplier, fed.delta,
+                                               fed.max_epsilon, unit="client update")  # fmt: skip
+        self._round_start = self.device_state() if fed is not None else {}  # DP-FedAvg clips updates from here
 
     # -- the training step ---------------------------------------------------------------------------------
     def loss(self, batch: Batch, step: int, seed: int) -> tuple[torch.Tensor, StepTraffic]:
@@ -149,8 +169,12 @@ class SplitModel:
         mask = None if bool(batch.token_mask.all()) else batch.token_mask
         torch.manual_seed(seed_for(seed, step, 0))
         h = self.stages[0](batch.ids, positions, None, mask)
-        for hop in self.hops:
-            h = _Remote.apply(h, _RemoteCall(hop, self.session, step, positions, mask, traffic, 2 * self.wait_s))
+        if self.guard is not None:  # [B, S, D], clipped and noised; differentiable, so the first stage trains
+            h = self.guard.release(h, mask)
+        for i, hop in enumerate(self.hops):
+            grad_guard = self.grad_guard if i == len(self.hops) - 1 else None  # the gradient the head sends
+            call = _RemoteCall(hop, self.session, step, positions, mask, traffic, 2 * self.wait_s, grad_guard)
+            h = _Remote.apply(h, call)
         head = self.stages[-1]
         if len(self.stages) > 1 and not len(head.blocks):
             # A head-only stage sees each position alone: score only the positions that predict a label (the
@@ -178,6 +202,8 @@ class SplitModel:
                 train_mode(stage, DEVICE_ADAPTER, False)
         try:
             h = self.stages[0](batch.ids, positions, None, mask)
+            if self.guard is not None and self.hops:
+                h = self.guard.release(h, mask)
             for hop in self.hops:
                 reply = hop.train(TrainForward(self.session, 0, h, positions, mask, eval=True))
                 _expect_forward(reply, hop.name)
@@ -225,8 +251,13 @@ class SplitModel:
         """
         if self.aggregator is None:
             raise ConfigError("federated averaging needs a server or an aggregator to meet at; this run has none")
-        state = tuple(self.device_state().items())
-        message = AdapterSync(self.session, "aggregate", step, weight, state)
+        state = self.device_state()
+        fed = self.privacy.fedavg
+        if fed is not None and self.fedavg_ledger is not None:  # clip, and charge the round before sending
+            state = clip_update(state, self._round_start, fed.clip_norm)
+            self.fedavg_ledger.charge(1, sample_rate=1.0)  # every client joins every round: q = clients / clients
+            weight = 1.0  # DP-FedAvg weighs clients equally (the noise is calibrated to one client's share)
+        message = AdapterSync(self.session, "aggregate", step, weight, tuple(state.items()))
         reply = _sync(self.aggregator.train(message, self.wait_s), self.aggregator.name)
         self.load_device_state(dict(reply.tensors))
         return list(json.loads(reply.detail)[0]["clients"])
@@ -245,6 +276,14 @@ class SplitModel:
         """Load the device's adapter weights out of `tensors` (which may also hold the servers')."""
         for stage in self.stages:
             load_adapter_state(stage, DEVICE_ADAPTER, tensors, strict=False)
+        if self.privacy.fedavg is not None:  # a loaded state (an average, a checkpoint) starts a round
+            self._round_start = self.device_state()
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        """Each defence's ledger (`smashed_data`, `gradients`, `dp_fedavg`), or None with every defence off."""
+        guards = [self.guard, self.grad_guard]
+        ledgers = [g.ledger for g in guards if g is not None] + [x for x in [self.fedavg_ledger] if x is not None]
+        return {ledger.mechanism: ledger.to_json() for ledger in ledgers} or None
 
 
 def _sync(reply: Any, name: str) -> SyncReply:

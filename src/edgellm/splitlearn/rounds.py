@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from edgellm.errors import ConfigError, SessionError
-from edgellm.lora.fedavg import fedavg
+from edgellm.lora.fedavg import dp_fedavg, fedavg
 from edgellm.net.messages import AdapterSync, CloseSession, SyncReply, TrainOpen, WireError, decode, encode
+from edgellm.privacy.config import DPConfig
 from edgellm.split.control import node_ops
 from edgellm.splitlearn.settings import ServerTrainConfig
 
@@ -37,6 +38,7 @@ class _Round:
     states: dict[int, tuple[Mapping[str, torch.Tensor], float]] = field(default_factory=dict)
     result: dict[str, torch.Tensor] | None = None
     included: tuple[int, ...] = ()
+    dp: DPConfig | None = None  # DP-FedAvg: the noise added to the mean of the (clipped) states
 
 
 class Aggregator:
@@ -57,8 +59,12 @@ class Aggregator:
         state: Mapping[str, torch.Tensor],
         weight: float,
         timeout_s: float | None = None,
+        dp: DPConfig | None = None,
     ) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
         """Hand in `client`'s adapters for round `key`; block until the round closes.
+
+        With `dp` (DP-FedAvg) the round's result is `dp_fedavg` of the states (clipped by the clients), with
+        equal weights, and noise drawn from `dp.generator(salt=step)`.
 
         Returns the averaged adapters and the clients they came from. A client arriving after its round closed
         gets that round's result (its own adapters are not in it).
@@ -67,7 +73,7 @@ class Aggregator:
         with self._cond:
             absent = self._absent.setdefault(key[:2], set())
             absent.discard(client)
-            rnd = self._rounds.setdefault(key, _Round(clients, self._clock()))
+            rnd = self._rounds.setdefault(key, _Round(clients, self._clock(), dp=dp))
             if rnd.result is None:
                 rnd.states[client] = (state, weight)
             else:
@@ -93,7 +99,12 @@ class Aggregator:
 
     def _close(self, key: RoundKey, rnd: _Round) -> None:
         included = tuple(sorted(rnd.states))
-        rnd.result = fedavg([rnd.states[c][0] for c in included], [rnd.states[c][1] for c in included])
+        states = [rnd.states[c][0] for c in included]
+        if rnd.dp is None:
+            rnd.result = fedavg(states, [rnd.states[c][1] for c in included])
+        else:
+            dp = rnd.dp
+            rnd.result = dp_fedavg(states, dp.clip_norm, dp.noise_multiplier, dp.generator(salt=key[2]))
         rnd.included = included
         rnd.states.clear()
         self._cond.notify_all()
@@ -113,9 +124,8 @@ class AggregatorServer:
     def __init__(self, name: str = "aggregator", timeout_s: float = 120.0) -> None:
         self.name = name
         self.aggregator = Aggregator(timeout_s)
-        self._sessions: dict[
-            str, tuple[str, str, int, int, float]
-        ] = {}  # session -> run, attempt, client, clients, timeout
+        # session -> run, attempt, client, clients, timeout, DP-FedAvg
+        self._sessions: dict[str, tuple[str, str, int, int, float, DPConfig | None]] = {}
         self._lock = threading.Lock()
 
     def train(self, frame: bytes) -> bytes:
@@ -131,6 +141,7 @@ class AggregatorServer:
                     message.client,
                     message.clients,
                     config.round_timeout_s,
+                    config.dp_fedavg,
                 )
             return encode(SyncReply(detail=json.dumps([{"node": self.name, "trainable_params": 0}])))
         if not isinstance(message, AdapterSync) or message.op != "aggregate":
@@ -139,9 +150,9 @@ class AggregatorServer:
             found = self._sessions.get(message.session)
         if found is None:
             raise SessionError(f"unknown training session {message.session!r} on node {self.name}")
-        run, attempt, client, clients, timeout = found
+        run, attempt, client, clients, timeout, dp = found
         result, included = self.aggregator.submit(
-            (run, attempt, message.step), client, clients, dict(message.tensors), message.weight, timeout
+            (run, attempt, message.step), client, clients, dict(message.tensors), message.weight, timeout, dp
         )
         detail = json.dumps([{"node": self.name, "round": message.step, "clients": list(included)}])
         return encode(SyncReply(tuple(result.items()), detail))

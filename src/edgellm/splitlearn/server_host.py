@@ -248,7 +248,7 @@ class TrainHost:
         with self.host.lock:
             s = self._session(msg.session)
             key = (s.run, s.attempt, msg.step)
-            timeout = s.slot.config.round_timeout_s
+            timeout, dp = s.slot.config.round_timeout_s, s.slot.config.dp_fedavg
         # Waiting for the other clients must not hold the stage: they need it to reach this round.
-        result, included = self.aggregator.submit(key, s.client, s.clients, dict(msg.tensors), msg.weight, timeout)
+        result, included = self.aggregator.submit(key, s.client, s.clients, dict(msg.tensors), msg.weight, timeout, dp)
         return result, {"node": self.node, "round": msg.step, "clients": list(included)}

@@ -10,6 +10,7 @@ from typing import Any
 
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
+from edgellm.privacy.config import DPConfig
 
 MAX_RANK = 1024
 
@@ -59,6 +60,8 @@ class ServerTrainConfig:
         seed: seeds dropout per (seed, step), so a resumed run draws the same masks.
         round_timeout_s: an aggregation round closes this long after its first client arrived, with whoever came;
             and a client that holds a shared adapter's turn this long without its backward pass loses it.
+        dp_fedavg: DP-FedAvg: the clients send updates clipped to `dp_fedavg.clip_norm` and the aggregator adds
+            Gaussian noise to their mean (`edgellm.lora.fedavg.dp_fedavg`); None: plain FedAvg.
     """
 
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -66,6 +69,7 @@ class ServerTrainConfig:
     share: str = "shared"
     seed: int = 0
     round_timeout_s: float = 120.0
+    dp_fedavg: DPConfig | None = None
 
     def __post_init__(self) -> None:
         if self.share not in SHARE_MODES:
@@ -76,7 +80,8 @@ class ServerTrainConfig:
             raise ConfigError(f"LoRA rank {self.lora.r} exceeds this server's limit of {MAX_RANK}")
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "lora": self.lora.to_dict()})
+        dp = None if self.dp_fedavg is None else self.dp_fedavg.to_json()
+        return json.dumps({**asdict(self), "lora": self.lora.to_dict(), "dp_fedavg": dp})
 
     @classmethod
     def from_json(cls, text: str) -> ServerTrainConfig:
@@ -87,7 +92,8 @@ class ServerTrainConfig:
             raise ConfigError(f"training config is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError("training config must be a JSON object")
-        _known(data, {"lora", "optim", "share", "seed", "round_timeout_s"}, "training config")
+        _known(data, {"lora", "optim", "share", "seed", "round_timeout_s", "dp_fedavg"}, "training config")
+        dp = data.get("dp_fedavg")
         optim = data.get("optim", {})
         if not isinstance(optim, dict):
             raise ConfigError("training config: optim must be an object")
@@ -99,6 +105,7 @@ class ServerTrainConfig:
                 share=str(data.get("share", "shared")),
                 seed=_seed(data.get("seed", 0)),
                 round_timeout_s=float(data.get("round_timeout_s", 120.0)),
+                dp_fedavg=None if dp is None else DPConfig.from_json(dp, "training config dp_fedavg"),
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from edgellm.deploy.node_builder import channel_config, remote_hop
+from edgellm.deploy.node_builder import channel_config, device_dp, remote_hop
 from edgellm.deploy.topology import Topology, load_topology
 from edgellm.errors import ConfigError
 from edgellm.lora.peft_io import load_peft_adapter, save_peft_adapter
@@ -28,6 +28,7 @@ from edgellm.model.arch import arch_for
 from edgellm.model.stage import Stage, StageSpec
 from edgellm.net.messages import CloseSession, TrainOpen
 from edgellm.net.rpc import ChannelConfig, RemoteHop
+from edgellm.privacy.config import DPConfig, TrainPrivacy
 from edgellm.quant.scheme import QuantConfig, parse_quant
 from edgellm.serve.local_engine import DTYPES
 from edgellm.split.one_process import load_stages
@@ -91,8 +92,9 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     if plan.resume and start_step == 0:
         log.warning("no checkpoint in %s: starting from step 0", folder)
     session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
+    privacy = _privacy(cfg, side.dp)
     model = SplitModel(
-        side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator, cfg.round_timeout_s
+        side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator, cfg.round_timeout_s, privacy
     )
     open_message = TrainOpen(
         session, plan.run, plan.attempt, plan.client, cfg.clients, cfg.server_config().to_json(), start_step
@@ -135,6 +137,7 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     summary = {
         "event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter),
         "sync_bytes": sync,  # adapter traffic (open, aggregation rounds, checkpoints, export), both directions
+        "privacy": model.privacy_report(),  # each defence's ledger (edgellm.privacy.accountant); None: all off
     }  # fmt: skip
     emit(summary)
     return summary
@@ -165,6 +168,7 @@ class _Side:
     pad_id: int
     model_name: str
     fan_in_fan_out: bool
+    dp: DPConfig | None = None  # the topology's DP on the device's first link
 
 
 def _load_side(plan: ClientPlan) -> _Side:
@@ -188,7 +192,15 @@ def _load_side(plan: ClientPlan) -> _Side:
     tokenizer = load_tokenizer(model_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = _dataset(plan, tokenizer)
-    return _Side(stages, hops, aggregator, arch.layers, dataset, int(pad), model_name, config.model_type == "gpt2")
+    dp = device_dp(topology) if topology is not None else None
+    return _Side(stages, hops, aggregator, arch.layers, dataset, int(pad), model_name, config.model_type == "gpt2", dp)
+
+
+def _privacy(cfg: TrainConfig, topology_dp: DPConfig | None) -> TrainPrivacy:
+    """The run's defences: `--dp-*` or the topology's link `dp` (not both), and DP-FedAvg."""
+    if cfg.dp is not None and topology_dp is not None:
+        raise ConfigError("the topology sets dp on the device's link; drop the --dp-* options or that link's dp")
+    return TrainPrivacy(cfg.dp or topology_dp, cfg.dp_fedavg)
 
 
 def _device_side(topology: Topology, model_dir: Path, num_layers: int) -> tuple[list[Stage], list[TrainHop]]:

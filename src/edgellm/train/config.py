@@ -8,6 +8,7 @@ from typing import Any
 
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
+from edgellm.privacy.config import DPConfig, TrainPrivacy
 from edgellm.splitlearn.settings import SHARE_MODES, OptimSpec, ServerTrainConfig
 
 
@@ -50,6 +51,8 @@ class TrainConfig:
         aggregate_every: steps between FedAvg rounds (and after the last step); ignored with one client.
         checkpoint_every: steps between checkpoints (also after the last step); 0: only after the last step.
         round_timeout_s: a FedAvg round closes this long after its first client, without the missing ones.
+        dp: differential privacy on the smashed data each device sends (and optionally the gradients it sends
+            back); None: off. dp_fedavg: DP-FedAvg of the device-side adapters; None: plain FedAvg.
     """
 
     steps: int
@@ -64,6 +67,8 @@ class TrainConfig:
     aggregate_every: int = 10
     checkpoint_every: int = 0
     round_timeout_s: float = 120.0
+    dp: DPConfig | None = None
+    dp_fedavg: DPConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "clients", "aggregate_every"):
@@ -79,8 +84,16 @@ class TrainConfig:
                 f"{self.checkpoint_every} must be a multiple of --aggregate-every {self.aggregate_every}"
             )
 
+        if self.dp_fedavg is not None and self.clients < 2:
+            raise ConfigError("DP-FedAvg (--dp-fedavg-clip/--dp-fedavg-noise) needs --clients 2 or more to average")
+        TrainPrivacy(self.dp, self.dp_fedavg)  # validates the pair
+
+    @property
+    def privacy(self) -> TrainPrivacy:
+        return TrainPrivacy(self.dp, self.dp_fedavg)
+
     def server_config(self) -> ServerTrainConfig:
-        return ServerTrainConfig(self.lora, self.optim, self.share, self.seed, self.round_timeout_s)
+        return ServerTrainConfig(self.lora, self.optim, self.share, self.seed, self.round_timeout_s, self.dp_fedavg)
 
     def aggregates_after(self, step: int) -> bool:
         """Whether a FedAvg round follows step `step` (1-based count of steps done)."""
@@ -107,4 +120,6 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     fields["data"] = DataSpec(Path(raw["path"]) if raw["path"] else None, raw["task"], raw["task_examples"])
     fields["lora"] = LoraSpec.from_dict(fields["lora"])
     fields["optim"] = OptimSpec(**fields["optim"])
+    for key in ("dp", "dp_fedavg"):  # asdict's form: the full field names
+        fields[key] = None if fields.get(key) is None else DPConfig(**fields[key])
     return TrainConfig(**fields)

@@ -317,6 +317,7 @@ def report(plan: ClientPlan, events: list[Event], wall_s: float, start_step: int
         "server_trainable_params": servers,
         "dropped_clients": sorted(e["client"] for e in events if e["event"] == "dropped"),
         "sync_bytes_per_client": {str(e["client"]): e.get("sync_bytes", {}) for e in done},
+        "privacy": {str(e["client"]): e["privacy"] for e in done if e.get("privacy")} or None,  # per device
         "wall_s": wall_s,
     }  # fmt: skip
 
