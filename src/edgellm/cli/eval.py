@@ -1,5 +1,6 @@
 """`edgellm eval ppl`: perplexity of the (cut, quantized, codec-compressed) model over a text file;
-`edgellm eval task`: exact match and response loss on a built-in fine-tuning task."""
+`edgellm eval task`: exact match and response loss on a built-in fine-tuning task;
+`edgellm eval privacy` (cli/eval_privacy.py): attacks on the smashed data, against cut and DP noise."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 from edgellm.cli.choices import CODECS
+from edgellm.cli.eval_privacy import add_privacy_parser
 from edgellm.cli.generate import add_model_arguments
 from edgellm.train.tasks import DEFAULT_TASK, TASKS
 
@@ -40,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(run=run)
     add_task_parser(tasks)
+    add_privacy_parser(tasks)
 
 
 def add_task_parser(tasks: argparse._SubParsersAction) -> None:
