@@ -410,6 +410,8 @@ generate_requests = st.dictionaries(
 REGRESSIONS_GENERATE = {  # accepted, then sampling fails with another error
     "seed-2**64": {"prompt": "x", "seed": 2**64},  # ValueError from torch's manual_seed
     "temperature-1e-40": {"prompt": "x", "greedy": False, "temperature": 1e-40},  # RuntimeError: NaN probabilities
+    "lone-surrogate-prompt": {"prompt": "a\ud800b"},  # UnicodeEncodeError in the tokenizer: an internal error
+    "lone-surrogate-message": {"messages": [{"role": "user", "content": "\udfff"}]},
 }
 
 
@@ -422,6 +424,8 @@ def test_a_generate_request_is_refused_or_can_be_sampled_from(request):
     except ConfigError:
         return
     assert (isinstance(parsed.prompt, str) or parsed.ids or parsed.messages) and config.max_new_tokens >= 1
+    for text in [parsed.prompt or "", *(m.content for m in parsed.messages or ())]:
+        text.encode("utf-8")  # a tokenizer can take it
     logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)) * 5  # [B, V]
     history = [[1, 2, 1, 2, 15, 40], [5]]  # the repetition guard's: ids past the vocabulary are ignored
     chosen = next_tokens(logits, parsed.sampling, torch.Generator().manual_seed(parsed.sampling.seed), history)

@@ -218,6 +218,14 @@ def test_bad_completion_requests_and_bodies(client):
         client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
     )
     assert_error(client.post("/v1/completions", json=[1, 2]), 400)
+    lone = b'{"model": "%s", "prompt": "a\\ud800b"}' % MODEL.encode()  # valid JSON, not valid Unicode
+    error = assert_error(client.post("/v1/completions", content=lone, headers={"content-type": "application/json"}),
+                         400, param="prompt")  # fmt: skip
+    assert "lone surrogate" in error["message"]
+    lone = b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % MODEL.encode()
+    error = assert_error(client.post("/v1/chat/completions", content=lone,
+                                     headers={"content-type": "application/json"}), 400, param="messages")  # fmt: skip
+    assert "lone surrogate" in error["message"]
     assert_error(client.get("/v1/nothing"), 404, code="not_found")
 
 

@@ -23,20 +23,21 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 
 from edgellm.errors import ConfigError
+from edgellm.net.channel import ChannelConfig as ChannelConfig  # re-exported: callers import it from here
+from edgellm.net.channel import TlsFiles as TlsFiles
+from edgellm.net.channel import grpc_options, is_loopback_address, open_channel, server_credentials
 from edgellm.net.codec import CodecSpec
 from edgellm.net.link import EmulatedLink
 from edgellm.net.messages import (
-    MAX_MESSAGE_BYTES,
     CloseSession,
     ForwardReply,
     ForwardRequest,
@@ -52,43 +53,15 @@ from edgellm.net.probe import echo_request
 from edgellm.net.rpc_status import AuthError as AuthError  # re-exported: RemoteHop's callers catch it from here
 from edgellm.net.rpc_status import NodeUnreachable, RemoteError, abort_with, error_from
 
+_log = logging.getLogger(__name__)
+
 SERVICE = "edgellm.Node"
 TOKEN_HEADER = "x-edgellm-token"
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files. A server uses cert+key (and ca to check client certs when `client_auth`); a client uses ca to
-    check the server, and cert+key to identify itself under mutual TLS."""
-
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    client_auth: bool = False
-    server_name: str | None = None  # override the name checked in the server certificate
-
-
-@dataclass(frozen=True)
-class ChannelConfig:
-    """How to reach nodes: shared token, per-call deadline, TLS, message size cap."""
-
-    token: str | None = None
-    deadline_s: float = 30.0
-    tls: TlsFiles | None = None
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-
-    def __post_init__(self) -> None:
-        if not self.deadline_s > 0:
-            raise ConfigError(f"deadline must be > 0 s, got {self.deadline_s}")
 
 
 def codec_name(spec: CodecSpec) -> str:
     """ "int8+zstd" for CodecSpec("int8", "zstd"); the inverse of `parse_codec`."""
     return spec.codec if spec.compression == "none" else f"{spec.codec}+{spec.compression}"
-
-
-def _options(max_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
 
 
 class RemoteHop:
@@ -128,7 +101,7 @@ class RemoteHop:
         self.route = route
         self._metadata = ((TOKEN_HEADER, channel.token),) if channel.token else ()
         self.sync_bytes = 0  # adapter traffic (open, get, put, checkpoint, aggregate), both directions
-        self._grpc = _open_channel(address, channel)
+        self._grpc = open_channel(address, channel)
         self._forward = self._grpc.unary_unary(f"/{SERVICE}/Forward")
         self._close = self._grpc.unary_unary(f"/{SERVICE}/Close")
         self._info = self._grpc.unary_unary(f"/{SERVICE}/Info")
@@ -254,30 +227,6 @@ class RemoteHop:
             raise error_from(exc, f"node {self.name} at {self.address}") from None
 
 
-def _open_channel(address: str, channel: ChannelConfig) -> grpc.Channel:
-    options = _options(channel.max_message_bytes)
-    tls = channel.tls
-    if tls is None:
-        return grpc.insecure_channel(address, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca),
-        private_key=_read(tls.key) if tls.client_auth else None,
-        certificate_chain=_read(tls.cert) if tls.client_auth else None,
-    )
-    if tls.server_name:
-        options = [*options, ("grpc.ssl_target_name_override", tls.server_name)]  # type: ignore[list-item]
-    return grpc.secure_channel(address, credentials, options=options)
-
-
-def _read(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLS file {path}: {exc.strerror}") from exc
-
-
 class NodeHandler(Protocol):
     """What a node does with each call; `edgellm.deploy.node_builder` builds one. Raise an `EdgellmError` of the
     right kind (bad input, a failed peer, busy); any other exception is answered as an internal error."""
@@ -302,7 +251,7 @@ def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: i
         ConfigError: the address cannot be bound.
     """
     # No SO_REUSEPORT (gRPC's default is on): a second node on a taken port must fail, not share the port.
-    options = [*_options(channel.max_message_bytes), ("grpc.so_reuseport", 0)]
+    options = [*grpc_options(channel.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     service = _Service(handler, channel.token)
     methods = {
@@ -318,23 +267,16 @@ def serve(handler: NodeHandler, address: str, channel: ChannelConfig, workers: i
         if channel.tls is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, _server_credentials(channel.tls))
+            port = server.add_secure_port(address, server_credentials(channel.tls))
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
+    if channel.tls is None and not is_loopback_address(address):
+        _log.warning("WARNING: listening on %s without TLS: hidden states, tokens, adapters and the shared token cross "
+                     "the network in the clear; give the deployment [security] tls files", address)  # fmt: skip
     server.start()
     return server, port
-
-
-def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    if tls.cert is None or tls.key is None:
-        raise ConfigError("a TLS server needs both cert and key")
-    return grpc.ssl_server_credentials(
-        [(_read(tls.key), _read(tls.cert))],
-        root_certificates=_read(tls.ca) if tls.client_auth else None,
-        require_client_auth=tls.client_auth,
-    )
 
 
 class _Service:

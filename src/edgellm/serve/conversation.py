@@ -36,6 +36,20 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
+def check_text(what: str, text: str) -> str:
+    """`text` if it is valid Unicode (encodable as UTF-8); JSON can carry a lone surrogate (`"\\ud800"`) that no
+    tokenizer takes.
+
+    Raises:
+        ConfigError: naming `what` and where the bad character is.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} is not valid Unicode: a lone surrogate at character {exc.start}") from None
+    return text
+
+
 def parse_messages(data: Any) -> tuple[Message, ...]:
     """Validate a list of `{"role", "content"}` objects as one conversation to answer.
 
@@ -57,7 +71,7 @@ def parse_messages(data: Any) -> tuple[Message, ...]:
             raise ConfigError(f"message {index}: unknown role {item['role']!r}; choose from {list(ROLES)}")
         if item["role"] == "system" and index > 0:
             raise ConfigError(f"message {index}: a system message may only come first")
-        out.append(Message(item["role"], item["content"]))
+        out.append(Message(item["role"], check_text(f"message {index} content", item["content"])))
     if out[-1].role != "user":
         raise ConfigError(f"the last message must be the user's (the one to answer), got {out[-1].role!r}")
     return tuple(out)

@@ -10,7 +10,7 @@ from edgellm.errors import ConfigError
 from edgellm.model.prompt import encode_messages, encode_prompt
 from edgellm.model.sampling import SamplingConfig
 from edgellm.privacy.config import DPConfig
-from edgellm.serve.conversation import Message, parse_messages
+from edgellm.serve.conversation import Message, check_text, parse_messages
 from edgellm.spec.config import DEFAULT_DRAFT, SpeculativeConfig
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -83,6 +83,8 @@ class GenerateRequest:
         messages = None if values["messages"] is None else parse_messages(values["messages"])
         if messages is not None and not values["chat"]:
             raise ConfigError("generate field 'chat' must be true with 'messages' (they always use the chat template)")
+        if values["prompt"] is not None:
+            check_text("generate field 'prompt'", values["prompt"])
         ids = None if values["prompt_ids"] is None else _token_ids(values["prompt_ids"])
         adapter = values["adapter"]
         if adapter is not None and not ADAPTER_NAME.fullmatch(adapter):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from edgellm.errors import BusyError, ConfigError, InputError, PeerError
-from edgellm.serve.conversation import parse_messages
+from edgellm.serve.conversation import check_text, parse_messages
 
 Kind = Literal["chat", "completion"]
 MAX_STOPS = 4
@@ -199,7 +199,10 @@ def _text_prompt(body: dict[str, Any]) -> dict[str, Any]:
             raise bad_request(f"'prompt' must be one prompt; got a list of {len(prompt)}", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return {"prompt": prompt}
+        try:
+            return {"prompt": check_text("'prompt'", prompt)}
+        except ConfigError as exc:
+            raise bad_request(str(exc), "prompt") from exc
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return {"prompt_ids": tuple(prompt)}
     raise bad_request("'prompt' is required: a string (or one list of token ids)", "prompt")
