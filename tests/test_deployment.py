@@ -224,3 +224,19 @@ def test_node_that_cannot_start_leaves_no_processes(tiny_llama_dir, tmp_path):
 def test_stage_server_refuses_a_route_it_has_no_link_for(three_node_device_head):
     with pytest.raises(ConfigError, match="no link"):  # a bad route is bad input, whoever relays it
         remote(three_node_device_head, "edge2").forward(hidden_request("s-route", True, route=("edge7",)))
+
+
+@pytest.mark.multiprocess
+def test_a_generation_survives_a_node_restart_by_replaying_its_inputs(two_node_device_head, tiny_llama_dir):
+    deployed = two_node_device_head
+    prompt = PROMPTS[0]
+    want = reference_tokens(tiny_llama_dir, prompt, 12)
+    generator = Generator(deployed.pipeline(), GenerationConfig(max_new_tokens=12))
+    steps = generator.stream(torch.tensor([prompt]))
+    got = [next(steps).tokens[0] for _ in range(4)]
+    deployed.servers.stop()  # the node loses every session; the device still holds what it sent
+    deployed.servers.start(timeout_s=120)
+    got += [step.tokens[0] for step in steps]
+    assert got == want
+    assert generator.result is not None and len(generator.result.recoveries) == 1
+    assert generator.result.recoveries[0]["replayed_inputs"] == 4  # the prompt and three fed-back tokens

@@ -307,6 +307,7 @@ class DeviceEngine:
             "link_emulation": link_profiles(self._linked_hops()),
             "stages": self._stage_rows(local, remote),
             "migrations": migration_rows(generator),
+            "recoveries": result.recoveries,  # sessions a stage lost (restart, eviction), rebuilt by replay
             **timing_report(result),
         }
 

@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from edgellm.errors import ConfigError
+from edgellm.errors import ConfigError, SessionError
 from edgellm.model.sampling import SamplingConfig, next_tokens
 from edgellm.split.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+MAX_RECOVERIES = 2  # lost sessions rebuilt by replay per generation before the error is raised
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class GenerationResult:
     steps: int = 0
     migrations: list[Migration] = field(default_factory=list)
     speculative: dict[str, Any] | None = None  # drafting's account (`edgellm.spec`), when the run drafted
+    recoveries: list[dict[str, Any]] = field(default_factory=list)  # sessions rebuilt by replay (`_forward`)
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -171,19 +174,19 @@ class Generator:
             tokens = torch.empty(batch, dtype=torch.long)  # the previous step's choice, fed back
             # greedy and unguarded: the head stage replies with token ids, not the distribution
             greedy = cfg.sampling.greedy and seen is None
-            logits = self.pipeline.forward(
-                session, ids, positions_for(mask), None if token_mask is None else mask, True, argmax=greedy,
-                adapter=self.adapter,
-            )  # fmt: skip
+            sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # this session's inputs
+            first = (ids, positions_for(mask), None if token_mask is None else mask)
+            logits = self._forward(session, sent, first, greedy, result)
             for index in range(cfg.max_new_tokens):
                 if index > 0 and self.between_steps is not None:
-                    session = self._maybe_migrate(index, fed, session, result)
+                    migrated = self._maybe_migrate(index, fed, session, result)
+                    if migrated != session:  # the new pipeline's session holds everything fed so far at once
+                        session, sent = migrated, [(torch.tensor(fed), torch.arange(len(fed[0])).view(1, -1), None)]
                     for row, token in enumerate(tokens.tolist()):
                         fed[row].append(token)
                 if index > 0:  # feed back the previous step's tokens
-                    logits = self.pipeline.forward(
-                        session, tokens.view(batch, 1), next_pos.view(batch, 1), None, False, argmax=greedy
-                    )
+                    step = (tokens.view(batch, 1), next_pos.view(batch, 1), None)
+                    logits = self._forward(session, sent, step, greedy, result)
                     next_pos = next_pos + 1
                 tokens = self._choose(logits, rng, seen)  # [B]
                 if index == 0:
@@ -202,6 +205,45 @@ class Generator:
             raise
         self._finish(result, start)
         self.pipeline.close(session)
+
+    def _forward(
+        self,
+        session: str,
+        sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        greedy: bool,
+        result: GenerationResult,
+    ) -> torch.Tensor:
+        """Send one input of the session (the prompt first, then each fed-back step) and keep it in `sent`.
+
+        A stage that no longer holds the session (it restarted, or evicted it when full) answers `SessionError`;
+        the session is then rebuilt: closed everywhere and every input sent so far replayed in order, exactly as
+        first sent (same chunks, so every stage's KV cache is rebuilt bit for bit), before this input is sent
+        again. Up to `MAX_RECOVERIES` times per generation; each is recorded in `result.recoveries`.
+        """
+        while True:
+            try:
+                out = self._send(session, inputs, not sent, greedy)
+                sent.append(inputs)
+                return out
+            except SessionError as exc:
+                if len(result.recoveries) >= MAX_RECOVERIES:
+                    raise
+                start = time.perf_counter()
+                log.warning("session %s lost (%s): replaying its %d input(s)", session, exc, len(sent))
+                close_after_failure(self.pipeline, session)
+                for k, replayed in enumerate(sent):
+                    self._send(session, replayed, k == 0, greedy)
+                result.recoveries.append({"at_input": len(sent), "replayed_inputs": len(sent),
+                                          "replay_ms": round((time.perf_counter() - start) * 1e3, 3),
+                                          "error": str(exc)[:200]})  # fmt: skip
+
+    def _send(
+        self, session: str, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], new: bool, greedy: bool
+    ) -> torch.Tensor:
+        ids, positions, mask = inputs
+        return self.pipeline.forward(session, ids, positions, mask, new, argmax=greedy,
+                                     adapter=self.adapter if new else "")  # fmt: skip
 
     def _choose(self, logits: torch.Tensor, rng: torch.Generator, seen: list[list[int]] | None) -> torch.Tensor:
         """Each row's next token, from a step's logits (chosen here, guarded against repetition when `seen`, each
