@@ -244,6 +244,17 @@ def test_a_full_host_evicts_the_least_recently_used_idle_session(stages):
     assert host.session_count == 3
 
 
+def test_abandoned_sessions_lock_new_users_out_for_seconds_at_most(stages):
+    now = [0.0]
+    host = StageHost(stages[0], SessionLimits(max_sessions=4), clock=lambda: now[0])  # the default eviction
+    for k in range(4):  # four devices crash mid-answer: their sessions are never closed
+        host.forward(request(f"crashed-{k}", IDS[:, :2], new=True))
+    now[0] = 2.5
+    for k in range(4):  # new users get in: the abandoned sessions make room, least recently used first
+        host.forward(request(f"user-{k}", IDS[:, :2], new=True))
+    assert host.session_count == 4
+
+
 def test_idle_sessions_expire(stages):
     now = [0.0]
     host = StageHost(stages[0], SessionLimits(idle_timeout_s=10), clock=lambda: now[0])

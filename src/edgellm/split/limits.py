@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from edgellm.errors import ConfigError
 
 MAX_BATCH = 32  # sessions' decode steps in one forward pass (docs/SERVING.md: throughput against batch size)
-EVICT_IDLE_S = 60.0  # a full host makes room by evicting a session idle this long, least recently used first
+# A full host makes room by evicting a session idle this long, least recently used first. A generation's steps
+# come tens to hundreds of milliseconds apart, so a session idle for seconds was abandoned (its device crashed or
+# walked away) or is between answers; one evicted while its device still wants it is rebuilt by the device's
+# replay (`edgellm.split.generator`), so abandoned sessions lock new users out for at most this long.
+EVICT_IDLE_S = 2.0
 PREFILL_CHUNK = 512  # tokens per forward pass of a long prompt (docs/BENCHMARKS.md: the TTFT it costs)
 
 
