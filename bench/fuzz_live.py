@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "stamp": stamp,
     })  # fmt: skip
     print(json.dumps({k: results[k] for k in ("violations", "node_alive", "seconds", "real_session_steps",
-                                              "real_session_max_abs_diff", "before", "after")}, indent=1))  # fmt: skip
+                                              "real_session_max_rel_diff", "before", "after")}, indent=1))  # fmt: skip
     for kind, seen in sorted(counts.items()):
         print(f"{kind:<10} {seen}")
     recorder.write(results, machine_info(threads=0))
