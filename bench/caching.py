@@ -36,7 +36,7 @@ from report import markdown_table, with_ci
 from edgellm.net.link import PROFILES
 from edgellm.placement import eligibility, solve
 from edgellm.placement.figures import hit_ratio_figure
-from edgellm.placement.random_instances import Area, Catalog, Requests, Scenario, generate
+from edgellm.placement.random_instances import Area, Catalog, Scenario, generate, small_instance
 from edgellm.placement.sim_config import parse_config
 from edgellm.placement.sweep import Family, generated, sweep
 
@@ -50,18 +50,6 @@ SHARED = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 def log(text: str) -> None:
     print(f"[caching] {text}", file=sys.stderr, flush=True)
-
-
-def small_instance(seed: int) -> Any:
-    """The distribution of tests/test_placement.py's small instances."""
-    import numpy as np
-
-    r = np.random.default_rng(seed)
-    area = Area(servers=int(r.integers(2, 5)), users=int(r.integers(5, 13)), side_m=400.0,
-                bands=((150.0, "6g"), (300.0, "lte")), storage_gb=float(r.uniform(2, 8)))  # fmt: skip
-    catalog = Catalog(models=int(r.integers(4, 9)), bases=int(r.integers(1, 4)),
-                      shared_fraction=float(r.choice([0.0, 0.5, 0.9, 0.99])))  # fmt: skip
-    return generate(Scenario(area, catalog, Requests(latency_ms=(300.0, 1000.0))), seed)
 
 
 def part_families(figure: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from edgellm.placement import (
 )
 from edgellm.placement.eligibility import Unsuitable
 from edgellm.placement.holdings import overfull
-from edgellm.placement.random_instances import Area, Catalog, Requests, Scenario, generate
+from edgellm.placement.random_instances import Area, Catalog, Requests, Scenario, generate, small_instance
 from edgellm.placement.sim_config import parse_config
 from edgellm.placement.sweep import explicit, sweep
 from edgellm.plan.instance import SchemeCost
@@ -48,16 +48,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL_SEEDS = range(120)
 ALL = ("independent", "trimcaching", "dp", "milp")
 GB = 1_000_000_000
-
-
-def small_instance(seed: int) -> PlacementInstance:
-    """2-4 servers, 5-12 users, 4-8 models over 1-3 bases sharing 0-99% of their bytes, storage 2-8 GB."""
-    r = np.random.default_rng(seed)
-    area = Area(servers=int(r.integers(2, 5)), users=int(r.integers(5, 13)), side_m=400.0,
-                bands=((150.0, "6g"), (300.0, "lte")), storage_gb=float(r.uniform(2, 8)))  # fmt: skip
-    catalog = Catalog(models=int(r.integers(4, 9)), bases=int(r.integers(1, 4)),
-                      shared_fraction=float(r.choice([0.0, 0.5, 0.9, 0.99])))  # fmt: skip
-    return generate(Scenario(area, catalog, Requests(latency_ms=(300.0, 1000.0))), seed)
 
 
 @pytest.fixture(scope="module")

@@ -191,3 +191,15 @@ def generate(scenario: Scenario, seed: int) -> PlacementInstance:
     demand = zipf_demand(len(users), len(models), requests.zipf, seed=int(rng.integers(2**31)))
     reach = reach_by_distance(servers, users, [(m, link_from(name)) for m, name in area.bands])
     return PlacementInstance(servers, users, tuple(models), block_bytes, demand, reach, requests.workload)
+
+
+def small_instance(seed: int) -> PlacementInstance:
+    """A small random instance, exactly solvable by the MILP in well under a second: 2-4 servers, 5-12 users, 4-8
+    models over 1-3 bases sharing 0-99% of their bytes, storage 2-8 GB (the tests' and the benchmark's
+    greedy-against-optimum distribution)."""
+    r = np.random.default_rng(seed)
+    area = Area(servers=int(r.integers(2, 5)), users=int(r.integers(5, 13)), side_m=400.0,
+                bands=((150.0, "6g"), (300.0, "lte")), storage_gb=float(r.uniform(2, 8)))  # fmt: skip
+    catalog = Catalog(models=int(r.integers(4, 9)), bases=int(r.integers(1, 4)),
+                      shared_fraction=float(r.choice([0.0, 0.5, 0.9, 0.99])))  # fmt: skip
+    return generate(Scenario(area, catalog, Requests(latency_ms=(300.0, 1000.0))), seed)
