@@ -98,6 +98,12 @@ class StageHost:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    def expire_idle(self) -> int:
+        """Drop the sessions idle past `idle_timeout_s` now (requests do it too); -> sessions left."""
+        with self._table:
+            self._expire(self._clock())
+            return len(self._sessions)
+
     def stats(self) -> dict[str, Any]:
         """Sessions, requests waiting, and how many decode passes ran with how many rows (for Info)."""
         return {

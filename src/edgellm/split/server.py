@@ -124,7 +124,7 @@ class StageServer:
             "embed": spec.embed,
             "head": spec.head,
             "hidden_size": self.host.stage.dims.hidden_size,
-            "sessions": self.host.session_count,
+            "sessions": self.host.expire_idle(),  # idle sessions expire at the next request or Info
             "batching": self.host.stats(),
             "link_emulation": link_profiles(self.downstream),
             "emulated": self.host.emulation.to_json(),
