@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--em-cut", type=int, default=10, help="the cut of part 3 (default: %(default)s)")
     parser.add_argument("--em-noise", default="", help="extra multipliers of part 3 (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=512, help="held-out tokens attacked (default: %(default)s)")
-    parser.add_argument("--train-tokens", type=int, default=20000, help="public tokens (default: %(default)s)")
+    parser.add_argument("--train-tokens", type=int, default=16000, help="public tokens (default: %(default)s)")
     parser.add_argument("--optimize-tokens", type=int, default=16, help="rows per optimisation attack (default: %(default)s)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--figures", type=Path, default=Path("docs"), help="where the two PNGs go (default: docs)")

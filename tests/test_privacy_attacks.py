@@ -144,6 +144,29 @@ def test_cli_json_on_a_tiny_chat_model(tiny_chat_dir, tmp_path, monkeypatch, cap
     assert set(report["row_norms"]) == {"1", "2"}
 
 
+def test_the_shipped_attacker_text_does_not_contain_the_devices():
+    from edgellm.eval.privacy_engine import HELDOUT_TEXT, PUBLIC_TEXTS, shared_run
+
+    heldout = [ord(c) for c in HELDOUT_TEXT.read_text()]
+    assert HELDOUT_TEXT.read_text() == HELDOUT.read_text()  # the tests' copy is the shipped one
+    for path in PUBLIC_TEXTS:
+        public = [ord(c) for c in path.read_text()]
+        assert len(public) > 60_000
+        assert shared_run(public, heldout, 80) is None, path  # not one 80-character run in common
+    assert shared_run([1, 2, 3, 4, 5], [9, 3, 4, 5, 9], 3) == 1 and shared_run([1, 2, 3], [2, 3, 1], 3) is None
+
+
+def test_cli_refuses_an_attacker_text_that_holds_the_devices(tiny_chat_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text("Some other words first.\n" + HELDOUT.read_text())
+    args = ["eval", "privacy", "--model", str(tiny_chat_dir), "--cuts", "1", "--noise", "0", "--tokens", "64",
+            "--train-tokens", "600", "--window", "32", "--public-text", str(leaky), "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "contains the device's held-out text" in err and "leaky.txt" in err, err
+
+
 def test_a_gradient_bound_must_be_positive():
     from edgellm.errors import ConfigError
     from edgellm.eval.privacy_engine import PrivacyConfig

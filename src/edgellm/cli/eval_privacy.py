@@ -37,7 +37,7 @@ def add_privacy_parser(tasks: argparse._SubParsersAction) -> None:
         description="An honest-but-curious edge server that knows the public base model tries to recover the "
         "device's tokens from what it receives at cut k. Attacks: nn (each row matched to the base model's "
         "cut-k output of every vocabulary token), learned (an MLP trained on the public model's states of the "
-        "texts in bench/texts, noise-aware against noise), optimize (UnSplit-style search for the input whose "
+        "public text (--public-text; disjoint from the device's), noise-aware against noise), optimize (UnSplit-style search for the input whose "
         "cut-k output matches, on a split fine-tuning batch), labels (the answer tokens from the gradient the "
         "device returns in split fine-tuning). nn and learned attack the held-out text (--heldout). Per setting: "
         "token recovery and ROUGE-L F1 per attack, perplexity increase of the held-out text with the noise at the "
@@ -57,7 +57,7 @@ def add_privacy_parser(tasks: argparse._SubParsersAction) -> None:
                         help=f"a subset of {','.join(ATTACK_NAMES)} (default: all)")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=512, metavar="N",
                         help="held-out tokens attacked and scored for perplexity (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--train-tokens", type=int, default=20000, metavar="N",
+    parser.add_argument("--train-tokens", type=int, default=16000, metavar="N",
                         help="public-text tokens the learned attacker trains on (default: %(default)s)")  # fmt: skip
     parser.add_argument("--window", type=int, default=128, metavar="N",
                         help="tokens per sequence and perplexity window (default: %(default)s)")  # fmt: skip
@@ -72,7 +72,11 @@ def add_privacy_parser(tasks: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--task-n", type=int, default=50, metavar="N", help="eval examples with --task (default: 50)")
     parser.add_argument("--heldout", type=Path, default=None, metavar="FILE",
-                        help="the device's text (default: tests/data/eb1911_shakespeare.txt)")  # fmt: skip
+                        help="the device's text (default: the first 9 kB of the 1911 Britannica article on "
+                        "Shakespeare, shipped)")  # fmt: skip
+    parser.add_argument("--public-text", type=Path, action="append", default=None, metavar="FILE",
+                        help="the attacker's text, repeatable; refused if it overlaps the device's (default: the "
+                        "rest of that article, shipped: ~18,000 tokens)")  # fmt: skip
     parser.add_argument("--grad-clip", type=float, default=None, metavar="G",
                         help="training traffic: also clip each gradient row the device returns to L2 norm G and add "
                         "noise at each setting's multiplier (finetune's --dp-grad-noise: the labels' defence; "
@@ -92,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    extra = {"heldout_text": args.heldout} if args.heldout is not None else {}
+    extra: dict = {"heldout_text": args.heldout} if args.heldout is not None else {}
+    if args.public_text:
+        extra["public_texts"] = tuple(args.public_text)
     config = PrivacyConfig(
         model=args.model, cuts=args.cuts, noise=args.noise, clip=args.clip, attacks=args.attacks,
         tokens=args.tokens, train_tokens=args.train_tokens, window=args.window, answer_rows=args.answer_rows,

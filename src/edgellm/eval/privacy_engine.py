@@ -35,9 +35,12 @@ from edgellm.train.tasks import get_task
 log = logging.getLogger(__name__)
 
 ATTACKS = ("nn", "learned", "optimize", "labels")
-ROOT = Path(__file__).resolve().parents[3]
-PUBLIC_TEXTS = (ROOT / "bench/texts/britannica.txt", ROOT / "bench/texts/python-tutorial.txt")
-HELDOUT_TEXT = ROOT / "tests/data/eb1911_shakespeare.txt"
+PACKAGE = Path(__file__).resolve().parents[1]  # package data, so the command works from an installed wheel too
+# The attacker's text: the rest of the 1911 Britannica article whose first 9 kB are the device's text (disjoint
+# from it; same topic and style: the in-domain attacker, the strong case). Both public domain.
+PUBLIC_TEXTS = (PACKAGE / "privacy/texts/eb1911_shakespeare_rest.txt",)
+HELDOUT_TEXT = PACKAGE / "control/texts/eb1911_shakespeare.txt"
+OVERLAP_TOKENS = 32  # a run this long shared by the public and the held-out ids means the attacker saw the text
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class PrivacyConfig:
     clip: float = 2.0
     attacks: tuple[str, ...] = ATTACKS
     tokens: int = 512
-    train_tokens: int = 20000
+    train_tokens: int = 16000
     optimize_tokens: int = 48
     window: int = 128
     label_steps: int = 2
@@ -135,6 +138,28 @@ def token_ids_of(tokenizer: Any, paths: tuple[Path, ...], limit: int) -> list[in
     return ids[:limit]
 
 
+def shared_run(public: list[int], heldout: list[int], n: int = OVERLAP_TOKENS) -> int | None:
+    """Where in `heldout` a run of `n` tokens also found in `public` starts; None if there is none."""
+    seen = {tuple(public[i : i + n]) for i in range(len(public) - n + 1)}
+    return next((i for i in range(len(heldout) - n + 1) if tuple(heldout[i : i + n]) in seen), None)
+
+
+def check_disjoint(public: list[int], heldout: list[int], config: PrivacyConfig) -> None:
+    """Refuse an attacker's text that contains the device's: the learned attack would be scored on its training data.
+
+    Raises:
+        ConfigError: a run of `OVERLAP_TOKENS` tokens of the held-out text is in the public texts.
+    """
+    at = shared_run(public, heldout)
+    if at is not None:
+        names = ", ".join(str(p) for p in config.public_texts)
+        raise ConfigError(
+            f"the attacker's public text ({names}) contains the device's held-out text {config.heldout_text} "
+            f"({OVERLAP_TOKENS} tokens from its token {at} on): the attack would be scored on text it trained on; "
+            "give texts that do not overlap"
+        )
+
+
 def norm_stats(rows: torch.Tensor) -> dict[str, float]:
     """Median, 90th percentile and maximum of the rows' L2 norms. rows: [N, D]."""
     norms = torch.linalg.vector_norm(rows.float(), dim=-1)
@@ -156,6 +181,7 @@ def _prepare(config: PrivacyConfig, model: CutModel, tokenizer: Any) -> AttackIn
     """States of the public and held-out text at every cut, and the nearest-neighbour reference tables."""
     public = token_ids_of(tokenizer, config.public_texts, config.train_tokens)
     heldout = token_ids_of(tokenizer, (config.heldout_text,), config.tokens)
+    check_disjoint(public, heldout, config)
     with Phase("hidden states", log=log) as phase:
         public_ids, public_rows = states_of(model, public, config.window)
         heldout_ids, heldout_rows = states_of(model, heldout, config.window)
