@@ -239,4 +239,5 @@ def test_a_generation_survives_a_node_restart_by_replaying_its_inputs(two_node_d
     got += [step.tokens[0] for step in steps]
     assert got == want
     assert generator.result is not None and len(generator.result.recoveries) == 1
-    assert generator.result.recoveries[0]["replayed_inputs"] == 4  # the prompt and three fed-back tokens
+    assert generator.result.recoveries[0]["at_input"] == 4  # the prompt and three fed-back tokens, as one prefill
+    assert generator.result.recoveries[0]["replayed_tokens"] == len(prompt) + 3

@@ -89,7 +89,8 @@ class LocalDeployment:
         self.topology = topology
         self.path = path
         self.log_dir = log_dir
-        self.names = list(names) if names is not None else list(topology.route)
+        replicas = [n.name for n in topology.nodes if n.replica_of is not None]
+        self.names = list(names) if names is not None else [*topology.route, *replicas]
         self.node_args = list(node_args)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -107,30 +108,44 @@ class LocalDeployment:
     def start(self, timeout_s: float = 180.0) -> None:
         """Start every node, then wait until each answers `Info`, logging each as it becomes ready
         (`edge2 ready (layers 20-30, 14.2 s)`); on a terminal a bar counts them meanwhile."""
-        env = dict(os.environ)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle stages must not spin on the cores the busy one needs
         started = time.monotonic()
         for name in self.names:
-            cmd = [
-                sys.executable,
-                "-m",
-                "edgellm",
-                "node",
-                "--topology",
-                str(self.path),
-                "--name",
-                name,
-                *self.node_args,
-            ]
-            with open(self.log_dir / f"{name}.log", "wb") as log_file:  # the child keeps its own descriptor
-                self.processes[name] = subprocess.Popen(
-                    cmd, stdout=subprocess.DEVNULL, stderr=log_file, stdin=subprocess.DEVNULL, env=env
-                )
+            self._spawn(name)
         count = f"{len(self.names)} node{'s' if len(self.names) != 1 else ''}"
         announce = f"starting {count}: {', '.join(self.names)} (logs in {self.log_dir}/NAME.log)"
         with Phase("start nodes", total=len(self.names), unit="ready", log=log, announce=announce) as phase:
             self._wait_ready(started, started + timeout_s, phase)
             phase.summary = f"{count} ready"
+
+    def _spawn(self, name: str, append: bool = False) -> None:
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle stages must not spin on the cores the busy one needs
+        cmd = [sys.executable, "-m", "edgellm", "node", "--topology", str(self.path), "--name", name, *self.node_args]
+        with open(
+            self.log_dir / f"{name}.log", "ab" if append else "wb"
+        ) as log_file:  # the child keeps its own descriptor
+            self.processes[name] = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=log_file, stdin=subprocess.DEVNULL, env=env
+            )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL node `name` (a crash: no goodbye to its peers) and reap it."""
+        proc = self.processes[name]
+        proc.kill()
+        proc.wait()
+
+    def restart(self, name: str, timeout_s: float = 180.0) -> None:
+        """Start node `name` again (after `kill`, or after it exited) and wait until it answers `Info`."""
+        if self.processes[name].poll() is None:
+            raise LaunchError(f"node {name} is still running; kill it first")
+        started = time.monotonic()
+        self._spawn(name, append=True)
+        with Phase(f"restart {name}", total=1, unit="ready", log=log) as phase:
+            saved, self.names = self.names, [name]
+            try:
+                self._wait_ready(started, started + timeout_s, phase)
+            finally:
+                self.names = saved
 
     def _wait_ready(self, started: float, deadline: float, phase: Phase) -> None:
         """Poll every node not yet ready until all answer `Info`; LaunchError when one exits or time runs out."""

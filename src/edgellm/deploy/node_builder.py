@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from edgellm.adapters import AdapterStore
+from edgellm.deploy.hops import channel_config, remote_hop
 from edgellm.deploy.memory_budget import (
     NodeMemory,
     NodeStatus,
@@ -24,13 +25,13 @@ from edgellm.deploy.memory_budget import (
 )
 from edgellm.deploy.profile_op import register_profile_ops
 from edgellm.deploy.reconfigure import DeviceReconfigurer, NodeFactory, StageReloader
+from edgellm.deploy.replica_hops import device_replica_hops, downstream_hops
 from edgellm.deploy.topology import Topology
 from edgellm.errors import ConfigError
 from edgellm.model.arch import arch_for
 from edgellm.model.stage import Stage
 from edgellm.net.direct_hop import LocalHop
-from edgellm.net.link import EmulatedLink
-from edgellm.net.rpc import ChannelConfig, NodeHandler, RemoteHop, TlsFiles, serve
+from edgellm.net.rpc import NodeHandler, RemoteHop, serve
 from edgellm.privacy.config import DPConfig
 from edgellm.privacy.mods import RowGuard
 from edgellm.progress import Phase, note
@@ -55,27 +56,6 @@ from edgellm.store.paths import checkpoint_root
 from edgellm.store.weights import load_config, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def channel_config(topology: Topology) -> ChannelConfig:
-    """Token, deadline and TLS of a deployment, as its clients and servers use them."""
-    tls = topology.security.tls
-    files = None
-    if tls is not None:
-        files = TlsFiles(cert=tls.cert, key=tls.key, ca=tls.ca, client_auth=tls.client_auth)
-    return ChannelConfig(token=topology.resolve_token(), deadline_s=topology.limits.deadline_s, tls=files)
-
-
-def remote_hop(
-    topology: Topology, sender: str, receiver: str, route: tuple[str, ...] | None, seed: int = 0
-) -> RemoteHop:
-    """A hop from `sender` to the server `receiver`, through their link's emulation and codec."""
-    node = topology.node(receiver)
-    if node.address is None:
-        raise ConfigError(f"{topology.source}: node {receiver!r} has no address")
-    link = topology.link_between(sender, receiver)
-    emulated = EmulatedLink(link.profile, seed=seed)
-    return RemoteHop(receiver, node.address, channel_config(topology), emulated, link.codec, sender, route)
 
 
 @dataclass
@@ -111,7 +91,7 @@ def build_node(
     config = load_config(model_dir)
     arch_for(config)
     layout = topology.stage_assignment(int(config.num_hidden_layers))
-    specs = [spec for owner, spec in layout if owner == name]
+    specs = topology.stages_for(name, int(config.num_hidden_layers))  # a replica: its primary's
     quant = node.quant if node.quant is not None else topology.model.quant
     dtype, max_context = DTYPES[topology.model.dtype], effective_max_context(topology.limits.max_context, config)
     runtime = rss_bytes()  # the process before it loads any weight
@@ -151,10 +131,7 @@ def build_node(
         return BuiltNode(name, node.address, DeviceServer(engine), stages)
     if len(stages) != 1:
         raise ConfigError(f"{topology.source}: server {name!r} holds {len(stages)} stages; expected one")
-    downstream: dict[str, Hop] = {}
-    nxt = topology.next_hop(name) if topology.mode == "chain" else None
-    if nxt is not None:
-        downstream[nxt.name] = CoalescingHop(remote_hop(topology, name, nxt.name, route=None))
+    downstream = downstream_hops(topology, name)  # chain mode: every replica of the next stage
     host = factory.host(stages[0])
     checkpoints = checkpoint_dir if checkpoint_dir is not None else checkpoint_root()
     trainer = TrainHost(host, arch_for(config).layers, name, checkpoints)
@@ -275,6 +252,8 @@ def device_hops(
     servers = [n.name for n in topology.servers]
     if not servers:  # a device-only deployment
         remote: list[Hop] = []
+    elif topology.has_replicas:
+        remote = device_replica_hops(topology, name)
     elif topology.mode == "chain":
         remote = [CoalescingHop(remote_hop(topology, name, servers[0], route=tuple(servers[1:])))]
     else:

@@ -134,6 +134,8 @@ class NodeSpec:
             (>= 1.0), to emulate a slower device.
         preset: the named preset (`edgellm.deploy.presets.PRESETS`) the node's capabilities started from; the
             parser has already applied it (explicit keys override it), so it is kept for reports only.
+        replica_of: a server on the route whose stage this node also runs (a replica: the device routes sessions
+            to either, and fails over between them); None for a node on the route.
     """
 
     name: str
@@ -144,6 +146,7 @@ class NodeSpec:
     quant: str | None = None
     compute_scale: float = 1.0
     preset: str | None = None
+    replica_of: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):

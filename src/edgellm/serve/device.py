@@ -95,7 +95,13 @@ class DeviceEngine:
                 "peak_rss_mb": to_mb(rss_bytes("VmHWM")),
                 "budget_mb": (self._info.get("emulated") or {}).get("memory_mb"),
             },  # fmt: skip
+            **self._replicas(),
         }
+
+    def _replicas(self) -> dict[str, Any]:
+        """`replicas`: each replica hop's view (up, load, latency, failovers: `edgellm.failover`), if any."""
+        found = {hop.name: hop.report() for hop in self.hops if hasattr(hop, "open_routes")}  # type: ignore[attr-defined]
+        return {"replicas": found} if found else {}
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """A control op: echo, info, probe_link, set_link (its links to servers), migrate, and those registered."""

@@ -113,10 +113,10 @@ class CoalescingHop:
     def _send(self, batch: list[_Step]) -> None:
         """Each group of steps that agree on what to reply with as one message; a failed message is retried row by
         row, so a failure reaches only the sessions it is about."""
-        groups: dict[tuple[bool, bool, str], list[_Step]] = {}
-        for step in batch:
+        groups: dict[tuple[bool, bool, str, tuple[str, ...] | None], list[_Step]] = {}
+        for step in batch:  # the route too: sessions may go on through different replicas (`edgellm.failover`)
             r = step.request
-            groups.setdefault((r.argmax, r.last_only, r.reply_codec), []).append(step)
+            groups.setdefault((r.argmax, r.last_only, r.reply_codec, r.route), []).append(step)
         for steps in groups.values():
             if len(steps) == 1:
                 self._alone(steps[0])

@@ -104,6 +104,19 @@ def close_after_failure(pipeline: Pipeline, session: str) -> None:
         log.warning("could not close session %s on every stage: %s", session, exc)
 
 
+def replay_input(
+    sent: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A session's inputs so far as one: ids and positions side by side, the padding mask kept (later steps
+    have none: every row real). -> ids [B, T], positions [B, T], mask [B, T] | None"""
+    ids = torch.cat([i for i, _, _ in sent], dim=1)
+    positions = torch.cat([p for _, p, _ in sent], dim=1)
+    if all(m is None for _, _, m in sent):
+        return ids, positions, None
+    mask = torch.cat([m if m is not None else torch.ones_like(i, dtype=torch.bool) for i, _, m in sent], dim=1)
+    return ids, positions, mask
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into a batch.
 
@@ -216,12 +229,14 @@ class Generator:
     ) -> torch.Tensor:
         """Send one input of the session (the prompt first, then each fed-back step) and keep it in `sent`.
 
-        A stage that no longer holds the session (it restarted, or evicted it when full) answers `SessionError`;
-        the session is then rebuilt: closed everywhere and every input sent so far replayed in order, exactly as
-        first sent (same chunks, so every stage's KV cache is rebuilt bit for bit), before this input is sent
+        A stage that no longer holds the session (it restarted, evicted it when full, or its replica died and the
+        hop moved the session: `edgellm.failover`) answers `SessionError`; the session is then rebuilt: closed
+        everywhere and every input sent so far replayed as one prefill (`replay_input`: the KV caches equal the
+        lost ones up to the rounding of a different chunking, as in a live migration), before this input is sent
         again. Up to `MAX_RECOVERIES` times per generation; each is recorded in `result.recoveries`.
         """
         while True:
+            start = time.perf_counter()
             try:
                 out = self._send(session, inputs, not sent, greedy)
                 sent.append(inputs)
@@ -229,14 +244,19 @@ class Generator:
             except SessionError as exc:
                 if len(result.recoveries) >= MAX_RECOVERIES:
                     raise
+                failed_ms = (time.perf_counter() - start) * 1e3
                 start = time.perf_counter()
                 log.warning("session %s lost (%s): replaying its %d input(s)", session, exc, len(sent))
                 close_after_failure(self.pipeline, session)
-                for k, replayed in enumerate(sent):
-                    self._send(session, replayed, k == 0, greedy)
-                result.recoveries.append({"at_input": len(sent), "replayed_inputs": len(sent),
+                replayed = 0
+                if sent:
+                    replay = replay_input(sent)
+                    self._send(session, replay, True, greedy)
+                    replayed = int(replay[0].shape[1])
+                result.recoveries.append({"at_input": len(sent), "replayed_tokens": replayed,
+                                          "failed_call_ms": round(failed_ms, 3),
                                           "replay_ms": round((time.perf_counter() - start) * 1e3, 3),
-                                          "error": str(exc)[:200]})  # fmt: skip
+                                          "error": str(exc)[:300]})  # fmt: skip
 
     def _send(
         self, session: str, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], new: bool, greedy: bool
