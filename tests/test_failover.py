@@ -62,6 +62,9 @@ def test_a_failed_replica_is_avoided_then_probed_after_retry_s_and_rejoins():
     assert table.due_for_probe() == ["a"]
     assert table.due_for_probe() == []  # one probe per retry_s
     table.rejoined("a")
+    assert table.choose(0) == "b"  # settling: peers' channels may still be in reconnect backoff
+    clock.now += table.settle_s
+    assert table.choose(0) == "a"  # unmeasured since it rejoined: it comes first again
     report = table.report()["a"]
     assert report["up"] and report["failures"] == 1 and report["rejoins"] == 1
     table.failed("a", "x")
@@ -259,3 +262,39 @@ def test_without_a_live_replica_the_generation_fails_clearly(tiny_llama_dir, tmp
         assert time.monotonic() - start < 15  # refused fast, not after every deadline
     finally:
         deployment.nodes.stop()
+
+
+@pytest.mark.real_model
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_the_real_model_keeps_its_tokens_when_the_serving_replica_is_killed(real_model_dir, tmp_path):
+    """SmolLM2-135M, device [0, 10) + head, one server stage [10, 30) on two replicas; greedy, 16 tokens."""
+    from edgellm.model.prompt import encode_prompt
+    from edgellm.store.weights import load_tokenizer
+
+    doc = {
+        "model": {"name": str(real_model_dir), "cuts": [10], "head": "device"},
+        "deployment": {"route": ["device", "edge1"], "mode": "chain", "token": TOKEN, "deadline_s": 60.0},
+        "nodes": [{"name": "device", "role": "device", "address": f"127.0.0.1:{free_port()}"},
+                  {"name": "edge1", "role": "edge", "address": f"127.0.0.1:{free_port()}"},
+                  {"name": "edge1b", "role": "edge", "replica_of": "edge1", "address": f"127.0.0.1:{free_port()}"}],
+        "links": [{"between": ["device", "edge1"], "profile": "none"}],
+    }  # fmt: skip
+    path = tmp_path / "real.toml"
+    topology = write_topology(path, doc)
+    prompt = torch.tensor([encode_prompt(load_tokenizer(real_model_dir), "Name three colours.", True)])
+    with LocalDeployment(topology, path, tmp_path, names=["edge1", "edge1b"]) as nodes:
+        specs = topology.stages_for("device", 30)
+        pipeline = Pipeline(device_hops(topology, "device", load_stages(real_model_dir, specs), SessionLimits()))
+        config = GenerationConfig(max_new_tokens=16)
+        want = Generator(pipeline, config).run(prompt).new_tokens[0]
+        generator = Generator(pipeline, config)
+        got = []
+        for step in generator.stream(prompt):
+            got.append(step.tokens[0])
+            if step.index == 6:
+                (hop,) = replica_hops(pipeline)
+                ((serving,),) = hop.open_routes().values()
+                nodes.kill(serving)
+        assert got == want
+        assert generator.result is not None and len(generator.result.recoveries) == 1

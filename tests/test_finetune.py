@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -295,3 +296,32 @@ def test_several_clients_resume_together_from_the_newest_step_all_of_them_have(f
     resumed = finetune([*args, "--resume"], home)
     assert resumed["start_step"] == 2 and resumed["run"] == first["run"]
     assert [len(v) for v in resumed["losses"].values()] == [2, 2, 2]
+
+
+def test_a_killed_server_fails_over_to_its_replica_from_the_last_checkpoint(uninterrupted, tmp_path):
+    """The reference run's topology plus a replica of edge2 ("spare2"): edge2 is SIGKILLed after a checkpoint; the
+    client goes on through spare2 from that checkpoint (it reads edge2's server checkpoint), in the same run, and
+    the loss curve is the uninterrupted run's."""
+    topo, reference = uninterrupted
+    doc = tomllib.loads(topo.read_text())
+    doc["nodes"].append(
+        {"name": "spare2", "role": "edge", "replica_of": "edge2", "address": f"127.0.0.1:{free_port()}"}
+    )
+    replicated = tmp_path / "replicated.toml"
+    write_topology(replicated, doc)
+    home, out = tmp_path / "home", tmp_path / "run"
+    args = ["--topology", str(replicated), "--steps", str(STEPS), "--checkpoint-every", "4", "--output", str(out),
+            *COMMON]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "finetune", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(home))  # fmt: skip
+    wait_for_checkpoint(proc, out / "client-0", 4)
+    victim(psutil.Process(proc.pid), "edge2").send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    (failover,) = result["failovers"]
+    assert failover["down"] == ["edge2"] and failover["resume_step"] >= 8
+    assert "resuming from step" in stderr
+    torch.testing.assert_close(
+        torch.tensor(result["losses"]["0"]), torch.tensor(reference["losses"]["0"]), rtol=1e-5, atol=1e-6
+    )

@@ -203,6 +203,10 @@ def _on_event(phase: Phase, event: dict[str, Any]) -> None:
         phase.advance(event["start_step"])
     elif event["event"] == "dropped":
         note(log, "client %s dropped out: %s", event["client"], event["error"])
+    elif event["event"] == "failover":  # the run goes on through a replica from its last checkpoint
+        note(log, "client %s: %s down (%s); resuming from step %d through a replica", event["client"],
+             ", ".join(event["down"]), event["error"], event["resume_step"])  # fmt: skip
+        phase.update(0)  # the next `open` advances to the checkpoint
     elif event["event"] == "step":
         sent = sum(event["bytes"].values())
         phase.detail = (

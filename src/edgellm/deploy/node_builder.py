@@ -134,10 +134,11 @@ def build_node(
     downstream = downstream_hops(topology, name)  # chain mode: every replica of the next stage
     host = factory.host(stages[0])
     checkpoints = checkpoint_dir if checkpoint_dir is not None else checkpoint_root()
-    trainer = TrainHost(host, arch_for(config).layers, name, checkpoints)
+    stage_node = topology.primary(name)  # a replica's checkpoints are its primary's: a run fails over to it
+    trainer = TrainHost(host, arch_for(config).layers, name, checkpoints, checkpoint_node=stage_node)
     server = StageServer(name, host, downstream, {**info, "role": node.role}, trainer=trainer)
     layers_path = arch_for(config).layers
-    StageReloader(factory, server, lambda h: TrainHost(h, layers_path, name, checkpoints)).register(server.control_ops)
+    StageReloader(factory, server, lambda h: TrainHost(h, layers_path, name, checkpoints, checkpoint_node=stage_node)).register(server.control_ops)
     register_adapter_ops(server.control_ops, lambda: server.host)
     _profile_ops(server.control_ops, topology, name, model_dir, config, stages, max_context, lambda: server.downstream)
     return BuiltNode(name, node.address, server, stages)

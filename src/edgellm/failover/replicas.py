@@ -4,7 +4,9 @@ A stage position (one layer range) has one or more replicas (`Topology.replicas`
 position, the replica with the best score: measured latency (an exponential moving average of its calls) times
 one plus the sessions it serves now, so a fast replica takes more sessions until it is no longer the faster one;
 replicas never measured score by their load alone and come first (so each gets measured). A replica that fails is
-down; after `retry_s` it is due for a probe, and one that answers rejoins.
+down; after `retry_s` it is due for a probe, and one that answers rejoins `settle_s` later: by then every peer's
+channel to it has left gRPC's reconnect backoff (at most 1 s: `edgellm.net.channel.RECONNECT`), so a session routed
+to it does not fail on a stale channel of the node before it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from edgellm.errors import ConfigError
 
 EWMA = 0.2  # weight of the newest latency sample
 RETRY_S = 2.0  # how long a replica stays down before it is probed again
+SETTLE_S = 1.5  # from a probe that answers to taking sessions again (> the 1 s reconnect backoff cap)
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Replica:
     sessions: int = 0  # sessions routed to it and not yet closed
     latency_ms: float | None = None  # moving average of its calls (compute and wire)
     down_since: float | None = None
+    eligible_at: float = 0.0  # a rejoined replica takes new sessions from then on
     failures: int = 0
     rejoins: int = 0
     last_error: str = ""
@@ -54,6 +58,7 @@ class ReplicaTable:
 
     groups: Sequence[Sequence[str]]
     retry_s: float = RETRY_S
+    settle_s: float = SETTLE_S
     clock: Callable[[], float] = time.monotonic
     replicas: dict[str, Replica] = field(init=False)
 
@@ -73,7 +78,8 @@ class ReplicaTable:
         group = [self.replicas[n] for n in self.groups[position] if n not in avoid] or [
             self.replicas[n] for n in self.groups[position]
         ]
-        up = [r for r in group if r.up]
+        now = self.clock()
+        up = [r for r in group if r.up and r.eligible_at <= now] or [r for r in group if r.up]
         if up:
             return min(up, key=lambda r: (*r.score(), self.groups[position].index(r.name))).name
         return min(group, key=lambda r: r.down_since or 0.0).name
@@ -109,6 +115,7 @@ class ReplicaTable:
         replica = self.replicas[name]
         if not replica.up:
             replica.down_since, replica.rejoins, replica.latency_ms = None, replica.rejoins + 1, None
+            replica.eligible_at = self.clock() + self.settle_s
 
     def due_for_probe(self) -> list[str]:
         """The down replicas whose `retry_s` has passed (probe them; `rejoined` the ones that answer)."""

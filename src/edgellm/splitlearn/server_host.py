@@ -52,8 +52,10 @@ class TrainHost:
     Args:
         host: the stage host; its lock serializes training and inference on the stage.
         layers_path: where the decoder layers sit in the full model ("model.layers"), for adapter names.
-        node: this node's name (checkpoint folder, details).
-        checkpoint_root: where checkpoints go (`<root>/<run>/<node>/<adapter>/step-N.pt`); None disables them.
+        node: this node's name (details, errors).
+        checkpoint_root: where checkpoints go (`<root>/<run>/<stage node>/<adapter>/step-N.pt`); None disables them.
+        checkpoint_node: the folder name of this stage's checkpoints (default `node`): a replica keeps and resumes
+            its primary's, so a run that fails over to it continues from the last checkpoint (`edgellm.failover`).
         clock: for session expiry and the turn timeout.
     """
 
@@ -64,6 +66,7 @@ class TrainHost:
         node: str,
         checkpoint_root: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        checkpoint_node: str | None = None,
     ) -> None:
         self.host = host
         self.stage = host.stage
@@ -75,7 +78,7 @@ class TrainHost:
         self._names = itertools.count()
         self._sessions: dict[str, _Session] = {}
         self._turns = Turns(host.lock, clock, node)
-        self.checkpoints = CheckpointStore(checkpoint_root, node)
+        self.checkpoints = CheckpointStore(checkpoint_root, checkpoint_node or node)
         self.aggregator = Aggregator()
 
     # -- sessions --------------------------------------------------------------------------------------------

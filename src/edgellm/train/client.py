@@ -61,6 +61,8 @@ class ClientPlan:
         init_adapter: a peft adapter directory to start from (fresh runs only).
         aggregator: "host:port" of the node FedAvg rounds meet at, when it is not the first server.
         resume_step: with several clients, the step all of them resume from (the newest every one has).
+        servers: the node running each server stage, in route order: a server or one of its replicas
+            (`edgellm.train.failover` picks them); None: the route's servers.
     """
 
     config: TrainConfig
@@ -76,6 +78,7 @@ class ClientPlan:
     init_adapter: Path | None = None
     aggregator: str | None = None
     resume_step: int | None = None  # resume from this step, not from this client's latest checkpoint
+    servers: tuple[str, ...] | None = None  # the replicas to train through, one per server (None: the route's)
 
 
 def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
@@ -184,7 +187,7 @@ def _load_side(plan: ClientPlan) -> _Side:
         hops: list[TrainHop] = []
     else:
         torch.set_num_threads(topology.device.threads)
-        stages, hops = _device_side(topology, model_dir, num_layers)
+        stages, hops = _device_side(topology, model_dir, num_layers, plan.servers)
     aggregator = None
     if plan.aggregator is not None:
         channel = channel_config(topology) if topology is not None else ChannelConfig()
@@ -203,13 +206,17 @@ def _privacy(cfg: TrainConfig, topology_dp: DPConfig | None) -> TrainPrivacy:
     return TrainPrivacy(cfg.dp or topology_dp, cfg.dp_fedavg)
 
 
-def _device_side(topology: Topology, model_dir: Path, num_layers: int) -> tuple[list[Stage], list[TrainHop]]:
+def _device_side(
+    topology: Topology, model_dir: Path, num_layers: int, chosen: tuple[str, ...] | None = None
+) -> tuple[list[Stage], list[TrainHop]]:
     check_topology(topology)
     name = topology.device.name
     specs = [spec for owner, spec in topology.stage_assignment(num_layers) if owner == name]
     quant: QuantConfig | None = parse_quant(topology.device.quant or topology.model.quant)
     stages = load_stages(model_dir, specs, DTYPES[topology.model.dtype], quant, topology.model.engine)
-    servers = [n.name for n in topology.servers]
+    servers = list(chosen) if chosen is not None else [n.name for n in topology.servers]
+    if [topology.primary(s) for s in servers] != [n.name for n in topology.servers]:
+        raise ConfigError(f"servers {servers} are not one node per server stage of {topology.source}")
     if not servers:
         return stages, []
     if topology.mode == "chain":

@@ -33,8 +33,9 @@ from edgellm.deploy.topology import load_topology, write_topology
 from edgellm.errors import ConfigError, ProcessFailed
 from edgellm.net.rpc import ChannelConfig, serve
 from edgellm.splitlearn.rounds import AggregatorServer
-from edgellm.train.client import ClientPlan, check_topology, checkpoint_steps, latest_checkpoint, run_client
+from edgellm.train.client import ClientPlan, check_topology, checkpoint_steps, latest_checkpoint
 from edgellm.train.config import config_from_dict, config_to_dict
+from edgellm.train.failover import run_client_failover
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
     if job.client is not None or (plan.topology is None and plan.config.clients == 1):
         if plan.topology is None and plan.config.clients > 1:
             raise ConfigError("a client joining a federated run needs the topology of its servers (--topology)")
-        run_client(plan, collect)
+        run_client_failover(plan, collect)
     else:
         _run_processes(job, collect)
     done = sorted((e for e in events if e["event"] == "done"), key=lambda e: e["client"])
@@ -203,7 +204,10 @@ def _run_processes(job: FinetuneJob, collect: Callable[[Event], None]) -> None:
         if topology is not None and job.launch and servers:
             # The servers started here keep their checkpoints in the run's folder, next to the device's.
             node_args = ["--checkpoint-dir", str(checkpoint_dir(plan.output).resolve())]
-            stack.enter_context(LocalDeployment(topology, Path(str(plan.topology)), logs, servers, node_args))
+            replicas = [n.name for n in topology.nodes if n.replica_of is not None]  # same checkpoint folder
+            stack.enter_context(
+                LocalDeployment(topology, Path(str(plan.topology)), logs, [*servers, *replicas], node_args)
+            )
         if not servers and plan.config.clients > 1:  # federated without a split: meet at an aggregator here
             channel = channel_config(topology) if topology is not None else ChannelConfig()
             server, port = serve(AggregatorServer(), "127.0.0.1:0", channel)
@@ -295,9 +299,10 @@ def _merged(workers: list[_Worker], tolerate: bool) -> Iterator[Event]:
 def report(plan: ClientPlan, events: list[Event], wall_s: float, start_step: int) -> dict[str, Any]:
     """The run's summary from its events: losses, step times, bytes per link, trainable parameters, adapters."""
     steps = [e for e in events if e["event"] == "step"]
-    losses: dict[int, list[float]] = {}
+    by_step: dict[int, dict[int, float]] = {}  # a step run again after a failover: its last loss counts
     for e in steps:
-        losses.setdefault(e["client"], []).append(e["loss"])
+        by_step.setdefault(e["client"], {})[e["step"]] = e["loss"]
+    losses = {client: [v for _, v in sorted(values.items())] for client, values in by_step.items()}
     links: dict[str, int] = {}
     for e in steps:
         for link, nbytes in e["bytes"].items():
@@ -316,6 +321,8 @@ def report(plan: ClientPlan, events: list[Event], wall_s: float, start_step: int
         "device_trainable_params": opened[0]["device_trainable"] if opened else 0,
         "server_trainable_params": servers,
         "dropped_clients": sorted(e["client"] for e in events if e["event"] == "dropped"),
+        "failovers": [{k: e[k] for k in ("client", "down", "resume_step", "error")}
+                      for e in events if e["event"] == "failover"],  # fmt: skip
         "sync_bytes_per_client": {str(e["client"]): e.get("sync_bytes", {}) for e in done},
         "privacy": {str(e["client"]): e["privacy"] for e in done if e.get("privacy")} or None,  # per device
         "wall_s": wall_s,
@@ -351,5 +358,5 @@ def run_worker(plan_path: Path) -> int:
         sys.stdout.write(json.dumps(event) + "\n")
         sys.stdout.flush()
 
-    run_client(plan, emit)
+    run_client_failover(plan, emit)
     return 0
