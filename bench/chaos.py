@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_median": round(statistics.median(ratios), 3) if ratios else None,
         "ratio_max": round(max(ratios), 3) if ratios else None,
         "recovery_ms_median": round(statistics.median(r["recovery_ms"] for r in rows if "recovery_ms" in r), 3)
-        if ratios else None,
+        if ratios
+        else None,
         "ratio_target": RATIO_TARGET,
         "total_s": round(time.monotonic() - started, 1),
     }

@@ -138,7 +138,9 @@ def build_node(
     trainer = TrainHost(host, arch_for(config).layers, name, checkpoints, checkpoint_node=stage_node)
     server = StageServer(name, host, downstream, {**info, "role": node.role}, trainer=trainer)
     layers_path = arch_for(config).layers
-    StageReloader(factory, server, lambda h: TrainHost(h, layers_path, name, checkpoints, checkpoint_node=stage_node)).register(server.control_ops)
+    StageReloader(
+        factory, server, lambda h: TrainHost(h, layers_path, name, checkpoints, checkpoint_node=stage_node)
+    ).register(server.control_ops)
     register_adapter_ops(server.control_ops, lambda: server.host)
     _profile_ops(server.control_ops, topology, name, model_dir, config, stages, max_context, lambda: server.downstream)
     return BuiltNode(name, node.address, server, stages)
