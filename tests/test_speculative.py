@@ -19,7 +19,7 @@ from edgellm.errors import ConfigError
 from edgellm.model.sampling import SamplingConfig
 from edgellm.model.stage import stage_specs
 from edgellm.net.direct_hop import LocalHop
-from edgellm.net.messages import ForwardRequest
+from edgellm.net.messages import CloseSession, ForwardRequest
 from edgellm.spec.accept import accept_greedy, accept_sampled
 from edgellm.spec.config import SpeculativeConfig, load_draft, parse_draft
 from edgellm.spec.cost import AdaptiveK, RoundCosts, best_k, expected_tokens
@@ -285,3 +285,31 @@ def test_http_server_answers_speculatively_with_the_same_tokens(tiny_chat_dir):
             answers.append(reply.json()["choices"][0]["message"]["content"])
     assert answers[0] == answers[1] and answers[0]
     assert engine.drafts is not None and "int8" in engine.drafts._loaded  # the second server drafted
+
+
+class ForgetfulHop(LocalHop):
+    """A hop whose stage loses every session once, before its `at`-th call (as a node restart would)."""
+
+    def __init__(self, name, host, at: int) -> None:
+        super().__init__(name, host)
+        self.calls, self.at = 0, at
+
+    def forward(self, request):
+        self.calls += 1
+        if self.calls == self.at:
+            for session in list(self.handler._sessions):
+                self.handler.close(CloseSession(session))
+        return super().forward(request)
+
+
+def test_a_session_lost_mid_answer_is_replayed_and_the_tokens_stay_the_targets(tiny_chat_dir, drafters):
+    stages = load_stages(tiny_chat_dir, stage_specs(4, [2], head="device"))
+    prompt = [1, 5, 17, 42, 8]
+    want = _plain(stages, prompt)
+    hops = [LocalHop("hop0", StageHost(stages[0])), ForgetfulHop("hop1", StageHost(stages[1]), at=3),
+            LocalHop("hop2", StageHost(stages[2]))]  # fmt: skip
+    generator = SpeculativeGenerator(Pipeline(hops), GenerationConfig(STEPS), drafters["model"],
+                                     SpeculativeConfig(3, 4, "none"))  # fmt: skip
+    got = [t for step in generator.stream(torch.tensor([prompt])) for t in step.tokens]
+    assert generator.result is not None and len(generator.result.recoveries) == 1, "the session must be lost once"
+    assert generator.result.new_tokens[0] == want and got[: len(want)] == want[: len(got)]

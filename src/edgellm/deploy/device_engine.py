@@ -35,11 +35,12 @@ def topology_device_engine(
             targets.append(LocalAdapterTarget(hop.name, host))
     for server in topology.servers:
         specs = [spec for owner, spec in device.layout if owner == server.name]
-        if specs:
-            hop = control_hop(topology, device_name, server.name)
-            device.server_info[server.name] = lambda hop=hop: hop.info(timeout_s=2.0)  # type: ignore[misc]
-            control = hop.control
-            start, end = min(s.start for s in specs), max(s.end for s in specs)
-            targets.append(RemoteAdapterTarget(server.name, control, start, end))
+        if not specs:
+            continue
+        start, end = min(s.start for s in specs), max(s.end for s in specs)
+        for node in topology.replicas(server.name):  # every replica holds the adapters its sessions may use
+            hop = control_hop(topology, device_name, node.name)
+            device.server_info[node.name] = lambda hop=hop: hop.info(timeout_s=2.0)  # type: ignore[misc]
+            targets.append(RemoteAdapterTarget(node.name, hop.control, start, end))
     device.attach_adapters(AdapterCatalog(targets, adapters_dir, budget))
     return device

@@ -31,6 +31,7 @@ from edgellm.errors import ConfigError
 from edgellm.model.arch import arch_for
 from edgellm.model.stage import Stage
 from edgellm.net.direct_hop import LocalHop
+from edgellm.net.messages import CloseSession, ForwardRequest
 from edgellm.net.rpc import NodeHandler, RemoteHop, serve
 from edgellm.privacy.config import DPConfig
 from edgellm.privacy.mods import RowGuard
@@ -282,6 +283,7 @@ def run_node(
         built = build_node(topology, name, controller, checkpoint_dir)
         layers = ", ".join(f"[{s.spec.start}, {s.spec.end})" for s in built.stages)
         phase.summary = f"layers {layers}, {sum(weight_bytes(s) for s in built.stages) / 1e6:.0f} MB of weights"
+    warm_up(built)
     try:
         server, port = serve(built.handler, built.address, channel_config(topology))
     except ConfigError as exc:
@@ -296,6 +298,24 @@ def run_node(
     compute_thread.install().serve(stop)  # this thread loaded the weights: it runs every stage pass (fastest)
     server.stop(grace=1.0).wait()
     return 0
+
+
+WARM_UP_TOKENS = 8
+
+
+def warm_up(built: BuiltNode) -> None:
+    """One throwaway pass through a server's stage before it listens: a fresh process's first pass pays its lazy
+    allocations and thread start-up, and the first real request (a failover's replay, say) should not."""
+    host = getattr(built.handler, "host", None)
+    if host is None:  # the device: its stages run when a generation asks
+        return
+    stage = host.stage
+    shape = (1, WARM_UP_TOKENS) if stage.spec.embed else (1, WARM_UP_TOKENS, stage.dims.hidden_size)
+    data = torch.zeros(shape, dtype=torch.long) if stage.spec.embed else torch.zeros(shape)
+    positions = torch.arange(WARM_UP_TOKENS).view(1, -1)
+    session = "warm-up"
+    host.forward(ForwardRequest(session, data, positions, None, True))
+    host.close(CloseSession(session))
 
 
 def _quant(topology: Topology, name: str) -> str:

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from edgellm.errors import ConfigError
+from edgellm.errors import ConfigError, SessionError
 from edgellm.spec.accept import Verdict, accept_greedy, accept_sampled, guarded_argmax, place_probs
 from edgellm.spec.config import SpeculativeConfig
 from edgellm.spec.cost import AdaptiveK
 from edgellm.spec.drafter import DraftModel
-from edgellm.split.generator import GenerationConfig, GenerationResult, Step, close_after_failure
+from edgellm.split.generator import MAX_RECOVERIES, GenerationConfig, GenerationResult, Step, close_after_failure
 from edgellm.split.pipeline import Pipeline
 
 
@@ -101,7 +101,7 @@ class SpeculativeGenerator:
         start = time.perf_counter()
         try:
             positions = torch.arange(len(context)).view(1, -1)
-            out = self.pipeline.forward(session, ids, positions, None, True, argmax=head_ids, adapter=self.adapter)
+            out = self._forward(session, ids, positions, [], result, argmax=head_ids)
             pending = self._verdict(out, [], None, context, rng).token
             result.ttft_ms = (time.perf_counter() - start) * 1e3
             yield from self._emit(result, [pending])
@@ -113,7 +113,7 @@ class SpeculativeGenerator:
                 t1 = time.perf_counter()
                 feed = torch.tensor([[pending, *draft.tokens]])
                 positions = torch.arange(len(context), len(context) + k + 1).view(1, -1)
-                out = self.pipeline.forward(session, feed, positions, None, False, last_only=k == 0, argmax=head_ids)
+                out = self._forward(session, feed, positions, context, result, last_only=k == 0, argmax=head_ids)
                 t2 = time.perf_counter()
                 context.append(pending)
                 verdict = self._verdict(out, draft.tokens, draft.q, context, rng)
@@ -128,6 +128,37 @@ class SpeculativeGenerator:
             raise
         self._finish(result, start)
         self.pipeline.close(session)
+
+    def _forward(
+        self, session: str, feed: torch.Tensor, positions: torch.Tensor, context: list[int],
+        result: GenerationResult, **kwargs: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        """One call of the session (`context` empty: its first, the prompt). A stage that lost the session
+        (restart, eviction, a dead replica: `SessionError`) gets it rebuilt, as `split.generator` does: closed
+        everywhere, `context` (every token the caches hold before `feed`) replayed as one prefill, then `feed`
+        sent again; at most `MAX_RECOVERIES` times per generation, each in `result.recoveries`.
+
+        feed: [1, n] int64, positions: [1, n] int64
+        """
+        while True:
+            start = time.perf_counter()
+            try:
+                return self.pipeline.forward(session, feed, positions, None, not context,
+                                             adapter=self.adapter if not context else "", **kwargs)  # fmt: skip
+            except SessionError as exc:
+                if len(result.recoveries) >= MAX_RECOVERIES:
+                    raise
+                failed_ms = (time.perf_counter() - start) * 1e3
+                start = time.perf_counter()
+                close_after_failure(self.pipeline, session)
+                if context:
+                    replay = torch.tensor([context])  # [1, T]
+                    self.pipeline.forward(session, replay, torch.arange(len(context)).view(1, -1), None, True,
+                                          argmax=True, adapter=self.adapter)  # fmt: skip
+                result.recoveries.append({"at_input": len(context), "replayed_tokens": len(context),
+                                          "failed_call_ms": round(failed_ms, 3),
+                                          "replay_ms": round((time.perf_counter() - start) * 1e3, 3),
+                                          "error": str(exc)[:300]})  # fmt: skip
 
     def _verdict(
         self, out: torch.Tensor, drafts: list[int], q: torch.Tensor | None, history: list[int], rng: torch.Generator
