@@ -27,6 +27,9 @@ from edgellm.net.messages import CloseSession, ForwardReply, ForwardRequest
 log = logging.getLogger(__name__)
 
 Probe = Callable[[str], bool]  # node name -> whether it answers now (a short Info call)
+# A route that failed although every node answers: most likely a node's channel to a peer that just came back,
+# still in gRPC's reconnect backoff (capped at 1 s: `edgellm.net.channel.RECONNECT`); wait that out once.
+STALE_CHANNEL_WAIT_S = 1.0
 
 
 class ReplicaHop:
@@ -122,6 +125,8 @@ class ReplicaHop:
             self.failovers.append(event)
         if len(route) > 1 or not dead:  # release what the live nodes of the old route hold (best effort)
             self._close_quietly(session, route)
+        if not dead:
+            time.sleep(STALE_CHANNEL_WAIT_S)
         log.warning("%s: route %s failed (%s); down: %s", self.name, "->".join(route), exc, dead or "none")
         raise SessionError(
             f"{self.name}: the session's route {'->'.join(route)} failed ({exc}); "

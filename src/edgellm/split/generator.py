@@ -22,7 +22,7 @@ from edgellm.split.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-MAX_RECOVERIES = 2  # lost sessions rebuilt by replay per generation before the error is raised
+MAX_RECOVERIES = 3  # lost sessions rebuilt by replay per generation before the error is raised
 
 
 @dataclass(frozen=True)
@@ -233,11 +233,17 @@ class Generator:
         hop moved the session: `edgellm.failover`) answers `SessionError`; the session is then rebuilt: closed
         everywhere and every input sent so far replayed as one prefill (`replay_input`: the KV caches equal the
         lost ones up to the rounding of a different chunking, as in a live migration), before this input is sent
-        again. Up to `MAX_RECOVERIES` times per generation; each is recorded in `result.recoveries`.
+        again. A replay that fails is one more failure. Up to `MAX_RECOVERIES` times per generation; each is
+        recorded in `result.recoveries` (the failed call's and its replay's milliseconds).
         """
+        replay_due = False
         while True:
             start = time.perf_counter()
             try:
+                if replay_due:  # the previous failure's replay: the session's inputs so far, as one prefill
+                    self._send(session, replay_input(sent), True, greedy)
+                    result.recoveries[-1]["replay_ms"] = round((time.perf_counter() - start) * 1e3, 3)
+                    replay_due, start = False, time.perf_counter()
                 out = self._send(session, inputs, not sent, greedy)
                 sent.append(inputs)
                 return out
@@ -245,17 +251,12 @@ class Generator:
                 if len(result.recoveries) >= MAX_RECOVERIES:
                     raise
                 failed_ms = (time.perf_counter() - start) * 1e3
-                start = time.perf_counter()
                 log.warning("session %s lost (%s): replaying its %d input(s)", session, exc, len(sent))
                 close_after_failure(self.pipeline, session)
-                replayed = 0
-                if sent:
-                    replay = replay_input(sent)
-                    self._send(session, replay, True, greedy)
-                    replayed = int(replay[0].shape[1])
-                result.recoveries.append({"at_input": len(sent), "replayed_tokens": replayed,
-                                          "failed_call_ms": round(failed_ms, 3),
-                                          "replay_ms": round((time.perf_counter() - start) * 1e3, 3),
+                replay_due = bool(sent)
+                result.recoveries.append({"at_input": len(sent),
+                                          "replayed_tokens": int(replay_input(sent)[0].shape[1]) if sent else 0,
+                                          "failed_call_ms": round(failed_ms, 3), "replay_ms": 0.0,
                                           "error": str(exc)[:300]})  # fmt: skip
 
     def _send(
