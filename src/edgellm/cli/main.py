@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from edgellm import __version__
 from edgellm.cli import (
     cache,
+    calc,
     chat,
     check,
     demo,
@@ -30,7 +31,7 @@ from edgellm.cli.parsing import Parser, add_common_flags, reject_unknown, subcom
 from edgellm.errors import EdgellmError
 from edgellm.progress import set_quiet
 
-SUBCOMMANDS = [demo, generate, chat, run, serve, check, node, profile, plan, finetune, models, cache, eval, draft]
+SUBCOMMANDS = [demo, generate, chat, run, serve, check, node, profile, plan, finetune, models, cache, eval, draft, calc]
 
 
 def build_parser() -> argparse.ArgumentParser:
