@@ -18,36 +18,50 @@ from edgellm.split.pipeline import Hop
 PROBE_TIMEOUT_S = 1.0  # a replica that does not answer Info within this is down
 
 
-def prober(topology: Topology, sender: str) -> Callable[[str], bool]:
+class Prober:
     """node name -> whether it answers `Info` within `PROBE_TIMEOUT_S` (one control channel per node, kept)."""
-    hops: dict[str, RemoteHop] = {}
-    lock = threading.Lock()
 
-    def probe(name: str) -> bool:
-        with lock:
-            if name not in hops:
-                node = topology.node(name)
+    def __init__(self, topology: Topology, sender: str) -> None:
+        self.topology, self.sender = topology, sender
+        self._hops: dict[str, RemoteHop] = {}
+        self._lock = threading.Lock()
+
+    def warm(self, name: str) -> RemoteHop:
+        """The control channel to `name`, opened now if it was not."""
+        with self._lock:
+            if name not in self._hops:
+                node = self.topology.node(name)
                 assert node.address is not None
-                hops[name] = RemoteHop(name, node.address, channel_config(topology), sender=sender)
-            hop = hops[name]
+                self._hops[name] = connected(RemoteHop(name, node.address, channel_config(self.topology),
+                                                       sender=self.sender))  # fmt: skip
+            return self._hops[name]
+
+    def __call__(self, name: str) -> bool:
         try:
-            hop.info(timeout_s=PROBE_TIMEOUT_S)
+            self.warm(name).info(timeout_s=PROBE_TIMEOUT_S)
             return True
         except PeerError:
             return False
 
-    return probe
+
+def prober(topology: Topology, sender: str) -> Callable[[str], bool]:
+    """A `Prober` of `topology`'s nodes, as seen from `sender`."""
+    return Prober(topology, sender)
 
 
 def device_replica_hops(topology: Topology, name: str) -> list[Hop]:
     """The servers' part of the device's pipeline: chain mode, one `ReplicaHop` over every server position (each
     server forwards to the replica the session's route names); star mode, one per server position."""
     servers = [s.name for s in topology.servers]
-    probe = prober(topology, name)
+    probe = Prober(topology, name)
 
     def first_hops(position: str, seed: int) -> dict[str, Hop]:
-        return {r.name: CoalescingHop(remote_hop(topology, name, r.name, route=None, seed=seed))
+        return {r.name: CoalescingHop(connected(remote_hop(topology, name, r.name, route=None, seed=seed)))
                 for r in topology.replicas(position)}  # fmt: skip
+
+    for server in servers:  # the probes' channels too: a failover's first probe should not set one up
+        for replica in topology.replicas(server):
+            probe.warm(replica.name)
 
     if topology.mode == "chain":
         table = ReplicaTable([[r.name for r in topology.replicas(s)] for s in servers])
@@ -64,4 +78,11 @@ def downstream_hops(topology: Topology, name: str) -> dict[str, Hop]:
     nxt = topology.next_hop(name) if topology.mode == "chain" else None
     if nxt is None:
         return {}
-    return {r.name: CoalescingHop(remote_hop(topology, name, r.name, route=None)) for r in topology.replicas(nxt.name)}
+    return {r.name: CoalescingHop(connected(remote_hop(topology, name, r.name, route=None)))
+            for r in topology.replicas(nxt.name)}  # fmt: skip
+
+
+def connected(hop: RemoteHop) -> RemoteHop:
+    """`hop`, its connection opened now: the standby replicas' hops are ready when a failover needs them."""
+    hop.connect_now()
+    return hop

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 Probe = Callable[[str], bool]  # node name -> whether it answers now (a short Info call)
 # A route that failed although every node answers: most likely a node's channel to a peer that just came back,
-# still in gRPC's reconnect backoff (capped at 1 s: `edgellm.net.channel.RECONNECT`); wait that out once.
-STALE_CHANNEL_WAIT_S = 1.0
+# still in gRPC's reconnect backoff (capped at 250 ms: `edgellm.net.channel.RECONNECT`); wait that out once.
+STALE_CHANNEL_WAIT_S = 0.3
 
 
 class ReplicaHop:

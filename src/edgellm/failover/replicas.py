@@ -5,8 +5,8 @@ position, the replica with the best score: measured latency (an exponential movi
 one plus the sessions it serves now, so a fast replica takes more sessions until it is no longer the faster one;
 replicas never measured score by their load alone and come first (so each gets measured). A replica that fails is
 down; after `retry_s` it is due for a probe, and one that answers rejoins `settle_s` later: by then every peer's
-channel to it has left gRPC's reconnect backoff (at most 1 s: `edgellm.net.channel.RECONNECT`), so a session routed
-to it does not fail on a stale channel of the node before it.
+channel to it has left gRPC's reconnect backoff (at most 250 ms: `edgellm.net.channel.RECONNECT`), so a session
+routed to it does not fail on a stale channel of the node before it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from edgellm.errors import ConfigError
 
 EWMA = 0.2  # weight of the newest latency sample
 RETRY_S = 2.0  # how long a replica stays down before it is probed again
-SETTLE_S = 1.5  # from a probe that answers to taking sessions again (> the 1 s reconnect backoff cap)
+SETTLE_S = 0.5  # from a probe that answers to taking sessions again (> the 250 ms reconnect backoff cap)
 
 
 @dataclass

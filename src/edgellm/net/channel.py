@@ -42,10 +42,11 @@ def grpc_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
 
 
-# A node that died and came back is dialled again within a second (gRPC's default backoff grows to 120 s), so
-# a replica rejoins promptly (`edgellm.failover`).
-RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-             ("grpc.max_reconnect_backoff_ms", 1000)]  # fmt: skip
+# A node that died and came back is dialled again within 250 ms (gRPC's default backoff grows to 120 s), so a
+# replica rejoins promptly and a peer's channel to it is never stale for long (`edgellm.failover`).
+RECONNECT_MAX_MS = 250
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+             ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS)]  # fmt: skip
 
 
 def open_channel(address: str, channel: ChannelConfig) -> grpc.Channel:

@@ -217,6 +217,11 @@ class RemoteHop:
                     raise
                 time.sleep(0.1)
 
+    def connect_now(self) -> None:
+        """Open the connection now instead of at the first call (a standby replica's hop: its first call is a
+        failover's replay, which should not also pay the connection's setup)."""
+        self._grpc.subscribe(lambda _: None, try_to_connect=True)
+
     def shutdown(self) -> None:
         self._grpc.close()
 
