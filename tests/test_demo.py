@@ -155,7 +155,8 @@ def test_planned_demo_tells_the_story_and_replans_after_a_link_change(real_model
     assert emulation["phone"] == {"preset": "phone", "compute_scale": 4.0, "memory_mb": 1100}
     assert {link["profile"] for link in split["emulation"]["links"]} >= {"6g", "metro"}
     first = split["plan"]["stages"][0]
-    assert first["node"] == "phone" and first["end"] == 0  # the raw text stays on the phone: it embeds
+    # the raw text stays on the phone: it embeds (how many layers it also runs is the planner's measured choice)
+    assert first["node"] == "phone" and first["start"] == 0
     assert report["lossless"] and report["same_tokens_as_whole_model"] is True
     assert alone["plan"]["stages"][0]["scheme"] != "none"  # the fp32 model does not fit the phone's budget
     for scenario in (split, alone, cloud):

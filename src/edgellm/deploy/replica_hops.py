@@ -78,7 +78,10 @@ def downstream_hops(topology: Topology, name: str) -> dict[str, Hop]:
     nxt = topology.next_hop(name) if topology.mode == "chain" else None
     if nxt is None:
         return {}
-    return {r.name: CoalescingHop(connected(remote_hop(topology, name, r.name, route=None)))
+    # Only standby replicas connect at start: without replicas a channel opens at its first call, so a node
+    # built before its downstream peer listens does not begin in gRPC's reconnect backoff (calls fail fast there).
+    ready = connected if topology.has_replicas else (lambda hop: hop)
+    return {r.name: CoalescingHop(ready(remote_hop(topology, name, r.name, route=None)))
             for r in topology.replicas(nxt.name)}  # fmt: skip
 
 
