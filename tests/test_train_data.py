@@ -81,7 +81,7 @@ def test_dates_task_answers_are_the_iso_date():
 
 
 def test_unknown_task_or_split_lists_the_choices():
-    with pytest.raises(ConfigError, match=r"unknown task 'nope'; choose from \['dates'"):
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'; choose from \['antonyms', 'dates'"):
         task_examples("nope", 5, 0, "train")
     with pytest.raises(ConfigError, match=r"unknown split 'test'; choose from \['train', 'eval'\]"):
         task_examples("dates", 5, 0, "test")

@@ -50,7 +50,9 @@ def add_task_parser(tasks: argparse._SubParsersAction) -> None:
         "task",
         help="exact match and response loss on a built-in fine-tuning task",
         description="Greedy-decode the eval split of a built-in task and report exact match, and the mean "
-        "teacher-forced loss on the responses (as in training). --adapter applies a peft-format LoRA adapter. "
+        "teacher-forced loss on the responses (as in training). Exact match ignores surrounding whitespace; on the "
+        "real tasks (antonyms, plays) also case, quotes and closing punctuation. --adapter applies a peft-format "
+        "LoRA adapter. "
         f"Tasks: {'; '.join(f'{t.name}: {t.description}' for t in TASKS.values())}.",
     )
     task.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS), help="the task (default: %(default)s)")

@@ -1,4 +1,5 @@
-"""`edgellm finetune`: LoRA / QLoRA fine-tuning through a split model, one or many devices."""
+"""`edgellm finetune`: LoRA / QLoRA fine-tuning through a split model, one or many devices; QAT (`--qat`) and full
+fine-tuning of a layer range (`--train-layers`)."""
 
 from __future__ import annotations
 
@@ -128,6 +129,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quant", metavar="SCHEME", help="quantize the frozen base of every stage (QLoRA), e.g. nf4-g64 or int4-g32"
     )
+    qat = parser.add_argument_group("quantization-aware training and full fine-tuning")
+    qat.add_argument(
+        "--qat",
+        metavar="SCHEME",
+        help="quantization-aware training: every side computes with the weights it trains fake-quantized with "
+        "SCHEME (--quant's syntax, e.g. int4-g64 or int4-g32,head=int8,embed=int8); LoRA adapters train through "
+        "the quantizer of their merged weight; the run exports the trained model to DIR/model with its quantized "
+        "stage (load it with --model DIR/model --quant SCHEME)",
+    )
+    qat.add_argument(
+        "--train-layers",
+        metavar="A:B",
+        help="full fine-tuning of decoder layers A..B-1 (all their weights; with a topology, layers the device "
+        "holds); exports the trained model to DIR/model",
+    )
+    qat.add_argument(
+        "--no-lora", action="store_true", help="train no LoRA adapters, only --train-layers (without a topology)"
+    )
     add_dp_arguments(parser, training=True)
     parser.add_argument("--json", action="store_true", help="print one JSON report at the end")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a client process started by finetune
@@ -150,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give the training data: --data FILE or --task NAME")
 
     parse_quant(args.quant)  # a bad scheme fails here, before any process starts
+    if args.qat is not None and args.quant is not None:
+        raise ConfigError("--qat trains through the floating-point weights: drop --quant (QLoRA's frozen base)")
+    if args.no_lora and args.topology is not None:
+        raise ConfigError("--no-lora needs a run without --topology: the servers' stages train LoRA adapters")
+    if args.no_lora and args.init_adapter is not None:
+        raise ConfigError("--init-adapter starts LoRA adapters, which --no-lora leaves out: drop one of them")
     if args.client is not None and args.clients > 1 and not args.run_label:
         raise ConfigError("clients that start separately must share one run name: pass the same --run NAME to each")
     config = TrainConfig(
@@ -173,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         round_timeout_s=args.round_timeout,
         dp=dp_config(args),
         dp_fedavg=dp_fedavg_config(args),
+        qat=args.qat,
+        train_layers=None if args.train_layers is None else parse_layer_range(args.train_layers),
+        adapters=not args.no_lora,
     )
     plan = ClientPlan(
         config=config, output=args.output, run=args.run_label or run_name(args.output), attempt="", topology=args.topology,
@@ -191,6 +219,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(result)
     return 0
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """`"4:8"` -> (4, 8): decoder layers 4..7.
+
+    Raises:
+        ConfigError: not two integers around a colon.
+    """
+    start, colon, end = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return int(start), int(end)
+    except ValueError:
+        raise ConfigError(f"--train-layers takes A:B (layers A..B-1, e.g. 0:30), got {text!r}") from None
 
 
 def _interrupt(*_: Any) -> None:
@@ -228,6 +271,11 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"  {link}: {nbytes / 1e6:.3f} MB per step (both directions)")
     for adapter in result["adapters"]:
         print(f"  adapter (peft format): {adapter}")
+    for export in result.get("exports", []):
+        quant = f" --quant {export['quant']}" if export["quant"] else ""
+        print(f"  model: {export['model']} (load it with --model {export['model']}{quant})")
+        for path in export["stage_files"]:
+            print(f"  quantized stage: {path}")
     for client, ledgers in (result.get("privacy") or {}).items():
         for ledger in ledgers.values():
             print(f"  privacy, client {client}: {privacy_line(ledger)}")

@@ -150,8 +150,10 @@ def evaluate_examples(
     generation: GenerationConfig,
     batch_size: int,
     on_batch: OnBatch | None = None,
+    match: Callable[[str, str], bool] = exact_match,
 ) -> TaskResult:
-    """Greedy exact match and teacher-forced response loss of the stages over `examples`, batch by batch."""
+    """Greedy exact match (`match(prediction, reference)`, the task's) and teacher-forced response loss of the
+    stages over `examples`, batch by batch."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else generation.stop_ids[0]
     result = TaskResult()
     total = -(-len(examples) // batch_size)
@@ -163,7 +165,7 @@ def evaluate_examples(
         for example, answer in zip(chunk, answers):
             text = tokenizer.decode(answer, skip_special_tokens=True)
             result.predictions.append(text)
-            result.correct.append(exact_match(text, example.response))
+            result.correct.append(match(text, example.response))
         nll, count = response_nll(stages, [encode_example(tokenizer, e) for e in chunk], pad_id)
         result.nll_sum += nll
         result.label_tokens += count
@@ -196,7 +198,15 @@ def run_task(config: TaskEvalConfig, on_batch: OnBatch | None = None) -> dict[st
             if on_batch is not None:
                 on_batch(done, total)
 
-        result = evaluate_examples(loaded.stages, loaded.tokenizer, examples, generation, config.batch_size, batch_done)
+        result = evaluate_examples(
+            loaded.stages,
+            loaded.tokenizer,
+            examples,
+            generation,
+            config.batch_size,
+            batch_done,
+            get_task(config.task).match,
+        )
         phase.summary = f"{len(examples)} examples ({phase.total} batches), exact match {result.exact_match:.1%}"
     eval_s = time.perf_counter() - start
     return {

@@ -1,6 +1,8 @@
 """Weight-only post-training quantization: pure tensor functions, drop-in modules, a walker, and stage files.
 
     qw = quantize(weight, "int4-g64")             # pure: QuantizedWeight (codes + bf16 scales)
+    qw = quantize(weight, "int4-g64-mse")         # the same grid, error-minimising scales (quant/search.py)
+    qw = gptq_quantize(weight, "int4-g64", h)     # GPTQ with the inputs' E[x x^T] (quant/gptq.py, calibration.py)
     quantize_module(stage, QuantConfig("int8"))   # in place: nn.Linear -> Int8Linear, ...
     save_stage(stage, path, model_config, config) / load_stage(path, model_config, spec)
 

@@ -1,7 +1,9 @@
 """Quantization schemes: the registry of valid names, and which modules of a stage a scheme applies to.
 
 A scheme name is `KIND` or `KIND-gGROUP`: `int8` (one scale per output channel), `int8-g64`, `int4-g32`,
-`nf4-g64`, ... Every group runs along the input dimension K of a weight `[N, K]` and must divide it.
+`nf4-g64`, ... Every group runs along the input dimension K of a weight `[N, K]` and must divide it. Plain names
+round each group over its full range; a name may end with a scale search, `-mse` or `-gptq` (`int4-g64-gptq`):
+the same grid, codes, storage and kernels, with scales chosen to minimise an error (`SEARCHES`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ Kind = Literal["int8", "int4", "nf4"]
 NO_QUANT = "none"
 # What bits hold one weight, before scales: a first approximation of a scheme's size.
 BITS: dict[str, int] = {"int8": 8, "int4": 4, "nf4": 4}
+# Scale searches a scheme name may end with (`edgellm.quant.search`): same storage, kernels and bytes.
+SEARCHES: dict[str, str] = {
+    "mse": "per group, the bf16 scale (and int4 zero) minimising the weight's squared error, from 11 candidate "
+    "grids each refit by least squares; plain rounding is one of the candidates, so it is never worse",
+    "gptq": "GPTQ on each linear layer's inputs over the shipped calibration text (edgellm.quant.calibration), "
+    "each group's grid from the search; embeddings get the mse search (no calibration needed)",
+}
+CALIBRATED = frozenset({"gptq"})  # searches that need each layer's input statistics
 
 
 @dataclass(frozen=True)
@@ -26,11 +36,14 @@ class Scheme:
         name: the registry key, e.g. "int4-g64".
         kind: "int8" (symmetric, absmax), "int4" (asymmetric, min/max) or "nf4" (QLoRA's normal-float grid).
         group_size: weights per scale along K; None for one scale per output channel (int8 only).
+        search: how the scales are chosen: None for plain rounding over each group's full range, or a key of
+            `SEARCHES` (the same codes, scales and zeros, chosen to minimise an error; see `edgellm.quant.search`).
     """
 
     name: str
     kind: Kind
     group_size: int | None
+    search: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in BITS:
@@ -39,6 +52,13 @@ class Scheme:
             raise ConfigError(f"{self.kind} needs a group size")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise ConfigError(f"group size must be an even number >= 2, got {self.group_size}")
+        if self.search is not None and self.search not in SEARCHES:
+            raise ConfigError(f"unknown scale search {self.search!r}; choose from {sorted(SEARCHES)}")
+
+    @property
+    def base(self) -> str:
+        """The name of the plain-rounding scheme with the same grid ("int4-g64" for "int4-g64-mse")."""
+        return self.name.removesuffix(f"-{self.search}") if self.search else self.name
 
     def groups(self, in_features: int) -> int:
         """Scale groups per output row of a weight with `in_features` columns.
@@ -71,6 +91,13 @@ SCHEMES: dict[str, Scheme] = {
     )
 }
 
+# The same grids with a scale search: `int4-g64-mse`, ... Kept apart from SCHEMES (the plain grids the CLI lists).
+SEARCHED_SCHEMES: dict[str, Scheme] = {
+    f"{s.name}-{search}": Scheme(f"{s.name}-{search}", s.kind, s.group_size, search)
+    for s in SCHEMES.values()
+    for search in SEARCHES
+}
+
 # Short names: QLoRA's NF4 uses blocks of 64; our int4 is most accurate with groups of 32 (docs/QUANTIZATION.md).
 ALIASES = {"nf4": "nf4-g64", "int4": "int4-g32"}
 
@@ -81,12 +108,13 @@ def get_scheme(name: str) -> Scheme:
     Raises:
         ConfigError: unknown name (the message lists the valid ones).
     """
-    try:
-        return SCHEMES[name]
-    except KeyError:
+    found = SCHEMES.get(name) or SEARCHED_SCHEMES.get(name)
+    if found is None:
         raise ConfigError(
-            f"unknown quantization scheme {name!r}; choose from {[NO_QUANT, *SCHEMES]} (or the short names {ALIASES})"
-        ) from None
+            f"unknown quantization scheme {name!r}; choose from {[NO_QUANT, *SCHEMES]} (or the short names {ALIASES}), "
+            f"each optionally with a scale search suffix {[f'-{s}' for s in SEARCHES]}"
+        )
+    return found
 
 
 # Stage part names (see `edgellm.model.stage.Stage`) that a rule may use as shorthands.
@@ -142,6 +170,12 @@ class QuantConfig:
             if any(fnmatchcase(name, p) for p in PART_PATTERNS.get(pattern, (pattern,))):
                 return None if scheme == NO_QUANT else get_scheme(scheme)
         return self.spec
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """True when a scheme of `config` (or of one of its rules) needs calibration statistics."""
+    names = [config.scheme, *(s for _, s in config.rules if s != NO_QUANT)]
+    return any(get_scheme(name).search in CALIBRATED for name in names)
 
 
 def parse_quant(text: str | None) -> QuantConfig | None:

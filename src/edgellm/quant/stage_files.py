@@ -24,8 +24,9 @@ from edgellm.model.arch import Arch, arch_for, get_module
 from edgellm.model.build import build_stage
 from edgellm.model.stage import Stage, StageSpec
 from edgellm.progress import Phase
+from edgellm.quant.calibration import stage_hessians
 from edgellm.quant.modules import QuantEmbedding, is_quantized, quant_linear
-from edgellm.quant.scheme import QuantConfig
+from edgellm.quant.scheme import QuantConfig, needs_calibration
 from edgellm.quant.tensor import QuantizedWeight
 from edgellm.quant.walker import float_weight, quantize_module, quantized_modules
 from edgellm.store.paths import quant_dir, quant_model_key
@@ -178,6 +179,24 @@ def cache_path(model_dir: Path, spec: StageSpec, config: QuantConfig) -> Path:
     return quant_dir() / quant_model_key(model_dir) / name
 
 
+def quantize_stage(model_dir: Path, stage: Stage, config: QuantConfig) -> Stage:
+    """Quantize a float `stage` of the model in `model_dir` in place, with calibration statistics when a scheme
+    of `config` needs them (`*-gptq`: `edgellm.quant.calibration`), and a progress bar over its modules.
+
+    Raises:
+        ConfigError: as `quantize_module`.
+    """
+    hessians = stage_hessians(model_dir, stage) if needs_calibration(config) else None
+    total = sum(
+        1
+        for name, m in stage.named_modules()
+        if (isinstance(m, nn.Embedding) or float_weight(m) is not None) and config.scheme_for(name) is not None
+    )
+    with Phase("quantize modules", total=total, unit="modules", log=log) as phase:
+        quantize_module(stage, config, hessians=hessians, on_module=lambda _: phase.advance())
+    return stage
+
+
 def load_or_quantize(
     model_dir: Path, spec: StageSpec, config: QuantConfig, dtype: torch.dtype = torch.float32, cache: bool = True
 ) -> Stage:
@@ -198,7 +217,7 @@ def load_or_quantize(
     with Phase(f"quantize {label}", log=log, announce=f"quantizing {label}") as phase:
         with SafetensorsSource(model_dir) as tensors:
             stage = build_stage(model_config, spec, tensors, dtype)
-        quantize_module(stage, config)
+        quantize_stage(model_dir, stage, config)
         if cache:
             save_stage(stage, path, model_config, config)
             phase.summary = f"saved to {path}"

@@ -104,10 +104,29 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, scheme: str | Scheme) -> QuantizedWeight:
-    """Quantize a float weight `[N, K]` with `scheme` (a name or a `Scheme`).
+    """Quantize a float weight `[N, K]` with `scheme` (a name or a `Scheme`), as the scheme says: plain rounding
+    (`quantize_rtn`), or for a scheme with a search (`int4-g64-mse`, ...) the error-minimising scales of
+    `edgellm.quant.search` on the weight's own squared error. That is all of `-mse`, and the part of `-gptq` that
+    needs no calibration (what its embeddings get); its linear layers need their inputs' statistics and go through
+    `edgellm.quant.walker.quantize_linear_weight` (`quantize_module(..., hessians=...)`, `load_or_quantize`).
 
     Raises:
         ConfigError: unknown scheme, a group size that does not divide K, a non-2-D or non-finite weight.
+    """
+    spec = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    if spec.search is not None:
+        from edgellm.quant.search import search_quantize  # search builds on this module's functions
+
+        return search_quantize(w, spec)
+    return quantize_rtn(w, spec)
+
+
+def quantize_rtn(w: torch.Tensor, scheme: str | Scheme) -> QuantizedWeight:
+    """Plain rounding to nearest: each group's grid spans its full range (the table of this module's docstring),
+    whatever search `scheme` names. What fake quantization reproduces cheaply at every step.
+
+    Raises:
+        ConfigError: as `quantize`.
     """
     spec = get_scheme(scheme) if isinstance(scheme, str) else scheme
     g = _groups(w, spec)  # [N, G, S]

@@ -8,14 +8,15 @@ quantized separately, each into its own module (the head is read as a matmul, th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from edgellm.errors import ConfigError
 from edgellm.quant.modules import QuantEmbedding, is_quantized, quant_linear
-from edgellm.quant.scheme import QuantConfig, Scheme
-from edgellm.quant.tensor import quantize
+from edgellm.quant.scheme import CALIBRATED, QuantConfig, Scheme
+from edgellm.quant.tensor import QuantizedWeight, quantize
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,35 @@ def float_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
     return None
 
 
-def quantize_leaf(module: nn.Module, scheme: Scheme, name: str = "") -> nn.Module | None:
-    """The quantized replacement of one module, or None if it is not a kind the walker quantizes.
+def quantize_linear_weight(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor | None) -> QuantizedWeight:
+    """A linear layer's weight [N, K] quantized as `scheme` says: with its input statistics `hessian` [K, K]
+    (`E[x x^T]`) for a calibrated search (`*-gptq`), else `quantize`.
 
     Raises:
-        ConfigError: the scheme does not fit the module's shape (naming the module).
+        ConfigError: a calibrated scheme without `hessian`, or as `quantize`.
+    """
+    if scheme.search not in CALIBRATED:
+        return quantize(weight, scheme)
+    if hessian is None:
+        raise ConfigError(
+            f"scheme {scheme.name} needs calibration statistics: quantize the stage with "
+            "edgellm.quant.stage_files.load_or_quantize (or pass hessians= to quantize_module)"
+        )
+    from edgellm.quant.gptq import gptq_quantize
+
+    return gptq_quantize(weight, scheme, hessian)
+
+
+def quantize_leaf(
+    module: nn.Module, scheme: Scheme, name: str = "", hessian: torch.Tensor | None = None
+) -> nn.Module | None:
+    """The quantized replacement of one module, or None if it is not a kind the walker quantizes.
+
+    `hessian` [K, K]: the input statistics of a linear layer, for a calibrated scheme (an embedding needs none:
+    its output error is its weight error, which `quantize`'s search minimises).
+
+    Raises:
+        ConfigError: the scheme does not fit the module's shape, or needs a missing `hessian` (naming the module).
     """
     try:
         if isinstance(module, nn.Embedding):
@@ -44,20 +69,29 @@ def quantize_leaf(module: nn.Module, scheme: Scheme, name: str = "") -> nn.Modul
         if found is None:
             return None
         weight, bias = found
-        linear = quant_linear(quantize(weight, scheme), bias)
+        linear = quant_linear(quantize_linear_weight(weight, scheme, hessian), bias)
         linear.transposed = not isinstance(module, nn.Linear)
         return linear
     except ConfigError as exc:
         raise ConfigError(f"cannot quantize {name or type(module).__name__}: {exc}") from None
 
 
-def quantize_module(module: nn.Module, config: QuantConfig, prefix: str = "") -> nn.Module:
+def quantize_module(
+    module: nn.Module,
+    config: QuantConfig,
+    prefix: str = "",
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    on_module: Callable[[str], None] | None = None,
+) -> nn.Module:
     """Quantize every linear layer and embedding under `module` that `config` gives a scheme, in place.
 
     Args:
         module: any module tree (a `Stage`, a decoder block, a single `nn.Linear`).
         config: the scheme and its per-module rules, matched against names relative to `module`.
         prefix: the name of `module` itself, for matching and messages.
+        hessians: name -> `E[x x^T]` of each linear layer's input (`edgellm.quant.calibration`); needed by the
+            layers a calibrated scheme (`*-gptq`) applies to.
+        on_module: called with each module's name after it is quantized (progress).
 
     Returns:
         `module`, or its replacement when `module` itself is a quantizable leaf.
@@ -72,10 +106,13 @@ def quantize_module(module: nn.Module, config: QuantConfig, prefix: str = "") ->
         if scheme is None:
             return module
         log.debug("quantizing %s with %s", prefix or type(module).__name__, scheme.name)
-        return quantize_leaf(module, scheme, prefix) or module
+        new = quantize_leaf(module, scheme, prefix, None if hessians is None else hessians.get(prefix))
+        if on_module is not None:
+            on_module(prefix)
+        return new or module
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
-        new = quantize_module(child, config, name)
+        new = quantize_module(child, config, name, hessians, on_module)
         if new is not child:
             setattr(module, child_name, new)
     return module

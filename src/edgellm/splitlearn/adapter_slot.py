@@ -9,6 +9,7 @@ import torch
 from edgellm.lora.inject import adapter_parameters, inject_lora, set_active, train_mode
 from edgellm.lora.linear import LoRALinear
 from edgellm.model.stage import Stage
+from edgellm.qat.walker import check_float_stage, unwrap_stage, wrap_stage
 from edgellm.splitlearn.settings import ServerTrainConfig
 
 
@@ -32,8 +33,20 @@ class AdapterSlot:
 def new_slot(
     stage: Stage, layers_path: str, name: str, label: str, attempt: str, config: ServerTrainConfig
 ) -> AdapterSlot:
-    """Inject a fresh adapter `name` into `stage` (inactive for inference) with its own AdamW."""
+    """Inject a fresh adapter `name` into `stage` (inactive for inference) with its own AdamW.
+
+    With `config.qat` the stage's linear layers get fake quantizers (idle outside a QAT session's forward pass:
+    `edgellm.qat.walker.fake_quant_scope`); LoRA goes inside them, so they quantize each merged weight.
+
+    Raises:
+        ConfigError: QAT on a stage whose linear layers are already quantized.
+    """
+    if config.qat is not None:
+        check_float_stage(stage)
+    wrapped = unwrap_stage(stage)  # LoRA wraps the float layers, the fake quantizers wrap LoRA
     inject_lora(stage, layers_path, config.lora, name)
+    if wrapped or config.qat is not None:
+        wrap_stage(stage)
     set_active(stage, None)  # inference sessions on this stage keep running the base model
     stage.requires_grad_(False)
     params = adapter_parameters(stage, name)

@@ -105,7 +105,8 @@ class SplitModel:
             last the head; with no hops they may be one stage holding the whole model (centralized training).
         hops: the server hops, in the order the hidden states visit them (one hop in chain mode).
         layers_path: where the decoder layers sit in the full model ("model.layers"), for adapter names.
-        lora: the adapters to add to the device's stages (the servers get theirs from `open`).
+        lora: the adapters to add to the device's stages (the servers get theirs from `open`); None adds none
+            (full fine-tuning of a layer range: the caller makes those weights trainable and optimizes them).
         session: this client's training session id on the servers.
         aggregator: where FedAvg rounds meet when it is not the first server (federated runs without a split).
         wait_s: how long a server may rightly hold a call (the run's round timeout): a FedAvg round filling up,
@@ -119,7 +120,7 @@ class SplitModel:
         stages: Sequence[Stage],
         hops: Sequence[TrainHop],
         layers_path: str,
-        lora: LoraSpec,
+        lora: LoraSpec | None,
         session: str,
         aggregator: TrainHop | None = None,
         wait_s: float = 0.0,
@@ -137,14 +138,14 @@ class SplitModel:
         self.wait_s = wait_s
         for stage in self.stages:
             stage.requires_grad_(False)
-            if len(stage.blocks):
+            if len(stage.blocks) and lora is not None:
                 inject_lora(stage, layers_path, lora, DEVICE_ADAPTER)
                 set_active(stage, DEVICE_ADAPTER)
                 train_mode(stage, DEVICE_ADAPTER)
         self.params = [p for s in self.stages if len(s.blocks) for p in adapter_parameters(s, DEVICE_ADAPTER)]
         for p in self.params:
             p.requires_grad_(True)
-        if not self.params and not self.hops:
+        if lora is not None and not self.params and not self.hops:
             raise ConfigError("no adapters to train: the device holds no decoder layers and there are no servers")
         self.privacy = privacy or TrainPrivacy()
         dp, fed = self.privacy.smashed, self.privacy.fedavg

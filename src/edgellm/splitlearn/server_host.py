@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import torch
 from edgellm.errors import BusyError, ConfigError, SessionError
 from edgellm.lora.inject import adapter_grads, adapter_state, load_adapter_state, stage_keys, train_mode, use_adapter
 from edgellm.net.messages import AdapterSync, ForwardReply, TrainBackward, TrainForward, TrainOpen
+from edgellm.qat.walker import fake_quant_scope
+from edgellm.quant.scheme import parse_quant
 from edgellm.split.host import StageHost
 from edgellm.splitlearn.adapter_slot import AdapterSlot, drop_slot, new_slot
 from edgellm.splitlearn.checkpoints import CheckpointStore, safe_name
@@ -169,7 +172,7 @@ class TrainHost:
             x = msg.data.detach().to(self.stage.dtype).requires_grad_(True)
             torch.manual_seed(seed_for(s.slot.config.seed, msg.step, self.stage.spec.start + 1))
             try:
-                with torch.enable_grad(), use_adapter(self.stage, s.slot.name):
+                with torch.enable_grad(), use_adapter(self.stage, s.slot.name), self._qat(s):
                     out = self.stage(x, msg.positions, None, msg.token_mask)
             except BaseException:
                 s.pending = None
@@ -182,11 +185,15 @@ class TrainHost:
         start = time.perf_counter()
         train_mode(self.stage, s.slot.name, False)
         try:
-            with torch.no_grad(), use_adapter(self.stage, s.slot.name):
+            with torch.no_grad(), use_adapter(self.stage, s.slot.name), self._qat(s):
                 out = self.stage(msg.data.to(self.stage.dtype), msg.positions, None, msg.token_mask)
         finally:
             train_mode(self.stage, s.slot.name, True)
         return ForwardReply(out, (time.perf_counter() - start) * 1e3)
+
+    def _qat(self, s: _Session) -> AbstractContextManager[None]:
+        """The session's fake quantizers on for one pass (QAT), or every wrapper idle (`edgellm.qat`)."""
+        return fake_quant_scope(self.stage, parse_quant(s.slot.config.qat))
 
     def backward(self, msg: TrainBackward) -> ForwardReply:
         """Backpropagate `msg.grad` (d loss / d output), step the optimizer, return d loss / d input."""

@@ -11,6 +11,8 @@ from typing import Any
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
 from edgellm.privacy.config import DPConfig
+from edgellm.qat.walker import check_qat_config
+from edgellm.quant.scheme import parse_quant
 
 MAX_RANK = 1024
 
@@ -62,6 +64,8 @@ class ServerTrainConfig:
             and a client that holds a shared adapter's turn this long without its backward pass loses it.
         dp_fedavg: DP-FedAvg: the clients send updates clipped to `dp_fedavg.clip_norm` and the aggregator adds
             Gaussian noise to their mean (`edgellm.lora.fedavg.dp_fedavg`); None: plain FedAvg.
+        qat: quantization-aware training: the scheme (`--quant`'s syntax) the server's adapters train through,
+            fake-quantizing each merged weight (`edgellm.qat`); None: off.
     """
 
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -70,8 +74,14 @@ class ServerTrainConfig:
     seed: int = 0
     round_timeout_s: float = 120.0
     dp_fedavg: DPConfig | None = None
+    qat: str | None = None
 
     def __post_init__(self) -> None:
+        if self.qat is not None:
+            quant = parse_quant(self.qat) if isinstance(self.qat, str) else None
+            if quant is None:
+                raise ConfigError(f"training config: qat must name a quantization scheme, got {self.qat!r}")
+            check_qat_config(quant)
         if self.share not in SHARE_MODES:
             raise ConfigError(f"unknown adapter sharing {self.share!r}; choose from {sorted(SHARE_MODES)}")
         if not self.round_timeout_s > 0:
@@ -81,7 +91,10 @@ class ServerTrainConfig:
 
     def to_json(self) -> str:
         dp = None if self.dp_fedavg is None else self.dp_fedavg.to_json()
-        return json.dumps({**asdict(self), "lora": self.lora.to_dict(), "dp_fedavg": dp})
+        data = {**asdict(self), "lora": self.lora.to_dict(), "dp_fedavg": dp}
+        if self.qat is None:  # what a server without QAT reads
+            del data["qat"]
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> ServerTrainConfig:
@@ -92,7 +105,7 @@ class ServerTrainConfig:
             raise ConfigError(f"training config is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError("training config must be a JSON object")
-        _known(data, {"lora", "optim", "share", "seed", "round_timeout_s", "dp_fedavg"}, "training config")
+        _known(data, {"lora", "optim", "share", "seed", "round_timeout_s", "dp_fedavg", "qat"}, "training config")
         dp = data.get("dp_fedavg")
         optim = data.get("optim", {})
         if not isinstance(optim, dict):
@@ -106,6 +119,7 @@ class ServerTrainConfig:
                 seed=_seed(data.get("seed", 0)),
                 round_timeout_s=float(data.get("round_timeout_s", 120.0)),
                 dp_fedavg=None if dp is None else DPConfig.from_json(dp, "training config dp_fedavg"),
+                qat=data.get("qat"),
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):

@@ -24,7 +24,7 @@ from edgellm.deploy.node_builder import channel_config, device_dp, remote_hop
 from edgellm.deploy.topology import Topology, load_topology
 from edgellm.errors import ConfigError
 from edgellm.lora.peft_io import load_peft_adapter, save_peft_adapter
-from edgellm.model.arch import arch_for
+from edgellm.model.arch import Arch, arch_for
 from edgellm.model.stage import Stage, StageSpec
 from edgellm.net.messages import CloseSession, TrainOpen
 from edgellm.net.rpc import ChannelConfig, RemoteHop
@@ -39,6 +39,7 @@ from edgellm.store import resolve_model
 from edgellm.store.weights import load_config, load_tokenizer
 from edgellm.train.config import TrainConfig
 from edgellm.train.data import Dataset, InstructionDataset, batch_for_step, load_data
+from edgellm.train.qat_setup import export_model, exports_model, prepare_stages
 from edgellm.train.tasks import task_examples
 
 log = logging.getLogger(__name__)
@@ -96,24 +97,28 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
         log.warning("no checkpoint in %s: starting from step 0", folder)
     session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
     privacy = _privacy(cfg, side.dp)
+    lora = cfg.lora if cfg.adapters else None
     model = SplitModel(
-        side.stages, side.hops, side.layers_path, cfg.lora, session, side.aggregator, cfg.round_timeout_s, privacy
+        side.stages, side.hops, side.layers_path, lora, session, side.aggregator, cfg.round_timeout_s, privacy
     )
+    trained = prepare_stages(side.stages, cfg, side.arch, "the device" if side.hops else "this model")
     open_message = TrainOpen(
         session, plan.run, plan.attempt, plan.client, cfg.clients, cfg.server_config().to_json(), start_step
     )
     servers = model.open(open_message)
-    optimizer = torch.optim.AdamW(model.params, **cfg.optim.adamw_kwargs()) if model.params else None
+    params = [*model.params, *trained.values()]
+    optimizer = torch.optim.AdamW(params, **cfg.optim.adamw_kwargs()) if params else None
     if start_step:
         state = torch.load(folder / _ckpt_name(start_step), weights_only=True)
         model.load_device_state(state["adapter"])
+        _load_weights(trained, state.get("weights", {}))
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     elif plan.init_adapter is not None:
         _start_from(model, plan.init_adapter, cfg)
     emit({
         "event": "open", "client": plan.client, "start_step": start_step, "servers": servers,
-        "device_trainable": sum(p.numel() for p in model.params), "examples": len(side.dataset),
+        "device_trainable": sum(p.numel() for p in params), "examples": len(side.dataset),
     })  # fmt: skip
     try:
         for step in range(start_step, cfg.steps):
@@ -125,9 +130,10 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
                 included = model.aggregate(done, float(cfg.batch_size * since))
                 emit({"event": "aggregate", "client": plan.client, "step": done, "clients": included})
             if cfg.checkpoints_after(done):
-                _checkpoint(model, optimizer, folder, done)
+                _checkpoint(model, optimizer, folder, done, trained)
                 emit({"event": "checkpoint", "client": plan.client, "step": done})
-        adapter = _export(model, plan, side)
+        adapter = _export(model, plan, side) if cfg.adapters else None
+        exported = _export_model(model, plan, side, trained) if exports_model(cfg) else None
     finally:
         for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]:
             try:
@@ -138,7 +144,8 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
         hop.name: getattr(hop, "sync_bytes", 0) for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]
     }
     summary = {
-        "event": "done", "client": plan.client, "steps": cfg.steps, "adapter": str(adapter),
+        "event": "done", "client": plan.client, "steps": cfg.steps, "adapter": adapter and str(adapter),
+        "export": exported,  # --qat / --train-layers: the model directory and its quantized stage files
         "sync_bytes": sync,  # adapter traffic (open, aggregation rounds, checkpoints, export), both directions
         "privacy": model.privacy_report(),  # each defence's ledger (edgellm.privacy.accountant); None: all off
     }  # fmt: skip
@@ -163,6 +170,7 @@ def check_topology(topology: Topology) -> None:
 
 @dataclass
 class _Side:
+    arch: Arch
     stages: list[Stage]
     hops: list[TrainHop]
     aggregator: TrainHop | None
@@ -181,6 +189,9 @@ def _load_side(plan: ClientPlan) -> _Side:
     config = load_config(model_dir)
     arch = arch_for(config)
     num_layers = int(config.num_hidden_layers)
+    quant = plan.quant if topology is None else (topology.device.quant or topology.model.quant)
+    if plan.config.qat is not None and parse_quant(quant) is not None:
+        raise ConfigError(f"--qat trains through the floating-point weights: drop the quantization ({quant})")
     if topology is None:  # the head as its own stage, so the loss can skip positions without a label
         specs = [StageSpec(0, num_layers, embed=True), StageSpec(num_layers, num_layers, head=True)]
         stages = load_stages(model_dir, specs, DTYPES[plan.dtype], parse_quant(plan.quant))
@@ -196,7 +207,9 @@ def _load_side(plan: ClientPlan) -> _Side:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = _dataset(plan, tokenizer)
     dp = device_dp(topology) if topology is not None else None
-    return _Side(stages, hops, aggregator, arch.layers, dataset, int(pad), model_name, config.model_type == "gpt2", dp)
+    return _Side(
+        arch, stages, hops, aggregator, arch.layers, dataset, int(pad), model_name, config.model_type == "gpt2", dp
+    )
 
 
 def _privacy(cfg: TrainConfig, topology_dp: DPConfig | None) -> TrainPrivacy:
@@ -251,7 +264,9 @@ def _train_step(
     }  # fmt: skip
 
 
-def _checkpoint(model: SplitModel, optimizer: torch.optim.Optimizer | None, folder: Path, step: int) -> None:
+def _checkpoint(
+    model: SplitModel, optimizer: torch.optim.Optimizer | None, folder: Path, step: int, trained: dict[str, Any]
+) -> None:
     # The servers first: a device checkpoint exists only where every server has one of the same step.
     if model.hops:
         model.sync("checkpoint", step)
@@ -259,6 +274,7 @@ def _checkpoint(model: SplitModel, optimizer: torch.optim.Optimizer | None, fold
         "adapter": model.device_state(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "step": step,
+        "weights": {name: p.detach().clone() for name, p in trained.items()},  # --train-layers
     }
     atomic_save(state, folder / _ckpt_name(step))
     for old in sorted(folder.glob("step-*.pt"))[:-3]:
@@ -299,6 +315,23 @@ def gather_adapter(model: SplitModel) -> dict[str, torch.Tensor]:
         server, _ = model.sync("get")
         tensors.update(server)
     return tensors
+
+
+def _load_weights(trained: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    if set(saved) != set(trained):
+        raise ConfigError("the checkpoint's trained layers differ from --train-layers: resume with the same arguments")
+    with torch.no_grad():
+        for name, param in trained.items():
+            param.copy_(saved[name])
+
+
+def _export_model(model: SplitModel, plan: ClientPlan, side: _Side, trained: dict[str, Any]) -> dict[str, Any]:
+    # One client: the run's `model/`; several: each its own (with shared server adapters they are the same).
+    cfg = plan.config
+    target = plan.output / "model" if cfg.clients == 1 else plan.output / f"client-{plan.client}" / "model"
+    adapters = gather_adapter(model) if cfg.adapters else {}
+    about = {"run": plan.run, "data": cfg.data.label, "steps": cfg.steps, "seed": cfg.seed}
+    return export_model(resolve_model(side.model_name), target, cfg, trained, adapters, side.fan_in_fan_out, about)
 
 
 def _export(model: SplitModel, plan: ClientPlan, side: _Side) -> Path:

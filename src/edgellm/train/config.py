@@ -9,6 +9,8 @@ from typing import Any
 from edgellm.errors import ConfigError
 from edgellm.lora.config import LoraSpec
 from edgellm.privacy.config import DPConfig, TrainPrivacy
+from edgellm.qat.walker import check_qat_config
+from edgellm.quant.scheme import parse_quant
 from edgellm.splitlearn.settings import SHARE_MODES, OptimSpec, ServerTrainConfig
 
 
@@ -53,6 +55,11 @@ class TrainConfig:
         round_timeout_s: a FedAvg round closes this long after its first client, without the missing ones.
         dp: differential privacy on the smashed data each device sends (and optionally the gradients it sends
             back); None: off. dp_fedavg: DP-FedAvg of the device-side adapters; None: plain FedAvg.
+        qat: quantization-aware training with this scheme (`--quant`'s syntax, e.g. "int4-g64,head=int8"): every
+            side computes with its trainable weights fake-quantized (`edgellm.qat`) and the run exports the
+            quantized model; None: off.
+        train_layers: decoder layers [start, end) whose weights train in full (full fine-tuning), on the device.
+        adapters: train LoRA adapters (False: only `train_layers` trains).
     """
 
     steps: int
@@ -69,6 +76,9 @@ class TrainConfig:
     round_timeout_s: float = 120.0
     dp: DPConfig | None = None
     dp_fedavg: DPConfig | None = None
+    qat: str | None = None
+    train_layers: tuple[int, int] | None = None
+    adapters: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "clients", "aggregate_every"):
@@ -87,13 +97,35 @@ class TrainConfig:
         if self.dp_fedavg is not None and self.clients < 2:
             raise ConfigError("DP-FedAvg (--dp-fedavg-clip/--dp-fedavg-noise) needs --clients 2 or more to average")
         TrainPrivacy(self.dp, self.dp_fedavg)  # validates the pair
+        self._check_qat()
+
+    def _check_qat(self) -> None:
+        if self.qat is not None:
+            quant = parse_quant(self.qat)
+            if quant is None:
+                raise ConfigError(f"--qat needs a quantization scheme, got {self.qat!r}")
+            check_qat_config(quant)
+        if self.train_layers is not None:
+            start, end = self.train_layers
+            if not 0 <= start < end:
+                raise ConfigError(f"--train-layers A:B needs 0 <= A < B, got {start}:{end}")
+            if self.clients > 1:
+                raise ConfigError("--train-layers trains full weights, which FedAvg does not average: use one client")
+        if not self.adapters and self.train_layers is None:
+            raise ConfigError("--no-lora leaves nothing to train: add --train-layers A:B")
+        if self.qat is not None and self.adapters and self.lora.dropout > 0:
+            raise ConfigError(
+                "--qat merges LoRA into the weights it quantizes, which dropout cannot be: drop --lora-dropout"
+            )
 
     @property
     def privacy(self) -> TrainPrivacy:
         return TrainPrivacy(self.dp, self.dp_fedavg)
 
     def server_config(self) -> ServerTrainConfig:
-        return ServerTrainConfig(self.lora, self.optim, self.share, self.seed, self.round_timeout_s, self.dp_fedavg)
+        return ServerTrainConfig(
+            self.lora, self.optim, self.share, self.seed, self.round_timeout_s, self.dp_fedavg, self.qat
+        )
 
     def aggregates_after(self, step: int) -> bool:
         """Whether a FedAvg round follows step `step` (1-based count of steps done)."""
@@ -108,6 +140,7 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """A JSON-able form of `config` (for worker processes and the run record)."""
     out = asdict(config)
     out["lora"] = config.lora.to_dict()
+    out["train_layers"] = None if config.train_layers is None else list(config.train_layers)  # as JSON has it
     out["data"] = {"path": str(config.data.path) if config.data.path else None, "task": config.data.task,
                    "task_examples": config.data.task_examples}  # fmt: skip
     return out
@@ -122,4 +155,6 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     fields["optim"] = OptimSpec(**fields["optim"])
     for key in ("dp", "dp_fedavg"):  # asdict's form: the full field names
         fields[key] = None if fields.get(key) is None else DPConfig(**fields[key])
+    if fields.get("train_layers") is not None:  # JSON has no tuples
+        fields["train_layers"] = tuple(fields["train_layers"])
     return TrainConfig(**fields)

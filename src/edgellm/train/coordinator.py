@@ -172,11 +172,15 @@ def finetune(job: FinetuneJob, on_event: Callable[[Event], None]) -> dict[str, A
     else:
         _run_processes(job, collect)
     done = sorted((e for e in events if e["event"] == "done"), key=lambda e: e["client"])
-    if plan.config.share == "shared":
+    if not plan.config.adapters:
+        adapters = []
+    elif plan.config.share == "shared":
         adapters = [str(publish(Path(done[0]["adapter"]), plan.output / "adapter"))]
     else:
         adapters = [e["adapter"] for e in done]
-    return {**report(plan, events, time.perf_counter() - started, start_steps), "adapters": adapters}
+    exports = [e["export"] for e in done if e.get("export")]  # --qat / --train-layers: the trained model(s)
+    return {**report(plan, events, time.perf_counter() - started, start_steps), "adapters": adapters,
+            "exports": exports}  # fmt: skip
 
 
 def publish(source: Path, target: Path) -> Path:

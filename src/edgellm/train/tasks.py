@@ -4,6 +4,9 @@ Every task states its target format in the prompt, so the answer is fully determ
 score. The train and eval splits are disjoint by construction: a prompt belongs to one split only, decided by a
 hash of its text, whatever the seed; so a model trained on any seed's train split is never scored on a prompt it
 saw.
+
+Besides these generated tasks, the real tasks of `edgellm.train.real_tasks` (WordNet antonyms, Shakespeare's
+plays) are registered here too: fixed pools of items read from files edgellm ships, split the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgellm.errors import ConfigError
+from edgellm.train import real_tasks
 
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 20  # share of the prompt space that belongs to the eval split
@@ -28,13 +32,29 @@ class Example:
     response: str
 
 
+def exact_match(prediction: str, reference: str) -> bool:
+    """True when the prediction equals the reference after stripping surrounding whitespace."""
+    return prediction.strip() == reference.strip()
+
+
 @dataclass(frozen=True)
 class Task:
-    """A named task: `make(rng)` draws one example, a pure function of the generator's state."""
+    """A named task: generated (`make(rng)` draws one example, a pure function of the generator's state) or real
+    (`pool(split)` lists every example of a split, from shipped data); `match(prediction, reference)` scores it.
+
+    Raises:
+        ValueError: not exactly one of `make` and `pool` (a bug in the registry).
+    """
 
     name: str
     description: str
-    make: Callable[[random.Random], Example]
+    make: Callable[[random.Random], Example] | None = None
+    pool: Callable[[str], list[Example]] | None = None
+    match: Callable[[str, str], bool] = exact_match
+
+    def __post_init__(self) -> None:
+        if (self.make is None) == (self.pool is None):
+            raise ValueError(f"task {self.name!r}: give exactly one of make and pool")
 
 
 MONTHS = (
@@ -92,13 +112,27 @@ def make_sort(rng: random.Random) -> Example:
     return Example(f"Sort from smallest to largest: {' '.join(map(str, values))}", " ".join(map(str, sorted(values))))
 
 
-TASKS: dict[str, Task] = {
+GENERATED_TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("dates", "rewrite a written date (March 5, 2021 / 5 March 2021) as YYYY-MM-DD", make_date),
         Task("records", "reorder a key=value record into a fixed CSV row (name,age,city)", make_record),
         Task("sort", "sort 4 to 9 distinct two-digit numbers from smallest to largest", make_sort),
     )
+}
+
+
+def real_pool(name: str) -> Callable[[str], list[Example]]:
+    """The `pool` of real task `name`: its examples of a split, read from the shipped file on first use."""
+    return lambda split: [Example(p, r) for p, r in real_tasks.real_examples(name, split)]
+
+
+TASKS: dict[str, Task] = {
+    **GENERATED_TASKS,
+    **{
+        name: Task(name, spec.description, pool=real_pool(name), match=real_tasks.answer_match)
+        for name, spec in real_tasks.REAL_TASKS.items()
+    },
 }
 
 
@@ -133,6 +167,9 @@ def task_examples(name: str, n: int, seed: int, split: str) -> list[Example]:
     if n < 1:
         raise ConfigError(f"the number of examples must be >= 1, got {n}")
     rng = random.Random(f"{name}/{seed}")  # the same stream for both splits: the hash does the partition
+    if task.pool is not None:
+        return pool_examples(name, task.pool(split), n, rng, split)
+    assert task.make is not None  # Task.__post_init__: one of the two
     seen: set[str] = set()
     out: list[Example] = []
     for _ in range(50 * n + 1000):
@@ -146,6 +183,14 @@ def task_examples(name: str, n: int, seed: int, split: str) -> list[Example]:
     raise ConfigError(f"task {name!r} could not produce {n} distinct {split} examples (got {len(out)})")
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    """True when the prediction equals the reference after stripping surrounding whitespace."""
-    return prediction.strip() == reference.strip()
+def pool_examples(name: str, pool: list[Example], n: int, rng: random.Random, split: str) -> list[Example]:
+    """The first `n` of `pool` shuffled by `rng`: a prefix for a smaller `n`, as for generated tasks.
+
+    Raises:
+        ConfigError: the split holds fewer than `n` examples.
+    """
+    if n > len(pool):
+        raise ConfigError(f"task {name!r} has {len(pool)} {split} examples; asked for {n} (lower --n/--task-examples)")
+    order = list(pool)
+    rng.shuffle(order)
+    return order[:n]
