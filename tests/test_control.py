@@ -186,7 +186,8 @@ def test_a_server_probes_and_sets_its_own_downstream_link(tiny_deployment):
     before = min(forward_s() for _ in range(2))
     set_answer = edge1.control({"op": "set_link", "to": "edge2", "profile": {"rtt_ms": 250.0}})
     assert set_answer["profile"]["rtt_ms"] == 250.0 and set_answer["profile"]["up_mbps"] is None
-    assert forward_s() - before >= 0.25  # the very next message pays the new round trip
+    after = forward_s()  # the very next message pays the new round trip (sleeps of 125 ms each way), on top of
+    assert after >= 0.25 and after - before >= 0.2  # its compute, which varies with the machine's load
     info = edge1.info()
     assert info["link_emulation"] == [{"to": "edge2", "profile": set_answer["profile"]}]
     assert edge1.control({"op": "set_link", "to": "edge2", "profile_name": "lte"})["profile"]["rtt_ms"] == 50.0

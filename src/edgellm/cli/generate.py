@@ -252,6 +252,8 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
         default=NO_QUANT,
         metavar="SCHEME",
         help=f"weight-only quantization of every stage's linear layers and embeddings: one of "
-        f"{[NO_QUANT, *QUANT_SCHEMES]}, then optional per-module rules PATTERN=SCHEME|none with PATTERN one of "
-        f"{list(QUANT_PARTS)} or a module-name pattern, e.g. int4-g32,head=int8 (default: none)",
+        f"{[NO_QUANT, *QUANT_SCHEMES]}, each optionally ending in a scale search, -mse (error-minimising scales) "
+        "or -gptq (GPTQ on shipped calibration text), e.g. int4-g64-gptq; then optional per-module rules "
+        f"PATTERN=SCHEME|none with PATTERN one of {list(QUANT_PARTS)} or a module-name pattern, e.g. "
+        "int4-g32,head=int8 (default: none)",
     )
