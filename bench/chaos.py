@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'equal' if row['tokens_equal'] else 'DIFFER'}, recovery {row.get('recovery_ms', 0):.0f} ms "
                       f"vs prefill {row.get('prefill_ms', 0):.0f} ms", file=sys.stderr, flush=True)  # fmt: skip
             report = replica_hop.report()
+            replica_hop.shutdown()  # its channels: left to the garbage collector, gRPC can hang the exit
     ratios = [r["ratio"] for r in rows if "ratio" in r]
     summary = {
         "generations": len(rows),

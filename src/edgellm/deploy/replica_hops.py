@@ -36,6 +36,13 @@ class Prober:
                                                        sender=self.sender))  # fmt: skip
             return self._hops[name]
 
+    def shutdown(self) -> None:
+        """Close the control channels opened so far."""
+        with self._lock:
+            hops, self._hops = list(self._hops.values()), {}
+        for hop in hops:
+            hop.shutdown()
+
     def __call__(self, name: str) -> bool:
         try:
             self.warm(name).info(timeout_s=PROBE_TIMEOUT_S)

@@ -67,6 +67,13 @@ class ReplicaHop:
         self._observe(route, reply)
         return reply
 
+    def shutdown(self) -> None:
+        """Close every replica's channel and the probes' (gRPC channels left to the garbage collector can hang
+        the interpreter's exit)."""
+        for hop in self.hops.values():
+            getattr(hop, "shutdown", lambda: None)()
+        getattr(self.probe, "shutdown", lambda: None)()
+
     def close(self, request: CloseSession) -> None:
         with self._lock:
             route = self._routes.pop(request.session, None)
