@@ -101,3 +101,18 @@ def test_bad_adapter_dirs_are_refused(tmp_path, change, message):
         load_peft_adapter(tmp_path / "ad")
     with pytest.raises(ConfigError, match="needs both lora_A and lora_B"):
         save_peft_adapter(tmp_path / "ad2", spec, {"x.q_proj.lora_A.weight": torch.ones(2, 8)}, "tiny")
+
+
+def test_an_adapter_on_some_layers_only_keeps_its_module_paths(tmp_path):
+    """Targets named by path (adapters on the top layers only) are written as paths, not as leaf names that would
+    adapt every layer's module of that name when loaded."""
+    spec = LoraSpec(r=2, target_modules=("layers.1.self_attn.q_proj",))
+    tensors = {"model.layers.1.self_attn.q_proj.lora_A.weight": torch.ones(2, 8),
+               "model.layers.1.self_attn.q_proj.lora_B.weight": torch.ones(8, 2)}  # fmt: skip
+    save_peft_adapter(tmp_path / "ad", spec, tensors, "tiny")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["layers.1.self_attn.q_proj"]
+    assert load_peft_adapter(tmp_path / "ad")[0] == spec
+    leaf = LoraSpec(r=2, target_modules=("q_proj",))  # leaf targets: leaf names, as before
+    save_peft_adapter(tmp_path / "leaf", leaf, tensors, "tiny")
+    assert json.loads((tmp_path / "leaf" / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]

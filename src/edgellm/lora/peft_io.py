@@ -57,6 +57,13 @@ def _split_keys(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, d
     return modules
 
 
+def _targets(spec: LoraSpec, modules: Mapping[str, Any]) -> list[str]:
+    """What the config's `target_modules` says: leaf names, or `spec`'s paths when it names modules by path."""
+    if any("." in t for t in spec.target_modules):
+        return sorted(spec.target_modules)
+    return sorted({module.rsplit(".", 1)[-1] for module in modules})
+
+
 def _check_ranks(modules: dict[str, dict[str, torch.Tensor]], r: int, source: str) -> None:
     for module, pair in modules.items():
         a, b = pair["lora_A"], pair["lora_B"]
@@ -82,7 +89,8 @@ def save_peft_adapter(
         fan_in_fan_out: True for GPT-2's Conv1D layers (peft's flag; it only matters to merging).
 
     The config's `target_modules` are the last names of the modules in `tensors` (e.g. "q_proj"), which is what
-    peft matches when it loads the adapter.
+    peft matches when it loads the adapter; or, when `spec` names modules by path (`layers.12.self_attn.q_proj`:
+    adapters on some layers only), `spec`'s own targets, so that a loader adapts those modules and no others.
 
     Raises:
         ConfigError: no tensors, malformed keys, shapes that do not fit `spec.r`, or `directory` exists and is not
@@ -99,7 +107,7 @@ def save_peft_adapter(
         "r": spec.r,
         "lora_alpha": int(spec.alpha) if spec.alpha.is_integer() else spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": sorted({module.rsplit(".", 1)[-1] for module in modules}),
+        "target_modules": _targets(spec, modules),
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "base_model_name_or_path": base_model,
