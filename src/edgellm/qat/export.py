@@ -30,6 +30,7 @@ from edgellm.qat.fake_quant import merge_lora
 from edgellm.quant.scheme import QuantConfig
 from edgellm.quant.stage_files import cache_path, save_stage
 from edgellm.quant.walker import quantize_module
+from edgellm.store.paths import replace_dir
 from edgellm.store.weights import SafetensorsSource, load_config
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -93,13 +94,7 @@ def write_model(model_dir: Path, target: Path, tensors: dict[str, torch.Tensor],
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt", "edgellm": json.dumps(record)})  # fmt: skip
     (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    if target.exists():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
+    replace_dir(tmp, target)
 
 
 def write_quantized_stage(model_dir: Path, config: QuantConfig, record: dict[str, Any]) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -56,3 +57,15 @@ def quant_model_key(model_dir: Path) -> str:
     stat = weights.stat() if weights.exists() else None
     ident = f"{model_dir.resolve()}|{stat.st_size if stat else 0}|{stat.st_mtime_ns if stat else 0}"
     return f"{model_dir.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished folder `tmp` to `target`, replacing an older `target` only once `tmp` is complete (the
+    old one is moved aside, the new one renamed in, then the old one removed)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)

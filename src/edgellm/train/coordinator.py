@@ -33,6 +33,7 @@ from edgellm.deploy.topology import load_topology, write_topology
 from edgellm.errors import ConfigError, ProcessFailed
 from edgellm.net.rpc import ChannelConfig, serve
 from edgellm.splitlearn.rounds import AggregatorServer
+from edgellm.store.paths import replace_dir
 from edgellm.train.client import ClientPlan, check_topology, checkpoint_steps, latest_checkpoint
 from edgellm.train.config import config_from_dict, config_to_dict
 from edgellm.train.failover import run_client_failover
@@ -188,13 +189,7 @@ def publish(source: Path, target: Path) -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
+    replace_dir(tmp, target)
     return target
 
 
