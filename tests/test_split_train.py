@@ -297,3 +297,22 @@ def test_shared_adapter_is_used_by_one_client_at_a_time_and_a_silent_one_loses_i
     with pytest.raises(SessionError, match="no training forward of step 0"):
         hop.train(TrainBackward("b", 0, grad))  # b's forward was dropped with its turn
     hop.train(TrainBackward("a", 1, grad))
+
+
+def test_a_client_joining_later_does_not_freeze_the_adapters_of_those_training(tiny_llama_dir):
+    """Regression: opening a per-client session injected its adapter and froze the whole stage, the other clients'
+    adapters included, so a client that had started training silently stopped training its server-side half."""
+    from edgellm.net.messages import TrainForward
+
+    _, hop = in_process_servers(tiny_llama_dir, [2])
+    config = ServerTrainConfig(lora=LORA, share="per-client").to_json()
+    h, pos, grad = torch.randn(1, 3, 32), torch.arange(3).unsqueeze(0), torch.ones(1, 3, 32)
+    hop.train(TrainOpen("a", "run1", "attempt1", 0, 2, config))
+    hop.train(TrainForward("a", 0, h, pos))
+    hop.train(TrainBackward("a", 0, grad))
+    hop.train(TrainOpen("b", "run1", "attempt1", 1, 2, config))  # b joins after a's first step
+    before = dict(hop.train(AdapterSync("a", "get")).tensors)
+    hop.train(TrainForward("a", 1, h, pos))
+    hop.train(TrainBackward("a", 1, grad))
+    after = dict(hop.train(AdapterSync("a", "get")).tensors)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "a's adapter must still train"

@@ -48,13 +48,26 @@ def new_slot(
     if wrapped or config.qat is not None:
         wrap_stage(stage)
     set_active(stage, None)  # inference sessions on this stage keep running the base model
-    stage.requires_grad_(False)
+    training = _training_adapters(stage)  # the other slots' adapters: they keep training
+    stage.requires_grad_(False)  # the frozen base
     params = adapter_parameters(stage, name)
-    for p in params:
+    for p in [*training, *params]:
         p.requires_grad_(True)
     train_mode(stage, name)  # adapter dropout on; the frozen base stays in eval mode
     optimizer = torch.optim.AdamW(params, **config.optim.adamw_kwargs())
     return AdapterSlot(name, label, attempt, config, params, optimizer)
+
+
+def _training_adapters(stage: Stage) -> list[torch.nn.Parameter]:
+    """The adapter weights of `stage` that train now (other clients' slots)."""
+    return [
+        p
+        for module in stage.modules()
+        if isinstance(module, LoRALinear)
+        for adapter in module.adapters.values()
+        for p in adapter.parameters()
+        if p.requires_grad
+    ]
 
 
 def drop_slot(stage: Stage, slot: AdapterSlot) -> None:
