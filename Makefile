@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "edgellm needs Python 3.11, found " + sys.version'
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,plot]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,plot,flower]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -42,7 +42,7 @@ bench: model
 
 # The one list of lint checks (.ci/run calls this target), with the linters pinned in constraints.txt.
 lint: setup
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,plot]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,plot,flower]'
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src

@@ -12,6 +12,7 @@ from typing import Any
 
 from edgellm.cli.choices import LORA_TARGETS, SHARE_MODES
 from edgellm.cli.dp_options import add_dp_arguments, dp_config, dp_fedavg_config, privacy_line
+from edgellm.cli.flower_options import add_flower_arguments, flower_settings, flower_used
 from edgellm.errors import ConfigError
 from edgellm.progress import Phase, note
 from edgellm.store.registry import DEFAULT_MODEL
@@ -148,6 +149,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-lora", action="store_true", help="train no LoRA adapters, only --train-layers (without a topology)"
     )
     add_dp_arguments(parser, training=True)
+    add_flower_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON report at the end")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a client process started by finetune
     parser.set_defaults(run=run)
@@ -206,14 +208,28 @@ def run(args: argparse.Namespace) -> int:
         config=config, output=args.output, run=args.run_label or run_name(args.output), attempt="", topology=args.topology,
         model=args.model, dtype=args.dtype, resume=args.resume, init_adapter=args.init_adapter,
     )  # fmt: skip
+    if args.engine != "flower" and flower_used(args):
+        raise ConfigError("--strategy/--fraction/--min-clients/... are options of --engine flower: add it")
+    settings = flower_settings(args) if args.engine == "flower" else None
+    if settings is not None and args.print_run_config:
+        from edgellm.flower.deploy import print_run_config
+
+        return print_run_config(FinetuneJob(plan, not args.no_launch, args.quant, args.client, args.attempt), settings)
     # Ctrl-C and SIGTERM unwind (stopping every process this command started), even where the parent shell
     # started us with SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     total = config.steps * (config.clients if args.client is None else 1)
+    if settings is not None:  # the devices Flower samples per round
+        total = config.steps * min(config.clients, max(int(config.clients * settings.fraction), settings.min_clients))
     with Phase("finetune", total=total, unit="steps", log=log) as phase:
         job = FinetuneJob(plan, not args.no_launch, args.quant, args.client, args.attempt)
-        result = finetune(job, lambda event: _on_event(phase, event))
+        if settings is not None:
+            from edgellm.flower.runner import run_flower
+
+            result = run_flower(job, settings, lambda event: _on_event(phase, event))
+        else:
+            result = finetune(job, lambda event: _on_event(phase, event))
     if args.json:
         print(json.dumps(result))
     else:
@@ -245,7 +261,8 @@ def _on_event(phase: Phase, event: dict[str, Any]) -> None:
     if event["event"] == "open":  # a resumed client starts past its checkpoint
         phase.advance(event["start_step"])
     elif event["event"] == "dropped":
-        note(log, "client %s dropped out: %s", event["client"], event["error"])
+        where = f" of round {event['round']}" if "round" in event else ""
+        note(log, "client %s dropped out%s: %s", event["client"], where, event["error"])
     elif event["event"] == "failover":  # the run goes on through a replica from its last checkpoint
         note(log, "client %s: %s down (%s); resuming from step %d through a replica", event["client"],
              ", ".join(event["down"]), event["error"], event["resume_step"])  # fmt: skip
@@ -279,5 +296,11 @@ def _print_summary(result: dict[str, Any]) -> None:
     for client, ledgers in (result.get("privacy") or {}).items():
         for ledger in ledgers.values():
             print(f"  privacy, client {client}: {privacy_line(ledger)}")
+    flower = result.get("flower")
+    if flower:
+        print(
+            f"  Flower {flower['strategy']}: {flower['rounds']} rounds, {flower['rounds_per_min']:.1f} rounds/min, "
+            f"{flower['adapter_bytes_per_round'] / 1e6:.3f} MB of adapters per round"
+        )
     if result["dropped_clients"]:
         print(f"  dropped out: client(s) {result['dropped_clients']} (see {result['output']}/logs)")

@@ -85,18 +85,18 @@ class ClientPlan:
 def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     """Train one client to `plan.config.steps` steps, emitting events; returns the final summary."""
     cfg = plan.config
-    side = _load_side(plan)
+    side = load_side(plan)
     folder = plan.output / f"client-{plan.client}"
     folder.mkdir(parents=True, exist_ok=True)
     start_step = latest_checkpoint(folder) if plan.resume else 0
     if plan.resume and plan.resume_step is not None:
         start_step = plan.resume_step
-        if start_step and not (folder / _ckpt_name(start_step)).exists():
+        if start_step and not (folder / checkpoint_name(start_step)).exists():
             raise ConfigError(f"client {plan.client} has no checkpoint of step {start_step} in {folder}")
     if plan.resume and start_step == 0:
         log.warning("no checkpoint in %s: starting from step 0", folder)
     session = f"{plan.run}-c{plan.client}-{secrets.token_hex(4)}"
-    privacy = _privacy(cfg, side.dp)
+    privacy = run_privacy(cfg, side.dp)
     lora = cfg.lora if cfg.adapters else None
     model = SplitModel(
         side.stages, side.hops, side.layers_path, lora, session, side.aggregator, cfg.round_timeout_s, privacy
@@ -109,20 +109,20 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
     params = [*model.params, *trained.values()]
     optimizer = torch.optim.AdamW(params, **cfg.optim.adamw_kwargs()) if params else None
     if start_step:
-        state = torch.load(folder / _ckpt_name(start_step), weights_only=True)
+        state = torch.load(folder / checkpoint_name(start_step), weights_only=True)
         model.load_device_state(state["adapter"])
         _load_weights(trained, state.get("weights", {}))
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     elif plan.init_adapter is not None:
-        _start_from(model, plan.init_adapter, cfg)
+        start_from(model, plan.init_adapter, cfg)
     emit({
         "event": "open", "client": plan.client, "start_step": start_step, "servers": servers,
         "device_trainable": sum(p.numel() for p in params), "examples": len(side.dataset),
     })  # fmt: skip
     try:
         for step in range(start_step, cfg.steps):
-            emit(_train_step(model, optimizer, side, plan, step))
+            emit(train_step(model, optimizer, side, plan, step))
             done = step + 1
             if cfg.aggregates_after(done):
                 # FedAvg weight: the samples this client trained on since the previous round.
@@ -130,9 +130,9 @@ def run_client(plan: ClientPlan, emit: Emit) -> dict[str, Any]:
                 included = model.aggregate(done, float(cfg.batch_size * since))
                 emit({"event": "aggregate", "client": plan.client, "step": done, "clients": included})
             if cfg.checkpoints_after(done):
-                _checkpoint(model, optimizer, folder, done, trained)
+                save_checkpoint(model, optimizer, folder, done, trained)
                 emit({"event": "checkpoint", "client": plan.client, "step": done})
-        adapter = _export(model, plan, side) if cfg.adapters else None
+        adapter = export_adapter(model, plan, side) if cfg.adapters else None
         exported = _export_model(model, plan, side, trained) if exports_model(cfg) else None
     finally:
         for hop in [*side.hops, *([side.aggregator] if side.aggregator else [])]:
@@ -169,7 +169,9 @@ def check_topology(topology: Topology) -> None:
 
 
 @dataclass
-class _Side:
+class DeviceSide:
+    """What a device loads once for a run: its stages, its hops to the servers, its data."""
+
     arch: Arch
     stages: list[Stage]
     hops: list[TrainHop]
@@ -182,7 +184,8 @@ class _Side:
     dp: DPConfig | None = None  # the topology's DP on the device's first link
 
 
-def _load_side(plan: ClientPlan) -> _Side:
+def load_side(plan: ClientPlan) -> DeviceSide:
+    """Load the device's part of the model, connect its hops to the servers and read its training data."""
     topology = load_topology(plan.topology) if plan.topology is not None else None
     model_name = topology.model.name if topology else plan.model
     model_dir = resolve_model(model_name)
@@ -207,12 +210,12 @@ def _load_side(plan: ClientPlan) -> _Side:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = _dataset(plan, tokenizer)
     dp = device_dp(topology) if topology is not None else None
-    return _Side(
+    return DeviceSide(
         arch, stages, hops, aggregator, arch.layers, dataset, int(pad), model_name, config.model_type == "gpt2", dp
     )
 
 
-def _privacy(cfg: TrainConfig, topology_dp: DPConfig | None) -> TrainPrivacy:
+def run_privacy(cfg: TrainConfig, topology_dp: DPConfig | None) -> TrainPrivacy:
     """The run's defences: `--dp-*` or the topology's link `dp` (not both), and DP-FedAvg."""
     if cfg.dp is not None and topology_dp is not None:
         raise ConfigError("the topology sets dp on the device's link; drop the --dp-* options or that link's dp")
@@ -246,14 +249,22 @@ def _dataset(plan: ClientPlan, tokenizer: Any) -> Dataset:
     return load_data(data.path, tokenizer, cfg.seq_len)
 
 
-def _train_step(
-    model: SplitModel, optimizer: torch.optim.Optimizer | None, side: _Side, plan: ClientPlan, step: int
+def train_step(
+    model: SplitModel,
+    optimizer: torch.optim.Optimizer | None,
+    side: DeviceSide,
+    plan: ClientPlan,
+    step: int,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
+    """One optimizer step of client `plan.client` on its batch of step `step` (0-based), through every side of
+    the split; `regularizer()` (e.g. FedProx's proximal term) is added to the loss it backpropagates, not to the
+    loss it reports. Returns the step's event (loss, time, bytes per link)."""
     cfg = plan.config
     start = time.perf_counter()
     batch = batch_for_step(side.dataset, step, cfg.batch_size, cfg.seed, side.pad_id, plan.client, cfg.clients)
     loss, traffic = model.loss(batch, step, cfg.seed)
-    loss.backward()
+    (loss if regularizer is None else loss + regularizer()).backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -264,9 +275,11 @@ def _train_step(
     }  # fmt: skip
 
 
-def _checkpoint(
+def save_checkpoint(
     model: SplitModel, optimizer: torch.optim.Optimizer | None, folder: Path, step: int, trained: dict[str, Any]
 ) -> None:
+    """Checkpoint step `step`: every server's adapters, then the device's (adapter, optimizer, trained weights)
+    in `folder`, keeping the newest three."""
     # The servers first: a device checkpoint exists only where every server has one of the same step.
     if model.hops:
         model.sync("checkpoint", step)
@@ -276,12 +289,12 @@ def _checkpoint(
         "step": step,
         "weights": {name: p.detach().clone() for name, p in trained.items()},  # --train-layers
     }
-    atomic_save(state, folder / _ckpt_name(step))
+    atomic_save(state, folder / checkpoint_name(step))
     for old in sorted(folder.glob("step-*.pt"))[:-3]:
         old.unlink(missing_ok=True)
 
 
-def _ckpt_name(step: int) -> str:
+def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
@@ -295,7 +308,8 @@ def latest_checkpoint(folder: Path) -> int:
     return max(checkpoint_steps(folder), default=0)
 
 
-def _start_from(model: SplitModel, directory: Path, cfg: TrainConfig) -> None:
+def start_from(model: SplitModel, directory: Path, cfg: TrainConfig) -> None:
+    """Start every side's adapters from the peft adapter in `directory` (`--init-adapter`)."""
     spec, tensors = load_peft_adapter(directory)
     if (spec.r, spec.alpha) != (cfg.lora.r, cfg.lora.alpha):
         raise ConfigError(
@@ -325,7 +339,7 @@ def _load_weights(trained: dict[str, torch.nn.Parameter], saved: dict[str, torch
             param.copy_(saved[name])
 
 
-def _export_model(model: SplitModel, plan: ClientPlan, side: _Side, trained: dict[str, Any]) -> dict[str, Any]:
+def _export_model(model: SplitModel, plan: ClientPlan, side: DeviceSide, trained: dict[str, Any]) -> dict[str, Any]:
     # One client: the run's `model/`; several: each its own (with shared server adapters they are the same).
     cfg = plan.config
     target = plan.output / "model" if cfg.clients == 1 else plan.output / f"client-{plan.client}" / "model"
@@ -334,7 +348,8 @@ def _export_model(model: SplitModel, plan: ClientPlan, side: _Side, trained: dic
     return export_model(resolve_model(side.model_name), target, cfg, trained, adapters, side.fan_in_fan_out, about)
 
 
-def _export(model: SplitModel, plan: ClientPlan, side: _Side) -> Path:
+def export_adapter(model: SplitModel, plan: ClientPlan, side: DeviceSide) -> Path:
+    """Write every side's adapters as one peft adapter in `client-K/adapter`; returns that folder."""
     # Every client exports: with shared server adapters all exports are the same model, and the coordinator
     # publishes the first client's that finished; with per-client ones each client has its own.
     directory = plan.output / f"client-{plan.client}" / "adapter"
