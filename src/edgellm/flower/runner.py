@@ -125,6 +125,7 @@ def _report(plan: Any, settings: FlowerSettings, events: list[Event], wall: floa
             privacy[str(e["client"])] = e["privacy"]
     rounds_done = [e for e in events if e["event"] == "round"]
     dropped = [e for e in events if e["event"] == "dropped"]
+    smashed = sum(sum(e["bytes"].values()) for e in events if e["event"] == "step")
     out.update({
         "adapters": adapters, "exports": [], "privacy": privacy or None,
         "dropped_clients": sorted({e["client"] for e in dropped if e["client"] is not None}),
@@ -132,7 +133,9 @@ def _report(plan: Any, settings: FlowerSettings, events: list[Event], wall: floa
             "strategy": settings.strategy if plan.config.dp_fedavg is None else "dp-fedavg",
             "fraction": settings.fraction, "rounds": len(rounds_done),
             "rounds_per_min": 60.0 * len(rounds_done) / max(sum(e["wall_s"] for e in rounds_done), 1e-9),
+            "round_wall_s": [e["wall_s"] for e in rounds_done],
             "adapter_bytes_per_round": sum(e["adapter_bytes"] for e in rounds_done) / max(len(rounds_done), 1),
+            "smashed_bytes_per_round": smashed / max(len(rounds_done), 1),  # activations + gradients, all devices
             "sampled_per_round": [e["sampled"] for e in rounds_done],
             "included_per_round": [len(e["clients"]) for e in rounds_done],
             "dropouts": [{"client": e["client"], "round": e["round"], "error": e["error"]} for e in dropped],
