@@ -34,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "whose device-side adapters are averaged (FedAvg) every --aggregate-every steps at the first server. "
         "Without --topology the whole model trains in this process (centralized), or with --clients K in K "
         "processes that meet at an aggregator (federated, no split). The servers are started as local processes "
-        "unless --no-launch. The trained adapter is written in peft format to DIR/adapter (--output DIR).",
+        "unless --no-launch. The trained adapter is written in peft format to DIR/adapter (--output DIR). With "
+        "--engine flower the devices run as Flower ClientApps on Flower's simulation engine and a Flower strategy "
+        "aggregates their adapters (sampling, FedProx, FedAdam, DP-FedAvg).",
     )
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data", type=Path, metavar="FILE", help="a text file, or JSONL of {prompt, response}")
