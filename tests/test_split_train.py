@@ -245,7 +245,7 @@ def test_exported_adapter_reproduces_the_split_models_logits(tiny_llama_dir, tmp
 def test_training_starts_from_an_adapter_saved_by_peft(tiny_llama_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from edgellm.train.client import _start_from, gather_adapter
+    from edgellm.train.client import gather_adapter, start_from
     from edgellm.train.config import DataSpec, TrainConfig
 
     config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules), lora_dropout=0.0)
@@ -263,13 +263,13 @@ def test_training_starts_from_an_adapter_saved_by_peft(tiny_llama_dir, tmp_path)
     device, hop = in_process_servers(tiny_llama_dir, [1, 3])
     model = SplitModel(device, [hop], LAYERS, LORA, "s")
     model.open(open_message("s"))
-    _start_from(model, tmp_path / "peft", TrainConfig(steps=1, data=DataSpec(task="dates"), lora=LORA))
+    start_from(model, tmp_path / "peft", TrainConfig(steps=1, data=DataSpec(task="dates"), lora=LORA))
     loaded = gather_adapter(model)
     assert set(loaded) == set(expected)
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
     with pytest.raises(ConfigError, match="r=4"):
-        _start_from(model, tmp_path / "peft", TrainConfig(steps=1, data=DataSpec(task="dates"), lora=LoraSpec(r=8)))
+        start_from(model, tmp_path / "peft", TrainConfig(steps=1, data=DataSpec(task="dates"), lora=LoraSpec(r=8)))
 
 
 def test_shared_adapter_is_used_by_one_client_at_a_time_and_a_silent_one_loses_its_turn(tiny_llama_dir):
