@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if "tiny" in args.only:
             model = str(tiny_model(work / "tiny-model"))
             topo = topology(work / "tiny.toml", model, [1], args.tiny_clients + 8)
-            common = ["--batch-size", "2", "--seq-len", "64", "--lora-rank", "4", "--task-examples", "2000"]
+            common = ["--batch-size", "2", "--seq-len", "64", "--lora-rank", "4", "--lr", "5e-3"]
             for fraction in (1.0, 0.1):
                 name = f"tiny-{args.tiny_clients}-f{fraction:g}"
                 row = finetune_row(name, topo, work / name, args.tiny_clients, args.tiny_rounds, args.every, fraction,
