@@ -76,7 +76,8 @@ def train(msg: Message, context: Context) -> Message:
     trained, weight, events, state, ledger = device.train_round(plan, _state(context), adapter, order)
     _keep(context, state)
     detail = {"client": plan.client, "events": events, "privacy": ledger}
-    metrics = MetricRecord({WEIGHT_KEY: weight, "loss": sum(e["loss"] for e in events) / max(len(events), 1)})
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    metrics = MetricRecord({WEIGHT_KEY: weight, "loss": sum(losses) / max(len(losses), 1)})
     content = RecordDict(
         {"arrays": to_record(trained), "metrics": metrics, "detail": ConfigRecord({"json": json.dumps(detail)})}
     )

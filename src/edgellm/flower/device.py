@@ -136,14 +136,18 @@ def train_round(
     model, side = loaded.model, loaded.side
     (plan.output / f"client-{plan.client}").mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(model.params, **cfg.optim.adamw_kwargs())
+    events: list[dict[str, Any]] = []  # the default engine's: "open" on a device's first round, then "step"s
     if state.session:
         model.session = state.session
         optimizer.load_state_dict(torch.load(io.BytesIO(state.optimizer), weights_only=True))
     else:
-        state = replace(state, session=_open(plan, model, optimizer, order.first))
+        session, opened = _open(plan, model, optimizer, order.first)
+        state = replace(state, session=session)
+        events.append({**opened, "device_trainable": sum(p.numel() for p in model.params),
+                       "examples": len(side.dataset)})  # fmt: skip
     model.load_device_state(adapter)
     regularizer = _proximal(model, order.proximal_mu)
-    events = [train_step(model, optimizer, side, plan, step, regularizer) for step in range(order.first, order.last)]
+    events += [train_step(model, optimizer, side, plan, step, regularizer) for step in range(order.first, order.last)]
     if order.checkpoint:
         save_checkpoint(model, optimizer, plan.output / f"client-{plan.client}", order.last, {})
     trained = model.device_state()
@@ -186,9 +190,11 @@ def close(plan: ClientPlan, state: DeviceState) -> None:
             log.info("closing session on %s: %s", hop.name, exc)
 
 
-def _open(plan: ClientPlan, model: SplitModel, optimizer: torch.optim.Optimizer, first: int) -> str:
+def _open(
+    plan: ClientPlan, model: SplitModel, optimizer: torch.optim.Optimizer, first: int
+) -> tuple[str, dict[str, Any]]:
     """Open the device's session on every server: fresh, or (`plan.resume`) from its newest checkpoint at or
-    before step `first`, which the servers load too."""
+    before step `first`, which the servers load too. Returns the session and its "open" event."""
     cfg = plan.config
     folder = plan.output / f"client-{plan.client}"
     resume_step = max((s for s in checkpoint_steps(folder) if s <= first), default=0) if plan.resume else 0
@@ -196,13 +202,13 @@ def _open(plan: ClientPlan, model: SplitModel, optimizer: torch.optim.Optimizer,
     model.session = session
     message = TrainOpen(session, plan.run, plan.attempt, plan.client, cfg.clients, cfg.server_config().to_json(),
                         resume_step)  # fmt: skip
-    model.open(message)
+    servers = model.open(message)
     if resume_step:
         saved = torch.load(folder / checkpoint_name(resume_step), weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
     elif plan.init_adapter is not None and not plan.resume:
         start_from(model, plan.init_adapter, cfg)  # the servers' part; the device's comes with the round
-    return session
+    return session, {"event": "open", "client": plan.client, "start_step": resume_step, "servers": servers}
 
 
 def _proximal(model: SplitModel, mu: float) -> Callable[[], torch.Tensor] | None:
