@@ -198,9 +198,10 @@ def test_print_run_config_gives_the_deployment_its_plan(tmp_path: Path, tiny_cha
                          "--clients", "3", "--strategy", "fedadam", "--output", str(tmp_path / "run"),
                          "--print-run-config"])  # fmt: skip
     assert code == 0
-    table = tomllib.loads(out)["tool"]["flwr"]["app"]["config"]
+    table = tomllib.loads(out)  # `flwr run APP CONNECTION --run-config FILE` reads these keys
     import json
 
     plan, settings = json.loads(table["plan"]), json.loads(table["flower"])
-    assert plan["config"]["clients"] == 3 and plan["topology"] == str(topo) and plan["attempt"]
+    assert plan["config"]["clients"] == 3 and plan["topology"] == str(topo.resolve()) and plan["attempt"]
+    assert Path(plan["output"]).is_absolute()  # Flower's app processes run in folders of their own
     assert settings["strategy"] == "fedadam"

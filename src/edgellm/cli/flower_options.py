@@ -45,8 +45,8 @@ def add_flower_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--print-run-config",
         action="store_true",
-        help="print the run config (plan and flower, as TOML) that runs this job on Flower's deployment engine "
-        "(`flwr run`), and exit",
+        help="print the run config (plan and flower, as TOML) that runs this job on Flower's deployment engine: "
+        "the FILE of `flwr run examples/flower CONNECTION --run-config FILE` (examples/flower/README.md); and exit",
     )
 
 

@@ -6,3 +6,4 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # a CPU run: no accelerator variables to touch
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # nor check for updates

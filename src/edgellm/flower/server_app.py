@@ -29,7 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from edgellm.errors import PeerError
+from edgellm.errors import ConfigError, PeerError
 from edgellm.splitlearn.checkpoints import atomic_save
 from edgellm.train.client import ClientPlan
 from edgellm.train.coordinator import plan_from_dict, plan_to_dict
@@ -63,6 +63,11 @@ app = ServerApp()
 
 @app.main()
 def _deployed(grid: Grid, context: Context) -> None:
+    if not str(context.run_config.get("plan", "")).strip():
+        raise ConfigError(
+            "the run config has no plan: run `flwr run APP CONNECTION --run-config FILE` with the FILE that "
+            "`edgellm finetune --engine flower --print-run-config ...` prints (examples/flower/README.md)"
+        )
     plan = plan_from_dict(json.loads(str(context.run_config["plan"])))
     settings = FlowerSettings.from_json(str(context.run_config.get("flower", "{}")))
     events = plan.output / "flower" / "events.jsonl"
