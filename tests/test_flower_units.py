@@ -205,3 +205,35 @@ def test_print_run_config_gives_the_deployment_its_plan(tmp_path: Path, tiny_cha
     assert plan["config"]["clients"] == 3 and plan["topology"] == str(topo.resolve()) and plan["attempt"]
     assert Path(plan["output"]).is_absolute()  # Flower's app processes run in folders of their own
     assert settings["strategy"] == "fedadam"
+
+
+def test_a_round_no_device_completes_stops_the_run_with_the_hint_to_resume(tmp_path):
+    """The ServerApp's rounds over a Grid whose devices answer hello and then fail every round."""
+    import json
+
+    from flwr.app import Error
+
+    from edgellm.flower.server_app import RoundsFailed, run_rounds
+    from edgellm.train.client import ClientPlan
+
+    class Grid:
+        def get_node_ids(self):
+            return [11, 12]
+
+        def send_and_receive(self, messages, timeout=None):
+            out = []
+            for msg in messages:
+                if msg.metadata.message_type == MessageType.QUERY:  # hello: the device's index and adapter
+                    detail = ConfigRecord({"json": json.dumps({"client": msg.metadata.dst_node_id - 11})})
+                    content = RecordDict({"arrays": to_record(adapters(1)[0]), "detail": detail})
+                    out.append(Message(content, reply_to=msg))
+                else:
+                    out.append(Message(Error(0, "radio link lost"), reply_to=msg))
+            return out
+
+    events: list[dict] = []
+    plan = ClientPlan(config(clients=2), tmp_path, "run", "attempt")
+    with pytest.raises(RoundsFailed, match="round 1: no device completed it.*--resume"):
+        run_rounds(Grid(), plan, FlowerSettings(), events.append)
+    assert [e["event"] for e in events] == ["flower", "dropped", "dropped"]
+    assert sorted(e["client"] for e in events[1:]) == [0, 1]
