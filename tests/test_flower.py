@@ -86,6 +86,22 @@ def test_flower_run_equals_the_default_engine_run(reference):
         assert any(".layers.1." in k for k in mine), "the server's half is in the export"
 
 
+@pytest.mark.parametrize("engine", ["default", "flower"])
+def test_per_client_devices_end_with_one_device_half_and_their_own_server_halves(reference, engine):
+    _, runs = reference
+    out, result = runs[engine]
+    assert sorted(str(Path(a).relative_to(out)) for a in result["adapters"]) == ["client-0/adapter", "client-1/adapter"]
+    a, b = (load_peft_adapter(out / f"client-{k}" / "adapter")[1] for k in (0, 1))
+    server = [k for k in a if ".layers.1." in k or ".layers.2." in k or ".layers.3." in k]
+    device = [k for k in a if k not in server]
+    assert server and device
+    for key in device:  # the last round's FedAvg
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], b[k]) for k in server)
+    if engine == "default":
+        assert all(sum(sync.values()) > 0 for sync in result["sync_bytes_per_client"].values())  # rounds went out
+
+
 # A device that fails: a ClientApp around the project's, whose device 1 raises in round 2 (Ray's workers import
 # this module by name, so it must be importable there: the runner passes sys.path on).
 flaky = ClientApp()
