@@ -150,11 +150,11 @@ def test_cli_errors(tiny_llama_dir, tmp_path, capsys, monkeypatch, extra, messag
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_act_codec_int8_perplexity_close_to_none(real_model_dir):
-    """Per-token int8 smashed data at both cuts costs < 3% perplexity on a short real text (measured: +1.5%);
-    fp16 costs nothing measurable."""
+    """Per-token int8 smashed data at both cuts costs < 3% perplexity on a short real text (its first 1,024
+    tokens, four 256-token windows; measured: +0.7%, and +1.5% on all 2,345); fp16 costs nothing measurable."""
     from edgellm.store.weights import load_tokenizer
 
-    ids = load_tokenizer(real_model_dir)(TEXT.read_text())["input_ids"]
+    ids = load_tokenizer(real_model_dir)(TEXT.read_text())["input_ids"][:1024]
     stages = load_stages(real_model_dir, stage_specs(30, [10, 20], "device"))
     config = PplConfig(256)
     exact = evaluate_ppl(stages, ids, config)
