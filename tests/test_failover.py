@@ -225,10 +225,13 @@ def test_a_generation_survives_the_sigkill_of_the_replica_serving_it(replicated,
         got += [step.tokens[0] for step in steps]
         assert got == want  # the tokens of a run without the failure
         result = generator.result
-        assert result is not None and len(result.recoveries) == 1
-        assert result.recoveries[0]["replayed_tokens"] == len(prompt) + 4
+        # Usually one recovery; under load a first retry can go through a node whose own link to the victim has
+        # not failed yet, and the device recovers again (seen once in a full suite run, 2026-12-04).
+        assert result is not None and 1 <= len(result.recoveries) <= 2
+        assert result.recoveries[-1]["replayed_tokens"] == len(prompt) + 4
         events = [e for hop in hops for e in hop.failovers]
-        assert [e["down"] for e in events] == [[victim]]
+        assert events and events[-1]["down"] == [victim]
+        marked = {name for e in events for name in e["down"]}
         assert all(victim not in route for hop in hops for route in hop.open_routes().values())
     finally:
         replicated.nodes.restart(victim)
@@ -237,7 +240,7 @@ def test_a_generation_survives_the_sigkill_of_the_replica_serving_it(replicated,
         hop.table.retry_s = 0.0
     assert generate_once(pipeline, prompt) == want
     assert all(r["up"] for hop in hops for r in hop.report()["replicas"].values())
-    assert sum(r["rejoins"] for hop in hops for r in hop.report()["replicas"].values()) == 1
+    assert sum(r["rejoins"] for hop in hops for r in hop.report()["replicas"].values()) == len(marked)
 
 
 def generate_once(pipeline: Pipeline, prompt: list[int]) -> list[int]:
