@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edgellm.errors import ConfigError
 
@@ -119,8 +119,3 @@ def rounds(config: TrainConfig) -> list[Round]:
 def round_checkpointed(config: TrainConfig, rnd: Round) -> bool:
     """Whether the run checkpoints after `rnd` (the last round always)."""
     return config.checkpoints_after(rnd.last)
-
-
-def to_config_values(data: dict[str, Any]) -> dict[str, Any]:
-    """JSON-able settings as flat ConfigRecord values (nested ones as JSON text)."""
-    return {k: v if isinstance(v, int | float | str | bool) else json.dumps(v) for k, v in data.items()}
