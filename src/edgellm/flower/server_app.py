@@ -108,7 +108,8 @@ def run_rounds(grid: Grid, plan: ClientPlan, settings: FlowerSettings, emit: Cal
         if new is None:
             raise RoundsFailed(
                 f"round {rnd.number}: no device completed it ({len(replies)} replies, all failed: "
-                f"see the log above); rerun with --resume to continue after round {rnd.number - 1}"
+                f"see the log above); rerun with --resume to continue from the last round checkpoint "
+                f"({plan.output}/flower/round-*.pt; with none, from the start)"
             )
         arrays = new
         sent = arrays.count_bytes() * (len(messages) + len(included))
