@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from record import Recorder, add_record_arguments, machine_info, stamped
+from record import Recorder, add_record_arguments, machine_info, run_json, stamped
 
 MODULE_SETS = {"qv": "q_proj,v_proj", "qkvo": "q_proj,k_proj,v_proj,o_proj",
                "all": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}  # fmt: skip
@@ -51,13 +50,6 @@ def worker(argv: list[str]) -> int:
             report["peak_rss_mb"] = round(int(line.split()[1]) * 1024 / 1e6, 1)
     print(json.dumps(report))
     return code
-
-
-def run_json(cmd: list[str]) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])}... exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def targets(row: dict[str, Any], layers: int) -> str:

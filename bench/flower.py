@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from record import Recorder, add_record_arguments, machine_info, stamped, summary
+from record import Recorder, add_record_arguments, machine_info, run_json, stamped, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,13 +75,6 @@ def topology(path: Path, model: str, cuts: list[int], max_sessions: int) -> Path
         "links": [{"between": [a, b], "profile": "6g"} for a, b in zip(names, names[1:])],
     })  # fmt: skip
     return path
-
-
-def run_json(cmd: list[str]) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:8])}... exited {proc.returncode}: {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def edgellm(*args: str) -> list[str]:

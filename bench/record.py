@@ -216,6 +216,18 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+def run_json(cmd: Sequence[str]) -> dict[str, Any]:
+    """Run `cmd` (an `edgellm ... --json` command) and return the JSON object its last stdout line holds.
+
+    Raises:
+        RuntimeError: it exited non-zero (with the end of its stderr).
+    """
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:8])}... exited {proc.returncode}: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def git_state() -> dict[str, Any]:
     """Commit, and whether tracked files outside bench/results/ differ from it (None: not a git checkout)."""
     outside_results = ["--", ".", f":(exclude){RESULTS}"]
